@@ -1,0 +1,60 @@
+"""pollguard's own endpoints under the admin prefix: liveness, readiness."""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.errors import StoreUnavailable
+from proxy.headers import sane_request_id
+from proxy.problems import Problem
+from proxy.stores import JobStore
+from proxy.upstream import Upstream
+
+READY_RETRY_AFTER = 5
+
+
+def create_admin_app(prefix: str, upstream: Upstream, store: JobStore | None) -> Starlette:
+    """The admin endpoints; `store` is None when no Redis is configured (nothing to probe)."""
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+
+    async def ready(request: Request) -> Response:
+        failing: list[str] = []
+        if not await upstream.can_connect():
+            failing.append(f"upstream {upstream.host}:{upstream.port} refuses TCP connections")
+        if store is not None:
+            try:
+                await store.ping()
+            except StoreUnavailable as exc:
+                failing.append(f"redis does not answer PING ({exc})")
+        if not failing:
+            return JSONResponse({"status": "ready"}, headers={"cache-control": "no-store"})
+        request_id = sane_request_id(request.headers.get("x-request-id", "").encode() or None)
+        problem = Problem(
+            503, "dependency-unavailable", "; ".join(failing), retry_after=READY_RETRY_AFTER
+        )
+        body = problem.body(request_id.decode())
+        headers = {
+            name.decode(): value.decode() for name, value in problem.headers(body, request_id)
+        }
+        headers.pop("content-length")
+        return Response(body, status_code=503, headers=headers)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        problem = Problem(404, "not-found", f"no pollguard endpoint at {request.url.path}")
+        request_id = sane_request_id(None)
+        body = problem.body(request_id.decode())
+        return Response(body, status_code=404, media_type="application/problem+json")
+
+    app = Starlette(
+        routes=[
+            Route(prefix + "health", health, methods=["GET", "HEAD"]),
+            Route(prefix + "ready", ready, methods=["GET", "HEAD"]),
+        ]
+    )
+    app.add_exception_handler(404, not_found)
+    return app

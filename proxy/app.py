@@ -1,0 +1,152 @@
+"""The ASGI application: wiring of config → upstream, store, guard, admin; lifespan in one place."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from proxy.admin import create_admin_app
+from proxy.config import Config, JobConfig, load_config
+from proxy.errors import ConfigError
+from proxy.forward import Forwarder, Receive, Scope, Send
+from proxy.guard import GuardedJob, JobGuard
+from proxy.policy import GuardLimits
+from proxy.reprepare import Repreparer, ReprepareRequest
+from proxy.routes import RouteSpec, RouteTable
+from proxy.stores import JobStore, create_store
+from proxy.upstream import Upstream, UpstreamSettings
+
+logger = logging.getLogger("pollguard")
+
+CONFIG_ENV = "POLLGUARD_CONFIG"
+
+
+def guarded_job(name: str, job: JobConfig) -> GuardedJob:
+    return GuardedJob(
+        name=name,
+        shadow=job.mode == "shadow",
+        pending_status=frozenset(job.pending_status),
+        key_pattern=job.key_pattern,
+        limits=GuardLimits(
+            stuck_after=job.stuck_after,
+            max_reprepares=job.max_reprepares,
+            reprepare_window=job.reprepare_window,
+            max_wait=job.max_wait,
+            retry_after=job.retry_after,
+            retry_after_max=job.retry_after_max,
+            retry_after_reprepared=job.retry_after_reprepared,
+            reprepare_timeout=job.reprepare.timeout,
+        ),
+        reprepare=ReprepareRequest(
+            method=job.reprepare.method,
+            path=job.reprepare.path,
+            query=dict(job.reprepare.query),
+            headers=dict(job.reprepare.headers),
+            forward_headers=tuple(job.reprepare.forward_headers),
+            timeout=job.reprepare.timeout,
+        ),
+    )
+
+
+class PollguardApp:
+    """Dispatches admin paths to the admin app and everything else to the forwarder."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._prefix = config.admin.prefix
+        self.upstream = Upstream(
+            UpstreamSettings(
+                url=config.upstream.url,
+                connect_timeout=config.upstream.connect_timeout,
+                read_timeout=config.upstream.read_timeout,
+                pool_size=config.upstream.pool_size,
+            )
+        )
+        self.store: JobStore | None = None
+        self.repreparer: Repreparer | None = None
+        self.forwarder = Forwarder(
+            self.upstream,
+            None,
+            trusted_proxies=config.upstream.trusted_proxies,
+            preserve_host=config.upstream.preserve_host,
+        )
+        self.admin = create_admin_app(self._prefix, self.upstream, None)
+
+    async def startup(self) -> None:
+        config = self.config
+        await self.upstream.start()
+        if config.routes:
+            self.store = create_store(
+                config.state.redis_url, config.state.key_prefix, config.state.timeout
+            )
+            self.repreparer = Repreparer(
+                config.upstream.url, connect_timeout=config.upstream.connect_timeout
+            )
+            jobs = {name: guarded_job(name, job) for name, job in config.jobs.items()}
+            routes = RouteTable(
+                [
+                    RouteSpec(path=r.path, methods=frozenset(r.methods), job=r.job, key=r.key)
+                    for r in config.routes
+                ]
+            )
+            self.forwarder.guard = JobGuard(
+                jobs,
+                routes,
+                self.store,
+                self.repreparer,
+                fail_closed=config.state.on_error == "fail",
+            )
+        redis_store = self.store if config.state.redis_url else None
+        self.admin = create_admin_app(self._prefix, self.upstream, redis_store)
+        logger.info(
+            "pollguard forwarding to %s; %d guarded route(s); state in %s",
+            config.upstream.url,
+            len(config.routes),
+            "redis" if config.state.redis_url else "memory",
+        )
+
+    async def shutdown(self) -> None:
+        await self.upstream.close()
+        if self.repreparer is not None:
+            await self.repreparer.close()
+        if self.store is not None:
+            await self.store.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"].startswith(self._prefix):
+                await self.admin(scope, receive, send)
+            else:
+                await self.forwarder(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            # Upgrade is hop-by-hop and not proxied; refuse cleanly instead of hanging.
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    raise
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(config: Config | None = None) -> PollguardApp:
+    """ASGI factory: `uvicorn --factory proxy.app:create_app` with POLLGUARD_CONFIG set."""
+    if config is None:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"{CONFIG_ENV} is not set — point it at a pollguard config.yaml")
+        config = load_config(path)
+    return PollguardApp(config)

@@ -1,0 +1,133 @@
+"""Command line: a thin layer over create_app and load_config; the only place errors become exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from proxy import __version__
+from proxy.config import check_workers, config_warnings, load_config, render_config
+from proxy.errors import ConfigError
+
+EXIT_CONFIG_ERROR = 2
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+GRACEFUL_SHUTDOWN_SECONDS = 30  # in-flight requests get this long after SIGTERM
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["pollguard"] = {
+        "handlers": ["default"],
+        "level": level.upper(),
+        "propagate": False,
+    }
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    path = args.config or os.environ.get("POLLGUARD_CONFIG")
+    if not path:
+        print(
+            "pollguard serve: no config — pass --config PATH or set POLLGUARD_CONFIG",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG_ERROR
+    try:
+        config = load_config(path)
+        check_workers(config, args.workers)
+    except ConfigError as exc:
+        print(f"pollguard: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    for warning in config_warnings(config):
+        print(f"pollguard: warning: {warning}", file=sys.stderr)
+    # The factory (also used by `uvicorn --factory`) reads the path back from the environment,
+    # which worker processes inherit.
+    os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
+    uvicorn.run(
+        "proxy.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=args.log_level,
+        log_config=_log_config(args.log_level),
+        access_log=False,
+        # pollguard writes X-Forwarded-* itself, trusting only upstream.trusted_proxies.
+        proxy_headers=False,
+        # The upstream's Server and Date headers reach the client, not uvicorn's.
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+    except ConfigError as exc:
+        print(f"pollguard: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(render_config(config), end="")
+    for warning in config_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pollguard",
+        description="Reverse proxy that ends endless 202 polling on stuck background jobs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pollguard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy under uvicorn",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
+    serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes (>1 needs state.redis_url)"
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="log level",
+    )
+    serve.set_defaults(func=_serve)
+
+    check = commands.add_parser(
+        "check-config", help="validate a config file and print the effective config"
+    )
+    check.add_argument("path", help="config file to check")
+    check.set_defaults(func=_check_config)
+
+    try:  # TEMP until proxy.demo.cli lands
+        from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
+
+        add_demo_parser(commands)
+        add_simulate_backend_parser(commands)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,490 @@
+"""pollguard's configuration: frozen pydantic models, cross-field checks, loading and rendering.
+
+Reading text, `${VAR}` interpolation, duration parsing and the translation of pydantic errors
+into `source: dotted.path: problem — fix` lines live in proxy.config_loading.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path as FilePath
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from proxy.config_loading import (
+    FieldProblems,
+    Path,
+    dotted_path,
+    format_duration,
+    interpolate_env,
+    load_yaml_mapping,
+    parse_duration,
+    template_params,
+    translate_validation_error,
+)
+from proxy.errors import ConfigError
+
+__all__ = [
+    "AdminConfig",
+    "Config",
+    "JobConfig",
+    "ReprepareConfig",
+    "RouteConfig",
+    "StateConfig",
+    "UpstreamConfig",
+    "check_workers",
+    "config_warnings",
+    "format_duration",
+    "load_config",
+    "parse_config",
+    "render_config",
+]
+
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_READ_TIMEOUT = 60.0
+DEFAULT_POOL_SIZE = 100
+DEFAULT_KEY_PREFIX = "pollguard:"
+DEFAULT_STORE_TIMEOUT = 0.25
+DEFAULT_ADMIN_PREFIX = "/-/"
+DEFAULT_PENDING_STATUS = frozenset({202})
+DEFAULT_STUCK_AFTER = 300.0
+DEFAULT_MAX_REPREPARES = 3
+DEFAULT_REPREPARE_WINDOW = 600.0
+DEFAULT_MAX_WAIT = 1200.0
+DEFAULT_RETRY_AFTER = 2.0
+DEFAULT_RETRY_AFTER_MAX = 30.0
+DEFAULT_RETRY_AFTER_REPREPARED = 3.0
+DEFAULT_REPREPARE_METHOD = "POST"
+DEFAULT_FORWARD_HEADERS = ("authorization", "cookie")
+DEFAULT_REPREPARE_TIMEOUT = 10.0
+DEFAULT_ROUTE_METHODS = frozenset({"GET", "HEAD"})
+UPSTREAM_SCHEMES = ("http", "https")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+MASK = "***"
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: methods, header names
+_REDIS_QUERY_PASSWORD_RE = re.compile(r"(^|&)(password=)[^&]*")
+
+
+def _blank_to_none(value: object) -> object:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _http_token(kind: str) -> AfterValidator:
+    def check(value: str) -> str:
+        if not _TOKEN_RE.match(value):
+            raise ValueError(f"invalid {kind} {value!r} — use letters, digits or !#$%&'*+-.^_`|~")
+        return value
+
+    return AfterValidator(check)
+
+
+def _to_network(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        return ip_network(value.strip(), strict=False)
+    except ValueError:
+        raise ValueError(
+            f"invalid IP address or network {value!r} — use an address like 10.0.0.1 or a CIDR "
+            "like 10.0.0.0/8"
+        ) from None
+
+
+def _compile_regex(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    try:
+        return re.compile(value)
+    except re.error as exc:
+        raise ValueError(
+            f"invalid regular expression {value!r}: {exc} — fix the pattern (Python re syntax)"
+        ) from None
+
+
+def _stringify_values(value: object) -> object:
+    if not isinstance(value, dict):
+        return value
+    return {key: _scalar_text(item) for key, item in value.items()}
+
+
+def _scalar_text(item: object) -> object:
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    return str(item) if isinstance(item, int | float) else item
+
+
+def _path_template(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"path {value!r} must start with '/' — e.g. /api/recordings/{{call_sid}}")
+    template_params(value)
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+HttpMethod = Annotated[str, AfterValidator(str.upper), _http_token("HTTP method")]
+HeaderName = Annotated[str, AfterValidator(str.lower), _http_token("header name")]
+TrustedProxy = Annotated[IPv4Network | IPv6Network, BeforeValidator(_to_network)]
+StatusCode = Annotated[int, Field(ge=100, le=599)]
+StringMap = Annotated[dict[str, str], BeforeValidator(_stringify_values)]
+PathTemplate = Annotated[str, AfterValidator(_path_template)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_means_defaults(cls, data: Any) -> Any:
+        # `state:` with nothing under it parses as null; treat it like an omitted section.
+        return {} if data is None else data
+
+
+class UpstreamConfig(_Section):
+    url: str
+    connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: Duration = DEFAULT_READ_TIMEOUT
+    pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1)
+    preserve_host: bool = False
+    trusted_proxies: tuple[TrustedProxy, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        example = "e.g. http://127.0.0.1:5000"
+        parts = urlsplit(url.strip())
+        if parts.scheme not in UPSTREAM_SCHEMES:
+            raise ValueError(f"unsupported URL {url!r} — use an http:// or https:// URL, {example}")
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r} — {example}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{url!r} has a query or fragment — remove everything after ? or #")
+        try:
+            parts.port  # noqa: B018 - property access validates the port
+        except ValueError:
+            raise ValueError(f"invalid port in {url!r} — {example}") from None
+        return url.strip().rstrip("/")
+
+
+class StateConfig(_Section):
+    redis_url: Annotated[str | None, BeforeValidator(_blank_to_none)] = None
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    on_error: Literal["pass", "fail"] = "pass"
+    timeout: Duration = DEFAULT_STORE_TIMEOUT
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in REDIS_SCHEMES:
+            raise ValueError(
+                f"unsupported Redis URL {_mask_redis_url(url)!r} — use redis://, rediss:// or "
+                "unix://, e.g. redis://127.0.0.1:6379/0, or leave it empty for the in-memory store"
+            )
+        return url
+
+
+class AdminConfig(_Section):
+    prefix: str = DEFAULT_ADMIN_PREFIX
+    token: Annotated[SecretStr | None, BeforeValidator(_blank_to_none)] = None
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, prefix: str) -> str:
+        if prefix == "/" or not (prefix.startswith("/") and prefix.endswith("/")):
+            raise ValueError(
+                f"invalid prefix {prefix!r} — it must start and end with '/' and not be '/' "
+                "alone, e.g. /-/"
+            )
+        return prefix
+
+
+class ReprepareConfig(_Section):
+    method: HttpMethod = DEFAULT_REPREPARE_METHOD
+    path: PathTemplate
+    query: StringMap = Field(default_factory=dict)
+    headers: StringMap = Field(default_factory=dict)
+    forward_headers: tuple[HeaderName, ...] = DEFAULT_FORWARD_HEADERS
+    timeout: Duration = DEFAULT_REPREPARE_TIMEOUT
+
+
+class JobConfig(_Section):
+    mode: Literal["enforce", "shadow"] = "enforce"
+    pending_status: frozenset[StatusCode] = Field(default=DEFAULT_PENDING_STATUS, min_length=1)
+    stuck_after: Duration = DEFAULT_STUCK_AFTER
+    max_reprepares: int = Field(default=DEFAULT_MAX_REPREPARES, ge=0)
+    reprepare_window: Duration = DEFAULT_REPREPARE_WINDOW
+    max_wait: Duration = DEFAULT_MAX_WAIT
+    retry_after: Duration = DEFAULT_RETRY_AFTER
+    retry_after_max: Duration = DEFAULT_RETRY_AFTER_MAX
+    retry_after_reprepared: Duration = DEFAULT_RETRY_AFTER_REPREPARED
+    key_pattern: Annotated[re.Pattern[str] | None, BeforeValidator(_compile_regex)] = None
+    reprepare: ReprepareConfig
+
+    @model_validator(mode="after")
+    def _retry_after_within_max(self) -> JobConfig:
+        problems: list[tuple[Path, str]] = []
+        for name in ("retry_after", "retry_after_reprepared"):
+            seconds: float = getattr(self, name)
+            if seconds > self.retry_after_max:
+                problems.append(
+                    (
+                        (name,),
+                        f"{format_duration(seconds)} is greater than retry_after_max "
+                        f"({format_duration(self.retry_after_max)}) — lower {name} or "
+                        "raise retry_after_max",
+                    )
+                )
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+
+class RouteConfig(_Section):
+    path: PathTemplate
+    methods: frozenset[HttpMethod] = Field(default=DEFAULT_ROUTE_METHODS, min_length=1)
+    job: str
+    key: str | None = None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The `{name}` parameters of `path`, in order."""
+        return template_params(self.path)
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, key: str | None) -> str | None:
+        if key is not None:
+            template_params(key)
+        return key
+
+    @model_validator(mode="after")
+    def _key_uses_path_params(self) -> RouteConfig:
+        if self.key is not None:
+            unknown = [name for name in template_params(self.key) if name not in self.param_names]
+            if unknown:
+                raise FieldProblems([(("key",), _not_a_param(unknown[0], self))])
+        return self
+
+
+def _not_a_param(name: str, route: RouteConfig) -> str:
+    known = ", ".join(f"{{{param}}}" for param in route.param_names) or "none"
+    return (
+        f"{{{name}}} is not a path parameter of route {route.path!r} — use one of its "
+        f"parameters ({known}) or add {{{name}}} to the route path"
+    )
+
+
+class Config(_Section):
+    upstream: UpstreamConfig
+    state: StateConfig = Field(default_factory=StateConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    jobs: Mapping[str, JobConfig] = Field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_sections_are_omitted(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
+
+    @model_validator(mode="after")
+    def _routes_match_jobs(self) -> Config:
+        problems: list[tuple[Path, str]] = []
+        defined = ", ".join(self.jobs) or "none"
+        for index, route in enumerate(self.routes):
+            job = self.jobs.get(route.job)
+            if job is None:
+                problems.append(
+                    (
+                        ("routes", index, "job"),
+                        f"unknown job {route.job!r} — define it under "
+                        f"jobs or use a defined job ({defined})",
+                    )
+                )
+                continue
+            for name in template_params(job.reprepare.path):
+                if name not in route.param_names:
+                    problems.append(
+                        (
+                            ("jobs", route.job, "reprepare", "path"),
+                            f"{_not_a_param(name, route)} (routes[{index}] uses job {route.job})",
+                        )
+                    )
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+
+_MISSING_HINTS: dict[tuple[type[BaseModel], str], str] = {
+    (Config, "upstream"): "add an upstream section with the legacy backend's base URL, e.g. "
+    "url: http://127.0.0.1:5000",
+    (UpstreamConfig, "url"): "set the legacy backend's base URL, e.g. http://127.0.0.1:5000",
+    (JobConfig, "reprepare"): "add a reprepare section whose path forces the job to be prepared "
+    "again, e.g. path: /api/recordings/{call_sid}/prepare",
+    (ReprepareConfig, "path"): "set the backend path that forces the job to be prepared again, "
+    "e.g. /api/recordings/{call_sid}/prepare",
+    (RouteConfig, "path"): "set the request path this route matches, e.g. "
+    "/api/recordings/file/{call_sid}",
+    (RouteConfig, "job"): "name the job (a key under jobs) that tracks this route",
+}
+
+
+def parse_config(
+    text: str, env: Mapping[str, str] | None = None, source: str = "<string>"
+) -> Config:
+    """Validate config YAML text; every problem is reported, one `source: path: ...` per line."""
+    data = load_yaml_mapping(text, source)
+    problems: list[tuple[Path, str]] = []
+    data = interpolate_env(data, os.environ if env is None else env, problems)
+    if problems:
+        lines = [f"{source}: {dotted_path(loc)}: {message}" for loc, message in problems]
+        raise ConfigError("\n".join(lines))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise translate_validation_error(exc, Config, source, _MISSING_HINTS) from None
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; any problem, including I/O, raises ConfigError."""
+    source = os.fspath(path)
+    try:
+        text = FilePath(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{source}: file not found — pass the path of an existing config file "
+            "(the repository ships an example config.yaml)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read the config file — {exc}") from None
+    return parse_config(text, env, source)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal but probably unintended settings, one human sentence each."""
+    warnings: list[str] = []
+    used_jobs = {route.job for route in cfg.routes}
+    for name, job in cfg.jobs.items():
+        stuck, window = format_duration(job.stuck_after), format_duration(job.reprepare_window)
+        if job.max_wait <= job.stuck_after:
+            warnings.append(
+                f"jobs.{name}: max_wait ({format_duration(job.max_wait)}) <= stuck_after "
+                f"({stuck}) — a pure wait cap that never re-prepares; raise max_wait above "
+                "stuck_after if stuck jobs should be re-prepared"
+            )
+        needed = job.stuck_after * job.max_reprepares
+        if job.reprepare_window < needed:
+            warnings.append(
+                f"jobs.{name}: reprepare_window ({window}) < stuck_after x max_reprepares "
+                f"({format_duration(needed)}) — the window rolls over before {job.max_reprepares} "
+                "re-prepares can accumulate, so job-stuck can never be answered; raise "
+                f"reprepare_window to at least {format_duration(needed)}"
+            )
+        if name not in used_jobs:
+            warnings.append(
+                f"jobs.{name}: no route uses this job — add a route with job: {name} or remove it"
+            )
+    return warnings
+
+
+def check_workers(cfg: Config, workers: int) -> None:
+    """Several worker processes need a shared store; memory state would silently split."""
+    if workers > 1 and cfg.state.redis_url is None:
+        raise ConfigError(
+            f"state.redis_url: not set, but {workers} workers were requested — job state would "
+            f"split between the {workers} processes (each keeps its own in-memory store); set "
+            "state.redis_url, e.g. redis://127.0.0.1:6379/0, or run 1 worker"
+        )
+
+
+def render_config(cfg: Config) -> str:
+    """The effective config as YAML that loads back to the same values; secrets masked."""
+    upstream, state, admin = cfg.upstream, cfg.state, cfg.admin
+    plain: dict[str, Any] = {
+        "upstream": {
+            "url": upstream.url,
+            "connect_timeout": format_duration(upstream.connect_timeout),
+            "read_timeout": format_duration(upstream.read_timeout),
+            "pool_size": upstream.pool_size,
+            "preserve_host": upstream.preserve_host,
+            "trusted_proxies": [str(network) for network in upstream.trusted_proxies],
+        },
+        "state": {
+            "redis_url": None if state.redis_url is None else _mask_redis_url(state.redis_url),
+            "key_prefix": state.key_prefix,
+            "on_error": state.on_error,
+            "timeout": format_duration(state.timeout),
+        },
+        "admin": {"prefix": admin.prefix, "token": None if admin.token is None else MASK},
+        "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
+        "routes": [
+            {"path": r.path, "methods": sorted(r.methods), "job": r.job, "key": r.key}
+            for r in cfg.routes
+        ],
+    }
+    return yaml.safe_dump(_escape_env_refs(plain), sort_keys=False, allow_unicode=True)
+
+
+def _plain_job(job: JobConfig) -> dict[str, Any]:
+    reprepare = job.reprepare
+    return {
+        "mode": job.mode,
+        "pending_status": sorted(job.pending_status),
+        "stuck_after": format_duration(job.stuck_after),
+        "max_reprepares": job.max_reprepares,
+        "reprepare_window": format_duration(job.reprepare_window),
+        "max_wait": format_duration(job.max_wait),
+        "retry_after": format_duration(job.retry_after),
+        "retry_after_max": format_duration(job.retry_after_max),
+        "retry_after_reprepared": format_duration(job.retry_after_reprepared),
+        "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
+        "reprepare": {
+            "method": reprepare.method,
+            "path": reprepare.path,
+            "query": dict(reprepare.query),
+            "headers": {name: _mask_if_secret(name, v) for name, v in reprepare.headers.items()},
+            "forward_headers": list(reprepare.forward_headers),
+            "timeout": format_duration(reprepare.timeout),
+        },
+    }
+
+
+def _mask_if_secret(header: str, value: str) -> str:
+    # Static credentials for the re-prepare call are as secret as the admin token.
+    return MASK if header.lower() in ("authorization", "cookie", "proxy-authorization") else value
+
+
+def _mask_redis_url(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostinfo}"
+    query = _REDIS_QUERY_PASSWORD_RE.sub(rf"\1\2{MASK}", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _escape_env_refs(data: Any) -> Any:
+    # Rendered text is loadable config, so a literal `${` must not be read back as a reference.
+    if isinstance(data, dict):
+        return {key: _escape_env_refs(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_escape_env_refs(item) for item in data]
+    return data.replace("${", "$${") if isinstance(data, str) else data

@@ -1,0 +1,26 @@
+"""pollguard's exception tree. Foreign errors (httpx, aiohttp, redis, pydantic) are translated
+into these at the module that talks to them; only the CLI turns them into exit codes."""
+
+
+class PollguardError(Exception):
+    """Base of every error pollguard raises on purpose."""
+
+
+class ConfigError(PollguardError):
+    """The configuration is invalid. The message names the field, the bad value and the fix."""
+
+
+class UpstreamError(PollguardError):
+    """The upstream could not give us a response head."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Connection refused, DNS failure, or reset before the response head."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No response head within upstream.read_timeout."""
+
+
+class StoreUnavailable(PollguardError):
+    """The job-state store (Redis) could not be reached or answered garbage."""

@@ -1,0 +1,348 @@
+"""Where the job policy meets I/O: the store, the re-prepare request, the answer to send.
+
+The handler calls `review` with the upstream's response head on a guarded route; the answer is
+either None (pass the upstream response through untouched), or a `GuardAnswer` carrying the
+status and headers to send and, when pollguard replaces the upstream body, that body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from proxy.errors import StoreUnavailable
+from proxy.headers import RawHeaders, expose_header, header_value, replace_header
+from proxy.policy import (
+    Decision,
+    GuardLimits,
+    Verdict,
+    after_reprepare,
+    decide,
+    ends_episode,
+    record_ttl,
+)
+from proxy.problems import Problem
+from proxy.reprepare import Repreparer, ReprepareRequest, idempotency_key
+from proxy.routes import RouteMatch, RouteTable, is_guardable_key
+from proxy.stores import JobState, JobStore
+
+logger = logging.getLogger("pollguard.guard")
+
+STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log lines
+# Response headers copied from the upstream's pending answer onto an answer pollguard writes,
+# so a browser on another origin can still read it.
+_CORS_PREFIX = b"access-control-"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedJob:
+    name: str
+    shadow: bool
+    pending_status: frozenset[int]
+    key_pattern: re.Pattern[str] | None
+    limits: GuardLimits
+    reprepare: ReprepareRequest
+
+
+@dataclass(frozen=True, slots=True)
+class GuardTarget:
+    job: GuardedJob
+    match: RouteMatch
+
+
+@dataclass(frozen=True, slots=True)
+class GuardAnswer:
+    status: int
+    headers: RawHeaders
+    body: bytes | None  # None: stream the upstream body under these headers
+
+
+class JobGuard:
+    def __init__(
+        self,
+        jobs: Mapping[str, GuardedJob],
+        routes: RouteTable,
+        store: JobStore,
+        repreparer: Repreparer,
+        *,
+        fail_closed: bool,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._jobs = jobs
+        self._routes = routes
+        self.store = store
+        self._repreparer = repreparer
+        self._fail_closed = fail_closed
+        self._clock = clock
+        self._last_store_error_log = -math.inf
+
+    def target(self, method: str, path: str) -> GuardTarget | None:
+        """The job a request belongs to, or None for an unguarded request."""
+        match = self._routes.match(method, path)
+        if match is None:
+            return None
+        job = self._jobs[match.job]
+        if not is_guardable_key(match.key, job.key_pattern):
+            return None
+        return GuardTarget(job, match)
+
+    async def review(
+        self,
+        target: GuardTarget,
+        status: int,
+        upstream_headers: RawHeaders,
+        client_headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> GuardAnswer | None:
+        job, key = target.job, target.match.key
+        if status not in job.pending_status:
+            if ends_episode(status):
+                await self._forget(job, key)
+            return None
+        now = self._clock()
+        try:
+            state = await self.store.observe(job.name, key, now, record_ttl(job.limits))
+        except StoreUnavailable as exc:
+            return self._store_failed(job, exc, upstream_headers, request_id)
+        retry_after = header_value(upstream_headers, b"retry-after")
+        decision = decide(
+            state, job.limits, now, retry_after.decode("latin-1") if retry_after else None
+        )
+        if job.shadow:
+            await self._shadow(target, state, decision, now, request_id)
+            return None
+        return await self._enforce(
+            target, status, state, decision, upstream_headers, client_headers, request_id
+        )
+
+    async def _enforce(
+        self,
+        target: GuardTarget,
+        status: int,
+        state: JobState,
+        decision: Decision,
+        upstream_headers: RawHeaders,
+        client_headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> GuardAnswer | None:
+        job, key = target.job, target.match.key
+        verdict = decision.verdict
+        if verdict is Verdict.REPREPARE:
+            assert decision.locked_state is not None  # decide() always sets it for REPREPARE
+            try:
+                locked = await self.store.swap(
+                    job.name, key, state.version, decision.locked_state, record_ttl(job.limits)
+                )
+            except StoreUnavailable as exc:
+                return self._store_failed(job, exc, upstream_headers, request_id)
+            if locked is None:
+                # Another request or replica changed the record first: it is re-preparing.
+                self._log(target, "reprepare-in-flight", decision, request_id)
+                return self._pending(status, upstream_headers, job.limits.retry_after_reprepared)
+            return await self._reprepare(
+                target, locked, decision, upstream_headers, client_headers, request_id
+            )
+        self._log(target, verdict.value, decision, request_id)
+        if verdict is Verdict.PASS or verdict is Verdict.REPREPARE_IN_FLIGHT:
+            assert decision.retry_after is not None
+            return self._pending(status, upstream_headers, decision.retry_after)
+        if verdict is Verdict.JOB_STUCK:
+            detail = (
+                f"pending for {decision.pending_seconds:.0f}s; {decision.attempts} re-prepare(s) "
+                f"made within {job.limits.reprepare_window:g}s and the job is still not ready"
+            )
+        else:
+            detail = (
+                f"pending for {decision.pending_seconds:.0f}s, longer than the "
+                f"{job.limits.max_wait:g}s this job may take"
+            )
+        return self._problem(
+            target, 500, verdict.value, detail, decision, upstream_headers, request_id
+        )
+
+    async def _reprepare(
+        self,
+        target: GuardTarget,
+        locked: JobState,
+        decision: Decision,
+        upstream_headers: RawHeaders,
+        client_headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> GuardAnswer:
+        job, key = target.job, target.match.key
+        attempt = locked.attempts
+        result = await self._repreparer.fire(
+            job.reprepare,
+            params=target.match.params,
+            client_headers=client_headers,
+            idempotency=idempotency_key(
+                job.name, key, locked.episode_start, locked.window_start, attempt
+            ),
+            request_id=request_id.decode("latin-1"),
+        )
+        finished = after_reprepare(locked, self._clock(), result.succeeded)
+        try:
+            await self.store.swap(job.name, key, locked.version, finished, record_ttl(job.limits))
+        except StoreUnavailable:
+            pass  # the lock expires on its own after reprepare.timeout + margin
+        if not result.succeeded:
+            self._log(target, "reprepare-failed", decision, request_id)
+            return self._problem(
+                target,
+                500,
+                "reprepare-failed",
+                result.detail,
+                decision,
+                upstream_headers,
+                request_id,
+            )
+        self._log(target, "reprepared", decision, request_id)
+        body = json.dumps(
+            {
+                "status": "processing",
+                "reprepared": True,
+                "attempt": attempt,
+                "max_attempts": job.limits.max_reprepares,
+            },
+            separators=(",", ":"),
+        ).encode()
+        # decide() already clamped retry_after_reprepared to retry_after_max and max_wait.
+        retry = str(decision.retry_after or 1).encode()
+        headers = [
+            *_cors_headers(upstream_headers),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"no-store"),
+            (b"retry-after", retry),
+            (b"x-request-id", request_id),
+        ]
+        return GuardAnswer(202, expose_header(headers, b"Retry-After"), body)
+
+    async def _shadow(
+        self,
+        target: GuardTarget,
+        state: JobState,
+        decision: Decision,
+        now: float,
+        request_id: bytes,
+    ) -> None:
+        job, key = target.job, target.match.key
+        verdict = decision.verdict
+        if verdict is Verdict.REPREPARE and decision.locked_state is not None:
+            # Record the re-prepare as if it had succeeded, so the decisions logged next are the
+            # ones enforce mode would make, not "would re-prepare" on every poll.
+            finished = after_reprepare(decision.locked_state, now, succeeded=True)
+            try:
+                await self.store.swap(
+                    job.name, key, state.version, finished, record_ttl(job.limits)
+                )
+            except StoreUnavailable:
+                pass
+        if verdict is not Verdict.PASS:
+            self._log(
+                target,
+                f"would {'re-prepare' if verdict is Verdict.REPREPARE else 'answer ' + verdict.value}",
+                decision,
+                request_id,
+            )
+
+    def _pending(
+        self, status: int, upstream_headers: RawHeaders, retry_after: float
+    ) -> GuardAnswer:
+        headers = replace_header(
+            upstream_headers, b"retry-after", str(max(1, math.ceil(retry_after))).encode()
+        )
+        headers = replace_header(headers, b"cache-control", b"no-store")
+        return GuardAnswer(status, expose_header(headers, b"Retry-After"), None)
+
+    def _problem(
+        self,
+        target: GuardTarget,
+        status: int,
+        code: str,
+        detail: str,
+        decision: Decision,
+        upstream_headers: RawHeaders,
+        request_id: bytes,
+    ) -> GuardAnswer:
+        problem = Problem(
+            status,
+            code,
+            detail,
+            extensions={
+                "error": code,
+                "job": target.job.name,
+                "key": target.match.key,
+                "attempts": decision.attempts,
+                "max_attempts": target.job.limits.max_reprepares,
+                "pending_seconds": round(decision.pending_seconds, 3),
+            },
+        )
+        body = problem.body(request_id.decode("latin-1"))
+        headers = _cors_headers(upstream_headers) + problem.headers(body, request_id)
+        return GuardAnswer(status, headers, body)
+
+    def _log_store_error(self, exc: StoreUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._last_store_error_log >= STORE_ERROR_LOG_INTERVAL:
+            self._last_store_error_log = now
+            logger.warning(
+                "job state store unavailable (%s); on_error=%s",
+                exc,
+                "fail" if self._fail_closed else "pass",
+            )
+
+    def _store_failed(
+        self,
+        job: GuardedJob,
+        exc: StoreUnavailable,
+        upstream_headers: RawHeaders,
+        request_id: bytes,
+    ) -> GuardAnswer | None:
+        self._log_store_error(exc)
+        if not self._fail_closed:
+            return None
+        retry = max(1, math.ceil(job.limits.retry_after))
+        problem = Problem(
+            503,
+            "state-unavailable",
+            "the job state store is unreachable; retry shortly",
+            retry_after=retry,
+            extensions={"error": "state-unavailable", "job": job.name},
+        )
+        body = problem.body(request_id.decode("latin-1"))
+        return GuardAnswer(
+            503, _cors_headers(upstream_headers) + problem.headers(body, request_id), body
+        )
+
+    async def _forget(self, job: GuardedJob, key: str) -> None:
+        try:
+            await self.store.forget(job.name, key)
+        except StoreUnavailable as exc:
+            self._log_store_error(exc)
+
+    def _log(
+        self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
+    ) -> None:
+        logger.info(
+            "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
+            target.job.name,
+            target.match.key,
+            decision_name,
+            decision.pending_seconds,
+            decision.attempts,
+            request_id.decode("latin-1"),
+        )
+
+
+def _cors_headers(upstream_headers: RawHeaders) -> RawHeaders:
+    return [
+        (name, value)
+        for name, value in upstream_headers
+        if name.startswith(_CORS_PREFIX) or name == b"vary"
+    ]

@@ -1,0 +1,168 @@
+"""The job guard's pure decision: what to do with one pending answer for (job, key).
+
+No I/O and no clock: callers pass `now` (wall-clock seconds) and the record they observed. The
+handler then swaps `Decision.locked_state` in before re-preparing, and `after_reprepare(...)` after.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
+
+from proxy.stores.base import NO_LOCK, JobState
+
+# A re-prepare lock outlives the re-prepare timeout by this much, so a replica that crashed
+# mid-re-prepare frees the key soon after, yet a slow but live one is not overtaken.
+LOCK_MARGIN_SECONDS = 5.0
+# Records outlive every window they are judged by, so the store never forgets a live episode.
+TTL_MARGIN_SECONDS = 60.0
+MIN_RETRY_AFTER_SECONDS = 1
+
+_DELAY_SECONDS = re.compile(r"[0-9]+")
+_EPISODE_ENDING_STATUSES = frozenset({404, 410})
+
+
+@dataclass(frozen=True, slots=True)
+class GuardLimits:
+    """A plain copy of one job's configuration; all durations in seconds."""
+
+    stuck_after: float
+    max_reprepares: int
+    reprepare_window: float
+    max_wait: float
+    retry_after: float
+    retry_after_max: float
+    retry_after_reprepared: float
+    reprepare_timeout: float
+
+
+class Verdict(StrEnum):
+    PASS = "pass"
+    REPREPARE = "reprepare"
+    REPREPARE_IN_FLIGHT = "reprepare-in-flight"
+    JOB_STUCK = "job-stuck"
+    WAIT_EXCEEDED = "wait-exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    verdict: Verdict
+    # PASS / REPREPARE_IN_FLIGHT: Retry-After to send now; REPREPARE: Retry-After for the 202
+    # after a successful re-prepare; None for the terminal verdicts.
+    retry_after: int | None
+    pending_seconds: float
+    # Re-prepares counted in the current window; for REPREPARE, including this one.
+    attempts: int
+    # REPREPARE only: lock taken, attempt counted, window opened or rolled.
+    locked_state: JobState | None = None
+
+
+def decide(
+    state: JobState, limits: GuardLimits, now: float, upstream_retry_after: str | None
+) -> Decision:
+    """Judge a pending answer for the record `state` at `now`."""
+    pending_seconds = now - state.episode_start
+    seconds_left = limits.max_wait - pending_seconds
+    window_open = state.attempts > 0 and now < state.window_start + limits.reprepare_window
+    attempts = state.attempts if window_open else 0
+
+    def verdict(kind: Verdict, retry_after: int | None = None) -> Decision:
+        return Decision(kind, retry_after, pending_seconds, attempts)
+
+    def reprepared_retry_after() -> int:
+        return retry_after_seconds(
+            limits.retry_after_reprepared,
+            limits.retry_after_reprepared,
+            limits.retry_after_max,
+            seconds_left,
+        )
+
+    if pending_seconds >= limits.max_wait:
+        return verdict(Verdict.WAIT_EXCEEDED)
+    if now - state.clock_start < limits.stuck_after:
+        requested = parse_retry_after(upstream_retry_after, now)
+        return verdict(
+            Verdict.PASS,
+            retry_after_seconds(
+                requested, limits.retry_after, limits.retry_after_max, seconds_left
+            ),
+        )
+    # Checked before exhaustion: the in-flight re-prepare may yet succeed and restart the clock.
+    if now < state.lock_until:
+        return verdict(Verdict.REPREPARE_IN_FLIGHT, reprepared_retry_after())
+    if attempts >= limits.max_reprepares:
+        return verdict(Verdict.JOB_STUCK)
+    # The attempt counts when the lock is taken, so a broken prepare endpoint can't be hammered.
+    locked = replace(
+        state,
+        window_start=state.window_start if window_open else now,
+        attempts=attempts + 1,
+        lock_until=now + limits.reprepare_timeout + LOCK_MARGIN_SECONDS,
+    )
+    return Decision(
+        Verdict.REPREPARE, reprepared_retry_after(), pending_seconds, attempts + 1, locked
+    )
+
+
+def after_reprepare(locked: JobState, now: float, succeeded: bool) -> JobState:
+    """The record after the re-prepare that `locked` guarded: lock released; on success the
+    stuck clock restarts at `now`."""
+    clock_start = now if succeeded else locked.clock_start
+    return replace(locked, clock_start=clock_start, lock_until=NO_LOCK)
+
+
+def record_ttl(limits: GuardLimits) -> float:
+    """How long a record must live: past its window, its max_wait deadline and any lock."""
+    lock_lifetime = limits.reprepare_timeout + LOCK_MARGIN_SECONDS
+    return max(limits.reprepare_window, limits.max_wait, lock_lifetime) + TTL_MARGIN_SECONDS
+
+
+def ends_episode(status: int) -> bool:
+    """A non-pending answer that means the job is done (2xx) or gone (404, 410)."""
+    return 200 <= status < 300 or status in _EPISODE_ENDING_STATUSES
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait per a Retry-After value: delay-seconds or HTTP-date (RFC 9110 §10.2.3).
+
+    None when absent, malformed, or a date in the past: a past date usually means the clocks
+    disagree, and our default is safer than a client polling every second.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DELAY_SECONDS.fullmatch(text):
+        try:
+            delay = float(int(text))
+        except (ValueError, OverflowError):  # more digits than int()/float() accept
+            return None
+        return delay if math.isfinite(delay) else None
+    try:
+        when = parsedate_to_datetime(text)
+    except (ValueError, TypeError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # asctime and "-0000" forms carry no zone; HTTP-dates are GMT
+        when = when.replace(tzinfo=UTC)
+    delay = when.timestamp() - now
+    return delay if delay >= 0 else None
+
+
+def retry_after_seconds(
+    requested: float | None, default: float, cap: float, seconds_left: float
+) -> int:
+    """The whole Retry-After seconds to send: `requested` (or `default`), rounded up, but never
+    above `cap` nor past the max_wait deadline (`seconds_left`, rounded down), and never below 1.
+    """
+    wanted = default if requested is None else requested
+    ceiling = min(cap, seconds_left)
+    bounded = min(wanted, ceiling)
+    if not math.isfinite(bounded):
+        return MIN_RETRY_AFTER_SECONDS
+    whole = math.ceil(bounded)
+    if math.isfinite(ceiling):  # a fractional ceiling must not be rounded up past itself
+        whole = min(whole, math.floor(ceiling))
+    return max(MIN_RETRY_AFTER_SECONDS, whole)

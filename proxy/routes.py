@@ -1,0 +1,170 @@
+"""Which requests are guarded: `{name}` path templates compiled into anchored regexes.
+
+Pure: no I/O. A template is literal text with `{name}` placeholders; each placeholder matches one
+non-empty path segment. The job key defaults to the parameters joined with ":" in path order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from urllib.parse import quote
+
+from proxy.errors import ConfigError
+
+MAX_KEY_BYTES = 256
+DEFAULT_KEY_SEPARATOR = ":"
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_SEGMENT = "[^/]+"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """A guarded route: requests to `path` with one of `methods` belong to `job`; `key` is a
+    template over the path's parameters (None: the parameters joined with ":")."""
+
+    path: str
+    methods: frozenset[str]
+    job: str
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    job: str
+    key: str
+    params: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    spec: RouteSpec
+    methods: frozenset[str]
+    pattern: re.Pattern[str]
+    params: tuple[str, ...]
+
+
+def template_params(template: str) -> tuple[str, ...]:
+    """The placeholder names of `template` in order; ConfigError on stray braces or duplicates."""
+    names: list[str] = []
+    for literal, name in _split_template(template):
+        if name is not None:
+            if name in names:
+                raise ConfigError(f"template {template!r} names {{{name}}} twice; rename one")
+            names.append(name)
+        elif "{" in literal or "}" in literal:
+            raise ConfigError(
+                f"template {template!r} has a stray brace in {literal!r}; "
+                "placeholders look like {name} with name a Python identifier"
+            )
+    return tuple(names)
+
+
+def fill_template(template: str, params: Mapping[str, str]) -> str:
+    """`template` with each `{name}` replaced by params[name] verbatim (for job keys)."""
+    return _fill(template, params, encode=False)
+
+
+def fill_path_template(template: str, params: Mapping[str, str]) -> str:
+    """`template` with each `{name}` replaced by params[name] percent-encoded as one path
+    segment: route parameters come from the decoded request path and must be re-encoded."""
+    return _fill(template, params, encode=True)
+
+
+def is_guardable_key(key: str, pattern: re.Pattern[str] | None) -> bool:
+    """Whether `key` may be tracked: at most MAX_KEY_BYTES of UTF-8 and, if a pattern is given,
+    `pattern.search(key)` finds it (search, so a pattern's own ^...$ anchors work as written)."""
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:  # lone surrogates from a mis-decoded path: never store them
+        return False
+    if size > MAX_KEY_BYTES:
+        return False
+    return pattern is None or pattern.search(key) is not None
+
+
+class RouteTable:
+    """Guarded routes in configuration order; the first route that matches wins."""
+
+    def __init__(self, specs: Sequence[RouteSpec]) -> None:
+        self._routes = tuple(_compile(spec) for spec in specs)
+
+    def __bool__(self) -> bool:
+        return bool(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        """The first route matching `method` and the decoded `path`, or None."""
+        wanted_method = method.upper()
+        for route in self._routes:
+            if wanted_method not in route.methods:
+                continue
+            found = route.pattern.fullmatch(path)
+            if found is None:
+                continue
+            params = {name: found.group(name) for name in route.params}
+            return RouteMatch(
+                job=route.spec.job,
+                key=_route_key(route, params),
+                params=MappingProxyType(params),
+            )
+        return None
+
+
+def _compile(spec: RouteSpec) -> _CompiledRoute:
+    names = template_params(spec.path)
+    if spec.key is not None:
+        unknown = [name for name in template_params(spec.key) if name not in names]
+        if unknown:
+            raise ConfigError(
+                f"route {spec.path!r} of job {spec.job!r}: key {spec.key!r} uses "
+                f"{', '.join(unknown)}, which the path does not define; use one of {list(names)}"
+            )
+    regex = "".join(
+        re.escape(literal) if name is None else f"(?P<{name}>{_SEGMENT})"
+        for literal, name in _split_template(spec.path)
+    )
+    return _CompiledRoute(
+        spec=spec,
+        methods=frozenset(method.upper() for method in spec.methods),
+        pattern=re.compile(regex),
+        params=names,
+    )
+
+
+def _route_key(route: _CompiledRoute, params: Mapping[str, str]) -> str:
+    if route.spec.key is None:
+        return DEFAULT_KEY_SEPARATOR.join(params[name] for name in route.params)
+    return fill_template(route.spec.key, params)
+
+
+def _split_template(template: str) -> list[tuple[str, str | None]]:
+    """Alternating (literal, None) and ("", name) parts of `template`."""
+    parts: list[tuple[str, str | None]] = []
+    position = 0
+    for found in _PLACEHOLDER.finditer(template):
+        if found.start() > position:
+            parts.append((template[position : found.start()], None))
+        parts.append(("", found.group(1)))
+        position = found.end()
+    if position < len(template):
+        parts.append((template[position:], None))
+    return parts
+
+
+def _fill(template: str, params: Mapping[str, str], *, encode: bool) -> str:
+    pieces: list[str] = []
+    for literal, name in _split_template(template):
+        if name is None:
+            pieces.append(literal)
+            continue
+        if name not in params:
+            raise ConfigError(f"template {template!r} needs {{{name}}}, which is not available")
+        value = params[name]
+        pieces.append(quote(value, safe="") if encode else value)
+    return "".join(pieces)

@@ -1,0 +1,291 @@
+"""The guard's pure decision logic: every verdict, boundary and a simulated timeline."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from email.utils import formatdate
+
+import pytest
+
+from proxy.policy import (
+    LOCK_MARGIN_SECONDS,
+    TTL_MARGIN_SECONDS,
+    GuardLimits,
+    Verdict,
+    after_reprepare,
+    decide,
+    ends_episode,
+    parse_retry_after,
+    record_ttl,
+    retry_after_seconds,
+)
+from proxy.stores.base import JobState, fresh_state
+
+T0 = 1_700_000_000.0
+LIMITS = GuardLimits(
+    stuck_after=60.0,
+    max_reprepares=2,
+    reprepare_window=600.0,
+    max_wait=1800.0,
+    retry_after=5.0,
+    retry_after_max=30.0,
+    retry_after_reprepared=10.0,
+    reprepare_timeout=10.0,
+)
+FRESH = fresh_state(T0)
+
+
+def http_date(when: float) -> str:
+    return formatdate(when, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("state", "now", "header", "expected"),
+    [
+        pytest.param(FRESH, T0 + 10, None, 5, id="absent-uses-default"),
+        pytest.param(FRESH, T0 + 10, "7", 7, id="valid-delay-passes-through"),
+        pytest.param(FRESH, T0 + 10, "soon", 5, id="invalid-uses-default"),
+        pytest.param(FRESH, T0 + 10, "-3", 5, id="negative-uses-default"),
+        pytest.param(FRESH, T0 + 10, http_date(T0 + 30), 20, id="http-date"),
+        pytest.param(FRESH, T0 + 10, http_date(T0 - 30), 5, id="past-http-date-uses-default"),
+        pytest.param(FRESH, T0 + 10, "120", 30, id="capped-at-retry-after-max"),
+        pytest.param(FRESH, T0 + 10, "0", 1, id="zero-raised-to-one"),
+        pytest.param(
+            replace(FRESH, clock_start=T0 + 1790), T0 + 1795, "20", 5, id="capped-at-time-left"
+        ),
+        pytest.param(
+            replace(FRESH, clock_start=T0 + 1790),
+            T0 + 1795.5,
+            "20",
+            4,
+            id="time-left-rounded-down",
+        ),
+        pytest.param(
+            replace(FRESH, clock_start=T0 + 1790), T0 + 1799.5, "20", 1, id="never-below-one"
+        ),
+    ],
+)
+def test_not_stuck_passes_with_clamped_retry_after(
+    state: JobState, now: float, header: str | None, expected: int
+) -> None:
+    """A pending answer before stuck_after passes through with a sane Retry-After."""
+    decision = decide(state, LIMITS, now, header)
+    assert decision.verdict is Verdict.PASS
+    assert decision.retry_after == expected
+    assert decision.pending_seconds == now - T0
+    assert decision.locked_state is None
+
+
+def test_just_before_stuck_after_passes() -> None:
+    """A hair before stuck_after the job is not stuck yet."""
+    assert decide(FRESH, LIMITS, T0 + 59.999, None).verdict is Verdict.PASS
+
+
+def test_exactly_at_stuck_after_reprepares_and_takes_the_lock() -> None:
+    """At exactly stuck_after the job is stuck: lock taken, attempt counted, window opened."""
+    now = T0 + 60
+    decision = decide(FRESH, LIMITS, now, "7")
+    assert decision.verdict is Verdict.REPREPARE
+    assert decision.retry_after == 10
+    assert decision.attempts == 1
+    assert decision.locked_state == replace(
+        FRESH,
+        window_start=now,
+        attempts=1,
+        lock_until=now + LIMITS.reprepare_timeout + LOCK_MARGIN_SECONDS,
+    )
+
+
+def test_reprepare_keeps_an_open_window() -> None:
+    """A second re-prepare inside the window counts into the same window."""
+    state = replace(FRESH, clock_start=T0 + 100, window_start=T0 + 60, attempts=1)
+    decision = decide(state, LIMITS, T0 + 160, None)
+    assert decision.verdict is Verdict.REPREPARE
+    assert decision.locked_state is not None
+    assert decision.locked_state.window_start == T0 + 60
+    assert decision.locked_state.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("lock_until", "expected"),
+    [
+        pytest.param(T0 + 61, Verdict.REPREPARE_IN_FLIGHT, id="lock-held"),
+        pytest.param(T0 + 60, Verdict.REPREPARE, id="lock-expired-exactly-now"),
+    ],
+)
+def test_lock_held_vs_expired(lock_until: float, expected: Verdict) -> None:
+    """A live lock means someone else is re-preparing; an expired one is free to take."""
+    state = replace(FRESH, lock_until=lock_until)
+    decision = decide(state, LIMITS, T0 + 60, "3")
+    assert decision.verdict is expected
+    assert decision.retry_after == 10
+
+
+def test_in_flight_wins_over_exhausted_attempts() -> None:
+    """While the last allowed re-prepare is in flight the answer is not yet job-stuck."""
+    state = replace(FRESH, window_start=T0 + 50, attempts=2, lock_until=T0 + 70)
+    decision = decide(state, LIMITS, T0 + 60, None)
+    assert decision.verdict is Verdict.REPREPARE_IN_FLIGHT
+    assert decision.locked_state is None
+
+
+@pytest.mark.parametrize(
+    ("now", "expected", "attempts_after"),
+    [
+        pytest.param(T0 + 300, Verdict.JOB_STUCK, 2, id="exhausted-in-window"),
+        pytest.param(T0 + 699.999, Verdict.JOB_STUCK, 2, id="a-hair-before-window-end"),
+        pytest.param(T0 + 700, Verdict.REPREPARE, 1, id="window-rolled-over-exactly"),
+    ],
+)
+def test_exhausted_attempts_until_the_window_ends(
+    now: float, expected: Verdict, attempts_after: int
+) -> None:
+    """max_reprepares used in the window is terminal until the window ends, then resets."""
+    state = replace(FRESH, clock_start=T0 + 200, window_start=T0 + 100, attempts=2)
+    decision = decide(state, LIMITS, now, None)
+    assert decision.verdict is expected
+    assert decision.attempts == attempts_after
+    if expected is Verdict.JOB_STUCK:
+        assert decision.retry_after is None
+        assert decision.locked_state is None
+    else:
+        assert decision.locked_state is not None
+        assert decision.locked_state.window_start == now
+        assert decision.locked_state.attempts == 1
+
+
+def test_zero_max_reprepares_is_stuck_at_once() -> None:
+    """With re-prepares disabled a stuck job is reported without trying."""
+    limits = replace(LIMITS, max_reprepares=0)
+    assert decide(FRESH, limits, T0 + 60, None).verdict is Verdict.JOB_STUCK
+
+
+@pytest.mark.parametrize(
+    ("offset", "expected"),
+    [
+        pytest.param(1799.999, Verdict.REPREPARE_IN_FLIGHT, id="just-before-max-wait"),
+        pytest.param(1800.0, Verdict.WAIT_EXCEEDED, id="exactly-at-max-wait"),
+        pytest.param(5000.0, Verdict.WAIT_EXCEEDED, id="long-past-max-wait"),
+    ],
+)
+def test_max_wait_boundary(offset: float, expected: Verdict) -> None:
+    """Wait-exceeded from exactly max_wait on, checked before every other branch."""
+    state = replace(FRESH, window_start=T0 + 1500, attempts=2, lock_until=T0 + 9999)
+    decision = decide(state, LIMITS, T0 + offset, None)
+    assert decision.verdict is expected
+    assert decision.pending_seconds == pytest.approx(offset)
+
+
+def test_max_wait_not_above_stuck_after_never_reprepares() -> None:
+    """When max_wait <= stuck_after the episode ends in wait-exceeded without a re-prepare."""
+    limits = replace(LIMITS, max_wait=30.0)
+    verdicts = {decide(FRESH, limits, T0 + offset, None).verdict for offset in range(0, 100)}
+    assert verdicts == {Verdict.PASS, Verdict.WAIT_EXCEEDED}
+    assert decide(FRESH, limits, T0 + 29.9, "20").retry_after == 1
+
+
+@pytest.mark.parametrize("succeeded", [True, False])
+def test_after_reprepare(succeeded: bool) -> None:
+    """The lock is always released; only success restarts the stuck clock."""
+    locked = replace(FRESH, window_start=T0 + 60, attempts=1, lock_until=T0 + 75, version=4)
+    after = after_reprepare(locked, T0 + 63, succeeded)
+    assert after.lock_until == 0.0
+    assert after.clock_start == (T0 + 63 if succeeded else T0)
+    assert (after.attempts, after.window_start, after.version) == (1, T0 + 60, 4)
+
+
+@pytest.mark.parametrize(
+    ("status", "ends"),
+    [(200, True), (204, True), (299, True), (404, True), (410, True), (199, False),
+     (300, False), (304, False), (400, False), (500, False), (503, False)],
+)
+def test_ends_episode(status: int, ends: bool) -> None:
+    """2xx, 404 and 410 end an episode; anything else leaves it alone."""
+    assert ends_episode(status) is ends
+
+
+def test_record_ttl_outlives_window_wait_and_lock() -> None:
+    """A record lives past the longer of window, max_wait and lock, plus a margin."""
+    assert record_ttl(LIMITS) == 1800.0 + TTL_MARGIN_SECONDS
+    assert record_ttl(replace(LIMITS, reprepare_window=4000.0)) == 4000.0 + TTL_MARGIN_SECONDS
+    slow = replace(LIMITS, reprepare_window=1.0, max_wait=2.0, reprepare_timeout=30.0)
+    assert record_ttl(slow) == 30.0 + LOCK_MARGIN_SECONDS + TTL_MARGIN_SECONDS
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None), ("", None), ("  12 ", 12.0), ("1.5", None), ("-1", None), ("abc", None),
+        ("١٢", None), ("9" * 5000, None), ("0", 0.0),
+        (http_date(T0 + 90), 90.0),
+        ("Tuesday, 14-Nov-23 22:13:50 GMT", 30.0),
+        ("Tue Nov 14 22:13:50 2023", 30.0),
+        (http_date(T0 - 1), None),
+    ],
+)
+def test_parse_retry_after(value: str | None, expected: float | None) -> None:
+    """Delay-seconds and all three HTTP-date forms parse; anything else is None."""
+    assert http_date(T0 + 30) == "Tue, 14 Nov 2023 22:13:50 GMT"  # the literals above: T0 + 30
+    assert parse_retry_after(value, T0) == expected
+
+
+@pytest.mark.parametrize(
+    ("requested", "default", "cap", "left", "expected"),
+    [
+        (None, 5.0, 30.0, 100.0, 5), (2.2, 5.0, 30.0, 100.0, 3), (50.0, 5.0, 30.0, 100.0, 30),
+        (50.0, 5.0, 30.5, 100.0, 30), (50.0, 5.0, 30.0, 12.7, 12), (0.0, 5.0, 30.0, 100.0, 1),
+        (9.0, 5.0, 30.0, -4.0, 1), (9.0, 5.0, 30.0, 0.3, 1), (9.0, 5.0, float("inf"), 1e9, 9),
+    ],
+)
+def test_retry_after_seconds(
+    requested: float | None, default: float, cap: float, left: float, expected: int
+) -> None:
+    """Whole seconds, rounded up, capped by cap and the deadline (rounded down), at least 1."""
+    assert retry_after_seconds(requested, default, cap, left) == expected
+
+
+def simulate(
+    limits: GuardLimits, reprepare_succeeds: bool, poll_every: float, until: float
+) -> list[tuple[float, Verdict]]:
+    """Poll as a client would, applying swaps as the handler does; return every verdict."""
+    state = FRESH
+    verdicts: list[tuple[float, Verdict]] = []
+    for step in range(int(until / poll_every) + 1):
+        now = T0 + step * poll_every
+        decision = decide(state, limits, now, None)
+        if decision.locked_state is not None:
+            locked = replace(decision.locked_state, version=state.version + 1)
+            state = after_reprepare(locked, now, reprepare_succeeds)
+        verdicts.append((now - T0, decision.verdict))
+    return verdicts
+
+
+def runs(verdicts: list[tuple[float, Verdict]]) -> list[tuple[float, Verdict]]:
+    """Where each run of equal verdicts starts."""
+    starts: list[tuple[float, Verdict]] = []
+    for offset, verdict in verdicts:
+        if not starts or starts[-1][1] is not verdict:
+            starts.append((offset, verdict))
+    return starts
+
+
+def test_timeline_of_a_job_that_stays_stuck() -> None:
+    """stuck → rep1 → rep2 → job-stuck until the window ends → again → wait-exceeded."""
+    pass_, rep, stuck = Verdict.PASS, Verdict.REPREPARE, Verdict.JOB_STUCK
+    assert runs(simulate(LIMITS, True, 5.0, 1900.0)) == [
+        (0, pass_), (60, rep), (65, pass_), (120, rep), (125, pass_), (180, stuck),
+        (660, rep), (665, pass_), (720, rep), (725, pass_), (780, stuck),
+        (1260, rep), (1265, pass_), (1320, rep), (1325, pass_), (1380, stuck),
+        (1800, Verdict.WAIT_EXCEEDED),
+    ]
+
+
+def test_timeline_failed_reprepares_still_count() -> None:
+    """Failed re-prepares don't restart the clock but do use up the window's attempts."""
+    verdicts = simulate(LIMITS, False, 5.0, 700.0)
+    reprepares = [offset for offset, verdict in verdicts if verdict is Verdict.REPREPARE]
+    assert reprepares == [60, 65, 660, 665]
+    assert runs(verdicts) == [
+        (0, Verdict.PASS), (60, Verdict.REPREPARE), (70, Verdict.JOB_STUCK),
+        (660, Verdict.REPREPARE), (670, Verdict.JOB_STUCK),
+    ]

@@ -1,0 +1,158 @@
+"""Route matching, job keys and template filling."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.routes import (
+    MAX_KEY_BYTES,
+    RouteSpec,
+    RouteTable,
+    fill_path_template,
+    fill_template,
+    is_guardable_key,
+    template_params,
+)
+
+GET = frozenset({"GET"})
+
+TABLE = RouteTable(
+    [
+        RouteSpec("/Accounts/{account}/Recordings/{sid}.json", GET, "recording"),
+        RouteSpec("/exports/{eid}", frozenset({"get", "HEAD"}), "export", "export-{eid}"),
+        RouteSpec("/reports/{year}/{name}", GET, "report", "{name}@{year}"),
+        RouteSpec("/reports/{year}/{name}", frozenset({"POST"}), "report-post"),
+        RouteSpec("/a+b/(x)/[y]?/{id}", GET, "literal"),
+    ]
+)
+
+
+def test_default_key_joins_params_in_path_order() -> None:
+    """Without a key template the key is the parameters joined with ':' in path order."""
+    found = TABLE.match("GET", "/Accounts/AC1/Recordings/RE9.json")
+    assert found is not None
+    assert (found.job, found.key) == ("recording", "AC1:RE9")
+    assert dict(found.params) == {"account": "AC1", "sid": "RE9"}
+
+
+def test_key_template_is_filled_with_params() -> None:
+    """A key template is filled verbatim from the path's parameters."""
+    found = TABLE.match("GET", "/reports/2024/q1 sales")
+    assert found is not None
+    assert (found.job, found.key) == ("report", "q1 sales@2024")
+
+
+@pytest.mark.parametrize(
+    ("method", "job"),
+    [("GET", "export"), ("get", "export"), ("HEAD", "export"), ("POST", None), ("DELETE", None)],
+)
+def test_methods_are_case_insensitive_and_filter_routes(method: str, job: str | None) -> None:
+    """Only listed methods match, whatever their case in config or request."""
+    found = TABLE.match(method, "/exports/e1")
+    assert (found.job if found else None) == job
+    if found is not None:
+        assert found.key == "export-e1"
+
+
+def test_first_matching_route_for_the_method_wins() -> None:
+    """The same path routes to different jobs by method, in configuration order."""
+    found = TABLE.match("POST", "/reports/2024/x")
+    assert found is not None
+    assert (found.job, found.key) == ("report-post", "2024:x")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/Accounts/AC1/Recordings/RE9.jsonx",
+        "/Accounts/AC1/Recordings/RE9xjson",
+        "/Accounts/AC1/Recordings/.json",
+        "/Accounts//Recordings/RE9.json",
+        "/Accounts/AC1/x/Recordings/RE9.json",
+        "/prefix/Accounts/AC1/Recordings/RE9.json",
+        "/exports/e1/",
+        "/exports/",
+        "/exports",
+        "/nothing",
+        "",
+    ],
+)
+def test_non_matching_paths(path: str) -> None:
+    """Anchored matching: no partial, empty-segment or multi-segment parameters."""
+    assert TABLE.match("GET", path) is None
+
+
+def test_literal_regex_characters_are_escaped() -> None:
+    """Regex metacharacters in a template are literal text."""
+    found = TABLE.match("GET", "/a+b/(x)/[y]?/7")
+    assert found is not None
+    assert (found.job, found.key) == ("literal", "7")
+    assert TABLE.match("GET", "/aab/(x)/[y]?/7") is None
+    assert TABLE.match("GET", "/a+b/x/y/7") is None
+
+
+def test_empty_table_is_falsy() -> None:
+    """An empty table is falsy so the handler can skip matching entirely."""
+    assert not RouteTable([])
+    assert len(RouteTable([])) == 0
+    assert TABLE
+    assert len(TABLE) == 5
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (RouteSpec("/x/{id}/{id}", GET, "j"), "twice"),
+        (RouteSpec("/x/{id", GET, "j"), "stray brace"),
+        (RouteSpec("/x/{1d}", GET, "j"), "stray brace"),
+        (RouteSpec("/x/{id}", GET, "j", "{other}"), "other"),
+    ],
+)
+def test_bad_templates_are_config_errors(spec: RouteSpec, message: str) -> None:
+    """Malformed templates fail at construction with a message naming the problem."""
+    with pytest.raises(ConfigError, match=message):
+        RouteTable([spec])
+
+
+def test_template_params_in_order() -> None:
+    """template_params lists placeholder names in order of appearance."""
+    assert template_params("/a/{x}/b/{y_2}.json") == ("x", "y_2")
+    assert template_params("/static") == ()
+
+
+def test_fill_templates() -> None:
+    """Keys are filled verbatim; paths percent-encode each value as one segment."""
+    params = {"sid": "a b/c?d%", "account": "AC1"}
+    assert fill_template("{account}:{sid}", params) == "AC1:a b/c?d%"
+    assert fill_path_template("/Accounts/{account}/Prepare/{sid}", params) == (
+        "/Accounts/AC1/Prepare/a%20b%2Fc%3Fd%25"
+    )
+    assert fill_path_template("/ü/{account}", {"account": "é"}) == "/ü/%C3%A9"
+
+
+def test_fill_with_missing_param_is_a_config_error() -> None:
+    """Filling a template with a parameter that is not available names the parameter."""
+    with pytest.raises(ConfigError, match="sid"):
+        fill_path_template("/x/{sid}", {"account": "AC1"})
+
+
+@pytest.mark.parametrize(
+    ("key", "pattern", "guardable"),
+    [
+        ("a" * MAX_KEY_BYTES, None, True),
+        ("a" * (MAX_KEY_BYTES + 1), None, False),
+        ("é" * (MAX_KEY_BYTES // 2), None, True),
+        ("é" * (MAX_KEY_BYTES // 2) + "a", None, False),
+        ("\udcff", None, False),
+        ("AC1:RE9", re.compile(r"^AC[0-9]+:RE[0-9]+$"), True),
+        ("AC1:RE9x", re.compile(r"^AC[0-9]+:RE[0-9]+$"), False),
+        ("xRE9x", re.compile(r"RE[0-9]"), True),
+        ("", None, True),
+    ],
+)
+def test_is_guardable_key(key: str, pattern: re.Pattern[str] | None, guardable: bool) -> None:
+    """Keys over 256 UTF-8 bytes, unencodable, or not found by the pattern are not guarded."""
+    assert is_guardable_key(key, pattern) is guardable

@@ -1,0 +1,315 @@
+"""One contract for both job-state stores (memory, and Redis against a real redis-server)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import TypeVar
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from proxy.errors import StoreUnavailable
+from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, create_store
+from proxy.stores.memory import SWEEP_EVERY_OBSERVES
+from proxy.stores.redis import record_key
+from tests.conftest import RedisServer
+
+T0 = 1_700_000_000.0
+LONG_TTL = 600.0
+SHORT_TTL = 0.2
+POLL_INTERVAL = 0.02
+DEADLINE_SECONDS = 5.0
+CONCURRENT_SWAPS = 50
+PREFIX = "pollguard:"
+
+Result = TypeVar("Result")
+
+
+async def poll_until(
+    attempt: Callable[[], Awaitable[Result]], accept: Callable[[Result], bool]
+) -> Result:
+    """Call `attempt` until `accept` holds for its result, or fail at the deadline."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            result = await attempt()
+        except StoreUnavailable as exc:
+            last = exc
+        else:
+            if accept(result):
+                return result
+            last = result
+        await anyio.sleep(POLL_INTERVAL)
+    pytest.fail(f"condition not met within {DEADLINE_SECONDS}s; last result {last!r}")
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(
+    request: pytest.FixtureRequest, anyio_backend: str
+) -> AsyncIterator[JobStore]:
+    if request.param == "memory":
+        created: JobStore = MemoryJobStore()
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        created = RedisJobStore(server.url, PREFIX)
+    yield created
+    await created.close()
+
+
+def locked(state: JobState, now: float) -> JobState:
+    return replace(state, window_start=now, attempts=1, lock_until=now + 15.0)
+
+
+@pytest.mark.anyio
+async def test_observe_creates_a_fresh_episode_once(store: JobStore) -> None:
+    """The first observe creates the episode at `now`; later ones return the same record."""
+    first = await store.observe("rec", "K1", T0, LONG_TTL)
+    assert first == JobState(T0, T0, 0.0, 0, 0.0, 1)
+    again = await store.observe("rec", "K1", T0 + 30, LONG_TTL)
+    assert again == first
+    other = await store.observe("rec", "K2", T0 + 30, LONG_TTL)
+    assert other.episode_start == T0 + 30
+    other_job = await store.observe("export", "K1", T0 + 40, LONG_TTL)
+    assert other_job.episode_start == T0 + 40
+
+
+@pytest.mark.anyio
+async def test_swap_succeeds_on_the_expected_version(store: JobStore) -> None:
+    """A swap with the current version stores the state with version + 1."""
+    state = await store.observe("rec", "K", T0, LONG_TTL)
+    stored = await store.swap("rec", "K", state.version, locked(state, T0 + 60), LONG_TTL)
+    assert stored == replace(locked(state, T0 + 60), version=2)
+    assert await store.observe("rec", "K", T0 + 61, LONG_TTL) == stored
+
+
+@pytest.mark.anyio
+async def test_swap_with_a_stale_version_fails(store: JobStore) -> None:
+    """A swap based on an outdated read changes nothing and returns None."""
+    state = await store.observe("rec", "K", T0, LONG_TTL)
+    winner = await store.swap("rec", "K", state.version, locked(state, T0 + 60), LONG_TTL)
+    assert winner is not None
+    assert await store.swap("rec", "K", state.version, locked(state, T0 + 99), LONG_TTL) is None
+    assert await store.observe("rec", "K", T0 + 100, LONG_TTL) == winner
+
+
+@pytest.mark.anyio
+async def test_swap_on_a_missing_record_fails(store: JobStore) -> None:
+    """A swap never creates a record."""
+    assert await store.swap("rec", "K", 1, JobState(T0, T0, 0.0, 0, 0.0, 1), LONG_TTL) is None
+    assert (await store.observe("rec", "K", T0 + 5, LONG_TTL)).episode_start == T0 + 5
+
+
+@pytest.mark.anyio
+async def test_forget_ends_the_episode(store: JobStore) -> None:
+    """After forget the next observe starts a new episode; forgetting nothing is fine."""
+    state = await store.observe("rec", "K", T0, LONG_TTL)
+    assert await store.swap("rec", "K", state.version, locked(state, T0), LONG_TTL) is not None
+    await store.forget("rec", "K")
+    await store.forget("rec", "never-seen")
+    assert await store.observe("rec", "K", T0 + 9, LONG_TTL) == JobState(
+        T0 + 9, T0 + 9, 0.0, 0, 0.0, 1
+    )
+
+
+@pytest.mark.anyio
+async def test_records_expire_after_their_ttl(store: JobStore) -> None:
+    """A record vanishes once its TTL (set by observe or swap) has passed in real time."""
+    start = time.time()
+    state = await store.observe("rec", "K", start, SHORT_TTL)
+    assert await store.swap("rec", "K", state.version, locked(state, start), SHORT_TTL)
+
+    async def observe_now() -> JobState:
+        return await store.observe("rec", "K", time.time(), SHORT_TTL)
+
+    fresh = await poll_until(observe_now, lambda seen: seen.version == 1)
+    assert fresh.episode_start > start
+    assert time.time() - start >= SHORT_TTL * 0.9
+
+
+@pytest.mark.anyio
+async def test_concurrent_swaps_have_exactly_one_winner(store: JobStore) -> None:
+    """Of many simultaneous swaps from the same version exactly one succeeds."""
+    state = await store.observe("rec", "K", T0, LONG_TTL)
+    results: list[JobState | None] = [None] * CONCURRENT_SWAPS
+
+    async def contend(index: int) -> None:
+        new = locked(state, T0 + index)
+        results[index] = await store.swap("rec", "K", state.version, new, LONG_TTL)
+
+    async with anyio.create_task_group() as group:
+        for index in range(CONCURRENT_SWAPS):
+            group.start_soon(contend, index)
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    assert await store.observe("rec", "K", T0 + 1, LONG_TTL) == winners[0]
+
+
+@pytest.mark.anyio
+async def test_floats_round_trip_exactly(store: JobStore) -> None:
+    """Every float field comes back bit for bit, including awkward values."""
+    now = 1_700_000_000.123_456_7
+    state = await store.observe("rec", "K", now, LONG_TTL)
+    assert state.episode_start == now
+    awkward = replace(
+        state,
+        clock_start=0.1 + 0.2,
+        window_start=math.pi * 1e9,
+        lock_until=math.nextafter(now, math.inf),
+        attempts=7,
+    )
+    stored = await store.swap("rec", "K", state.version, awkward, LONG_TTL)
+    read = await store.observe("rec", "K", now, LONG_TTL)
+    assert stored == read == replace(awkward, version=2)
+    assert read.lock_until.hex() == math.nextafter(now, math.inf).hex()
+
+
+@pytest.mark.anyio
+async def test_ping_succeeds_when_reachable(store: JobStore) -> None:
+    """ping returns quietly while the store is up."""
+    await store.ping()
+
+
+# Memory-specific: expiry by the caller's clock, and bounded size.
+
+
+@pytest.mark.anyio
+async def test_memory_expiry_follows_the_callers_clock() -> None:
+    """Reads don't extend a record; it expires exactly ttl after creation or the last swap."""
+    memory = MemoryJobStore()
+    state = await memory.observe("rec", "K", T0, 100.0)
+    assert await memory.observe("rec", "K", T0 + 99.9, 1000.0) == state
+    assert (await memory.observe("rec", "K", T0 + 100.0, 100.0)).episode_start == T0 + 100.0
+    renewed = await memory.observe("rec", "K", T0 + 100.0, 100.0)
+    swapped = await memory.swap("rec", "K", renewed.version, locked(renewed, T0), 500.0)
+    assert await memory.observe("rec", "K", T0 + 599.9, 100.0) == swapped
+    assert (await memory.observe("rec", "K", T0 + 600.0, 100.0)).version == 1
+
+
+@pytest.mark.anyio
+async def test_memory_store_sweeps_expired_records() -> None:
+    """Many short-lived keys do not make the dict grow without bound."""
+    sweep_every = 10
+    memory = MemoryJobStore(sweep_every=sweep_every)
+    for index in range(5_000):
+        await memory.observe("rec", f"K{index}", T0 + index, 3.0)
+    assert len(memory) <= sweep_every + 3
+
+
+def test_memory_store_rejects_a_nonpositive_sweep_interval() -> None:
+    """A sweep interval below 1 would never sweep, so it is refused."""
+    assert SWEEP_EVERY_OBSERVES >= 1
+    with pytest.raises(ValueError, match="sweep_every"):
+        MemoryJobStore(sweep_every=0)
+
+
+@pytest.mark.anyio
+async def test_create_store_picks_the_backend() -> None:
+    """No Redis URL gives a memory store; a URL gives a Redis store."""
+    memory = create_store(None, PREFIX, 0.25)
+    redis_store = create_store("redis://127.0.0.1:1/0", PREFIX, 0.25)
+    try:
+        assert isinstance(memory, MemoryJobStore)
+        assert isinstance(redis_store, RedisJobStore)
+    finally:
+        await memory.close()
+        await redis_store.close()
+
+
+# Redis-specific: layout, cross-replica atomicity, failure translation, recovery.
+
+
+@pytest.mark.anyio
+async def test_redis_layout_and_expiry_on_the_server(redis_server: RedisServer) -> None:
+    """One hash per (job, key) under a shared hash tag; observe sets, swap resets the TTL."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        state = await store.observe("rec", "CA1", T0, 100.0)
+        key = record_key(PREFIX, "rec", "CA1")
+        assert key == "pollguard:{rec:CA1}"
+        assert await raw.type(key) == b"hash"
+        assert 0 < await raw.pttl(key) <= 100_000
+        await store.observe("rec", "CA1", T0, 1000.0)
+        assert await raw.pttl(key) <= 100_000
+        await store.swap("rec", "CA1", state.version, state, 1000.0)
+        assert await raw.pttl(key) > 100_000
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_redis_concurrent_swaps_across_replicas(redis_server: RedisServer) -> None:
+    """Two store instances (two replicas) racing on one version produce a single winner."""
+    replicas = [RedisJobStore(redis_server.url, PREFIX) for _ in range(2)]
+    try:
+        state = await replicas[0].observe("rec", "K", T0, LONG_TTL)
+        results: list[JobState | None] = [None] * CONCURRENT_SWAPS
+
+        async def contend(index: int) -> None:
+            replica = replicas[index % 2]
+            new = locked(state, T0 + index)
+            results[index] = await replica.swap("rec", "K", state.version, new, LONG_TTL)
+
+        async with anyio.create_task_group() as group:
+            for index in range(CONCURRENT_SWAPS):
+                group.start_soon(contend, index)
+        assert sum(result is not None for result in results) == 1
+    finally:
+        for replica in replicas:
+            await replica.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("garbage", ["wrong-type", "bad-float"])
+async def test_redis_garbage_is_store_unavailable(redis_server: RedisServer, garbage: str) -> None:
+    """A record Redis can't or we can't read raises StoreUnavailable, not a redis error."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    key = record_key(PREFIX, "rec", "K")
+    try:
+        if garbage == "wrong-type":
+            await raw.set(key, "not a hash")
+        else:
+            fields = ("episode_start", "clock_start", "window_start", "lock_until")
+            await raw.hset(key, mapping={**dict.fromkeys(fields, "x"), "attempts": 0, "version": 1})
+        with pytest.raises(StoreUnavailable):
+            await store.observe("rec", "K", T0, LONG_TTL)
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_redis_outage_raises_then_recovers(redis_server: RedisServer) -> None:
+    """A dead Redis fails every call fast with StoreUnavailable; the same store recovers."""
+    store = RedisJobStore(redis_server.url, PREFIX, timeout=0.25)
+    try:
+        state = await store.observe("rec", "K", T0, LONG_TTL)
+        redis_server.stop()
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda: store.observe("rec", "K", T0, LONG_TTL),
+            lambda: store.swap("rec", "K", state.version, state, LONG_TTL),
+            lambda: store.forget("rec", "K"),
+            store.ping,
+        ]
+        for call in calls:
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await call()
+            assert time.monotonic() - started < 1.0
+        redis_server.start()
+        # A restarted server has no scripts cached: EVALSHA must fall back to loading them.
+        fresh = await poll_until(
+            lambda: store.observe("rec", "K2", T0 + 1, LONG_TTL), lambda seen: seen.version == 1
+        )
+        assert fresh.episode_start == T0 + 1
+        assert await store.swap("rec", "K2", 1, locked(fresh, T0 + 2), LONG_TTL) is not None
+        await store.ping()
+    finally:
+        await store.close()
