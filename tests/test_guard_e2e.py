@@ -1,0 +1,254 @@
+"""The job guard end to end: real uvicorn upstream, real pollguard processes, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import RedisServer
+from tests.job_upstream import RECORDING, JobBackend, guard_config
+from tests.servers import ThreadedServer, running_proxy
+
+CALL = "CA" + "0" * 32
+POLL_INTERVAL = 0.1  # tests poll faster than Retry-After so they stay short
+
+
+@dataclass
+class Poll:
+    at: float
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+
+@pytest.fixture
+def backend() -> Iterator[tuple[JobBackend, ThreadedServer]]:
+    jobs = JobBackend()
+    with ThreadedServer(jobs.app()) as server:
+        yield jobs, server
+
+
+def poll(url: str, *, method: str = "GET", deadline: float = 15.0, until: int | None = None) -> list[Poll]:
+    """Poll like a player until a non-202 answer (or `until` polls); bounded by `deadline` seconds."""
+    polls: list[Poll] = []
+    started = time.monotonic()
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() - started < deadline:
+            response = client.request(method, url)
+            polls.append(Poll(time.monotonic() - started, response.status_code, response.headers, response.content))
+            if response.status_code != 202 or (until is not None and len(polls) >= until):
+                return polls
+            time.sleep(POLL_INTERVAL)
+    raise AssertionError(f"still pending after {deadline}s: {[p.status for p in polls]}")
+
+
+def test_stuck_once_is_reprepared_then_served(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """A job pending past stuck_after gets one forced re-prepare, a 202 saying so, then the file."""
+    jobs, server = backend
+    with running_proxy(guard_config(server.url)) as proxy:
+        polls = poll(f"{proxy.url}/api/recordings/file/{CALL}")
+    assert polls[-1].status == 200 and polls[-1].body == RECORDING
+    assert jobs.prepares[CALL] == 1
+    reprepared = [p for p in polls if p.status == 202 and b"reprepared" in p.body]
+    assert len(reprepared) == 1
+    answer = reprepared[0]
+    assert answer.at >= 1.0
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["retry-after"] == "1"
+    assert answer.headers["cache-control"] == "no-store"
+    assert answer.body == b'{"status":"processing","reprepared":true,"attempt":1,"max_attempts":2}'
+    for pending in polls[:-1]:
+        assert pending.headers["cache-control"] == "no-store"
+        assert 1 <= int(pending.headers["retry-after"]) <= 5
+    sent = jobs.prepare_headers[0]
+    assert sent["query"] == "force=1"
+    assert sent["idempotency-key"].startswith("pollguard-")
+    assert sent["x-request-id"]
+
+
+def test_never_finishing_job_ends_in_job_stuck(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """Exactly max_reprepares re-prepares, then 500 job-stuck — and a job that finally finishes is served at once."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    url = f"/api/recordings/file/{CALL}"
+    with running_proxy(guard_config(server.url)) as proxy:
+        polls = poll(proxy.url + url)
+        final = polls[-1]
+        head = httpx.head(proxy.url + url)
+        again = httpx.get(proxy.url + url)
+        prepares_at_end = jobs.prepares[CALL]
+        jobs.ready.add(CALL)
+        served = httpx.get(proxy.url + url)
+    assert final.status == 500
+    assert final.headers["content-type"] == "application/problem+json"
+    assert final.headers["cache-control"] == "no-store"
+    problem = httpx.Response(500, content=final.body).json()
+    assert problem["type"] == "urn:pollguard:problem:job-stuck"
+    assert problem["code"] == problem["error"] == "job-stuck"
+    assert problem["attempts"] == 2 and problem["max_attempts"] == 2
+    assert problem["job"] == "recording" and problem["key"] == CALL
+    assert problem["pending_seconds"] >= 3.0
+    assert 3.0 <= final.at < 6.0  # stuck_after x (max_reprepares + 1) + slack
+    assert prepares_at_end == 2
+    assert head.status_code == 500 and head.content == b""
+    assert head.headers["content-type"] == "application/problem+json"
+    assert again.status_code == 500 and again.json()["code"] == "job-stuck"
+    assert served.status_code == 200 and served.content == RECORDING
+
+
+def test_failing_prepare_answers_reprepare_failed(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """A re-prepare the upstream answers with 500 ends the loop with 500 reprepare-failed naming that status."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "fail"
+    with running_proxy(guard_config(server.url)) as proxy:
+        polls = poll(f"{proxy.url}/api/recordings/file/{CALL}")
+    problem = httpx.Response(500, content=polls[-1].body).json()
+    assert polls[-1].status == 500
+    assert problem["code"] == "reprepare-failed"
+    assert "500" in problem["detail"]
+    assert jobs.prepares[CALL] == 1
+
+
+def test_max_wait_answers_wait_exceeded(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """Pending past max_wait (shorter than stuck_after): 500 wait-exceeded, no re-prepare; HEAD too."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    with running_proxy(guard_config(server.url, stuck_after="30s", max_wait="1500ms")) as proxy:
+        polls = poll(f"{proxy.url}/api/recordings/file/{CALL}", method="HEAD")
+        # Retry-After never promises a retry later than the max_wait deadline.
+        assert all(int(p.headers["retry-after"]) <= 2 for p in polls[:-1])
+    assert polls[-1].status == 500 and polls[-1].body == b""
+    assert 1.5 <= polls[-1].at < 4.0
+    assert jobs.prepares[CALL] == 0
+    assert all(p.status == 202 for p in polls[:-1])
+
+
+def test_upstream_retry_after_is_capped_and_defaulted(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """An upstream Retry-After above retry_after_max is capped; a missing one gets retry_after."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    jobs.retry_after = "3600"
+    url = f"/api/recordings/file/{CALL}"
+    with running_proxy(guard_config(server.url, stuck_after="30s", max_wait="60s")) as proxy:
+        capped = httpx.get(proxy.url + url)
+        jobs.retry_after = None
+        defaulted = httpx.get(proxy.url + url)
+        jobs.retry_after = "soon"
+        invalid = httpx.get(proxy.url + url)
+    assert capped.status_code == 202 and capped.headers["retry-after"] == "5"
+    assert defaulted.headers["retry-after"] == "1"
+    assert invalid.headers["retry-after"] == "1"
+    assert capped.json() == {"status": "processing"}
+
+
+def test_cors_responses_expose_retry_after(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """With Access-Control-Allow-Origin present, Retry-After is added to Access-Control-Expose-Headers."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    jobs.cors = True
+    with running_proxy(guard_config(server.url)) as proxy:
+        polls = poll(f"{proxy.url}/api/recordings/file/{CALL}")
+    assert polls[-1].status == 500
+    for answer in polls:
+        assert answer.headers["access-control-allow-origin"] == "*"
+    for answer in polls[:-1]:
+        assert "retry-after" in answer.headers["access-control-expose-headers"].lower()
+
+
+def test_unguarded_keys_and_routes_pass_untouched(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """A key that fails key_pattern is forwarded unguarded: the upstream's 202 and Retry-After as sent."""
+    jobs, server = backend
+    jobs.retry_after = "3600"
+    config = guard_config(server.url, key_pattern="^CA[0-9a-f]{32}$")
+    with running_proxy(config) as proxy:
+        response = httpx.get(f"{proxy.url}/api/recordings/file/not-a-call")
+    assert response.status_code == 202
+    assert response.headers["retry-after"] == "3600"
+    assert "cache-control" not in response.headers
+
+
+def test_shadow_mode_changes_nothing_and_logs_decisions(backend: tuple[JobBackend, ThreadedServer]) -> None:
+    """Shadow mode passes every upstream answer through, fires no re-prepare, and logs what it would do."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    with running_proxy(guard_config(server.url, mode="shadow", max_wait="2s")) as proxy:
+        polls = poll(f"{proxy.url}/api/recordings/file/{CALL}", deadline=3.0, until=25)
+        logs = proxy.logs()
+    assert all(p.status == 202 and p.headers["retry-after"] == "2" for p in polls)
+    assert jobs.prepares[CALL] == 0
+    assert "decision=would re-prepare" in logs
+    assert "decision=would answer wait-exceeded" in logs
+
+
+def test_exactly_one_reprepare_across_two_replicas(
+    backend: tuple[JobBackend, ThreadedServer], redis_server: RedisServer
+) -> None:
+    """Two pollguard processes on one Redis, 40 concurrent pollers on one stuck key: one re-prepare, all served."""
+    jobs, server = backend
+    config = guard_config(server.url, redis_url=redis_server.url)
+    with running_proxy(config) as first, running_proxy(config) as second:
+        urls = [f"{p.url}/api/recordings/file/{CALL}" for p in (first, second)]
+
+        async def poller(index: int, client: httpx.AsyncClient) -> int:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                response = await client.get(urls[index % 2])
+                if response.status_code != 202:
+                    return response.status_code
+                await asyncio.sleep(POLL_INTERVAL)
+            return 0
+
+        async def herd() -> list[int]:
+            limits = httpx.Limits(max_connections=50)
+            async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+                return await asyncio.gather(*(poller(i, client) for i in range(40)))
+
+        statuses = asyncio.run(herd())
+    assert statuses == [200] * 40
+    assert jobs.prepares[CALL] == 1
+
+
+def test_redis_outage_passes_through_then_guarding_resumes(
+    backend: tuple[JobBackend, ThreadedServer], redis_server: RedisServer
+) -> None:
+    """on_error: pass — with Redis down requests are still served and no 5xx comes from pollguard; back up, it guards again."""
+    jobs, server = backend
+    other = "CA" + "1" * 32
+    jobs.behaviour[CALL] = "never"
+    with running_proxy(guard_config(server.url, redis_url=redis_server.url)) as proxy:
+        url = f"{proxy.url}/api/recordings/file/{CALL}"
+        assert httpx.get(url).status_code == 202
+        redis_server.stop()
+        during = [httpx.get(url, timeout=5) for _ in range(5)]
+        jobs.ready.add(other)
+        served = httpx.get(f"{proxy.url}/api/recordings/file/{other}", timeout=5)
+        health = httpx.get(proxy.url + "/-/ready", timeout=5)
+        redis_server.start()
+        polls = poll(url)
+    assert [r.status_code for r in during] == [202] * 5
+    assert served.status_code == 200 and served.content == RECORDING
+    assert health.status_code == 503 and "redis" in health.json()["detail"]
+    assert polls[-1].status == 500 and b"job-stuck" in polls[-1].body
+    assert jobs.prepares[CALL] == 2
+
+
+def test_fail_closed_answers_state_unavailable(
+    backend: tuple[JobBackend, ThreadedServer], redis_server: RedisServer
+) -> None:
+    """on_error: fail — guarded pending answers become 503 state-unavailable; unguarded routes keep flowing."""
+    jobs, server = backend
+    config = guard_config(server.url, redis_url=redis_server.url)
+    config["state"] = {"redis_url": redis_server.url, "on_error": "fail"}
+    with running_proxy(config) as proxy:
+        redis_server.stop()
+        guarded = httpx.get(f"{proxy.url}/api/recordings/file/{CALL}", timeout=5)
+        unguarded = httpx.get(f"{proxy.url}/api/recordings/runs/x", timeout=5)
+    assert guarded.status_code == 503
+    assert guarded.json()["code"] == "state-unavailable"
+    assert int(guarded.headers["retry-after"]) >= 1
+    assert unguarded.status_code == 404
