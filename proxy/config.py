@@ -77,6 +77,7 @@ DEFAULT_ROUTE_METHODS = frozenset({"GET", "HEAD"})
 UPSTREAM_SCHEMES = ("http", "https")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 MASK = "***"
+_JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: methods, header names
 _REDIS_QUERY_PASSWORD_RE = re.compile(r"(^|&)(password=)[^&]*")
@@ -308,6 +309,16 @@ class Config(_Section):
     def _routes_match_jobs(self) -> Config:
         problems: list[tuple[Path, str]] = []
         defined = ", ".join(self.jobs) or "none"
+        for name in self.jobs:
+            # Job names become part of Redis keys ("prefix{job:key}"): a ":" could make two
+            # (job, key) pairs share one record.
+            if not _JOB_NAME.fullmatch(name):
+                problems.append(
+                    (
+                        ("jobs", name),
+                        f"invalid job name {name!r} — use letters, digits, '_', '-' or '.'",
+                    )
+                )
         for index, route in enumerate(self.routes):
             job = self.jobs.get(route.job)
             if job is None:

@@ -505,3 +505,15 @@ def test_unreadable_path_is_a_config_error(tmp_path: Path) -> None:
     """A path that cannot be read as text (here a directory) raises ConfigError."""
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(tmp_path))}: cannot read the config"):
         load_config(tmp_path)
+
+
+def test_job_name_with_colon_is_rejected() -> None:
+    """Job names become part of Redis keys, so ':' (the job/key separator) is refused."""
+    text = (
+        "upstream:\n  url: http://127.0.0.1:5000\n"
+        "jobs:\n  'a:b':\n    reprepare:\n      path: /prepare\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env={})
+    assert "jobs.a:b" in str(caught.value)
+    assert "invalid job name 'a:b'" in str(caught.value)
