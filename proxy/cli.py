@@ -11,6 +11,7 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import check_workers, config_warnings, load_config, render_config
+from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 
 EXIT_CONFIG_ERROR = 2
@@ -117,13 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", help="config file to check")
     check.set_defaults(func=_check_config)
 
-    try:  # TEMP until proxy.demo.cli lands
-        from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
-
-        add_demo_parser(commands)
-        add_simulate_backend_parser(commands)
-    except ImportError:
-        pass
+    add_demo_parser(commands)
+    add_simulate_backend_parser(commands)
     return parser
 
 

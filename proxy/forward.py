@@ -14,12 +14,7 @@ from urllib.parse import quote
 
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.guard import GuardAnswer, GuardTarget, JobGuard
-from proxy.headers import (
-    TrustedNetworks,
-    forwarded_request_headers,
-    header_value,
-    response_headers,
-)
+from proxy.headers import TrustedNetworks, forwarded_request_headers, response_headers
 from proxy.problems import Problem
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -188,21 +183,22 @@ async def _stream(
         response.release()
         await send({"type": "http.response.body", "body": b""})
         return
-    length = header_value(headers, b"content-length")
-    remaining = int(length) if length is not None and length.isdigit() else -1
+    body = response.complete_body()
+    if body is not None:  # it all came with the head: one send, no streaming machinery
+        response.release()
+        await send({"type": "http.response.body", "body": body})
+        return
     watcher: asyncio.Task[None] | None = None
     try:
         async for chunk in response.chunks():
-            if remaining >= 0:
-                remaining -= len(chunk)
-                if remaining <= 0:
-                    await send({"type": "http.response.body", "body": chunk})
-                    response.release()
-                    return
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            more = not response.finished
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if not more:
+                response.release()
+                return
             if watcher is None and body_state.consumed:
-                # More than one chunk: a long body. Watch for the client leaving, so a dropped
-                # download closes its upstream connection instead of reading on into the void.
+                # A long body. Watch for the client leaving, so a dropped download closes its
+                # upstream connection instead of reading on into the void.
                 watcher = asyncio.ensure_future(_close_on_disconnect(receive, response))
         await send({"type": "http.response.body", "body": b""})
         response.release()

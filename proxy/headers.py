@@ -6,8 +6,9 @@ repeated and keep their order, because folding them changes meaning (Set-Cookie,
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
@@ -27,35 +28,32 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_ID = b"x-request-id"
+# Request headers pollguard rewrites rather than copies.
+_REWRITTEN = frozenset(
+    {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID}
+)
 # A request id we are willing to echo into logs and upstream requests: short and printable.
 _SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,128}")
 
 TrustedNetworks = Sequence[IPv4Network | IPv6Network]
 
 
-def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names listed in Connection: they are hop-by-hop for this message only."""
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            named.update(token.strip().lower() for token in value.split(b",") if token.strip())
-    return frozenset(named)
+def connection_named(value: bytes) -> frozenset[bytes]:
+    """Header names listed in a Connection value: hop-by-hop for this message only."""
+    return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
     """Drop hop-by-hop headers and every header the Connection header names."""
-    headers = list(headers)
-    dropped = (
-        HOP_BY_HOP | connection_named(headers)
-        if any(name == b"connection" for name, _ in headers)
-        else HOP_BY_HOP
-    )
-    return [(name, value) for name, value in headers if name not in dropped]
-
-
-def lower_names(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
-    """Upstream header names arrive in any case; ASGI wants them lower-case."""
-    return [(name.lower(), value) for name, value in headers]
+    out: RawHeaders = []
+    named: frozenset[bytes] = frozenset()
+    for name, value in headers:
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                named |= connection_named(value)
+            continue
+        out.append((name, value))
+    return [header for header in out if header[0] not in named] if named else out
 
 
 def is_trusted(peer: str | None, trusted: TrustedNetworks) -> bool:
@@ -68,11 +66,21 @@ def is_trusted(peer: str | None, trusted: TrustedNetworks) -> bool:
     return any(address in network for network in trusted)
 
 
+# Generated request ids: a random per-process prefix and a counter — unique across replicas,
+# and far cheaper than a uuid4 per request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> bytes:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}".encode()
+
+
 def sane_request_id(value: bytes | None) -> bytes:
     """Keep a client's request id when it is short and printable, else make a new one."""
     if value is not None and _SANE_REQUEST_ID.fullmatch(value):
         return value
-    return uuid.uuid4().hex.encode()
+    return new_request_id()
 
 
 def forwarded_request_headers(
@@ -86,30 +94,38 @@ def forwarded_request_headers(
     """The headers to send upstream and the request id; Host is dropped unless preserved.
 
     X-Forwarded-For is extended only when the immediate peer is a trusted proxy; otherwise a
-    client could forge its address, so every X-Forwarded-* it sent is replaced.
+    client could forge its address, so every X-Forwarded-* it sent is replaced. One pass over
+    the headers: this runs on every request.
     """
-    trusted_peer = is_trusted(peer, trusted)
     out: RawHeaders = []
+    named: frozenset[bytes] = frozenset()
     prior_for: list[bytes] = []
     prior_proto: bytes | None = None
     prior_host: bytes | None = None
     client_host: bytes | None = None
     request_id: bytes | None = None
-    for name, value in strip_hop_by_hop(client_headers):
-        if name == b"host":
-            client_host = value
-            if preserve_host:
-                out.append((name, value))
-        elif name == b"x-forwarded-for":
-            prior_for.append(value)
-        elif name == b"x-forwarded-proto":
-            prior_proto = value
-        elif name == b"x-forwarded-host":
-            prior_host = value
-        elif name == REQUEST_ID:
-            request_id = value
+    for name, value in client_headers:
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                named |= connection_named(value)
+        elif name in _REWRITTEN:
+            if name == b"host":
+                client_host = value
+                if preserve_host:
+                    out.append((name, value))
+            elif name == b"x-forwarded-for":
+                prior_for.append(value)
+            elif name == b"x-forwarded-proto":
+                prior_proto = value
+            elif name == b"x-forwarded-host":
+                prior_host = value
+            else:
+                request_id = value
         else:
             out.append((name, value))
+    if named:
+        out = [header for header in out if header[0] not in named]
+    trusted_peer = bool(trusted) and is_trusted(peer, trusted)
     peer_bytes = (peer or "unknown").encode()
     if trusted_peer and prior_for:
         out.append((b"x-forwarded-for", b", ".join([*prior_for, peer_bytes])))
@@ -129,9 +145,22 @@ def forwarded_request_headers(
 def response_headers(
     upstream_headers: Iterable[tuple[bytes, bytes]], request_id: bytes
 ) -> RawHeaders:
-    """Upstream response headers for the client: hop-by-hop gone, our request id present."""
-    out = strip_hop_by_hop(lower_names(upstream_headers))
-    if not any(name == REQUEST_ID for name, _ in out):
+    """Upstream response headers (names already lower-case) for the client: hop-by-hop gone,
+    our request id present unless the upstream sent its own."""
+    out: RawHeaders = []
+    named: frozenset[bytes] = frozenset()
+    has_request_id = False
+    for name, value in upstream_headers:
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                named |= connection_named(value)
+            continue
+        if name == REQUEST_ID:
+            has_request_id = True
+        out.append((name, value))
+    if named:
+        out = [header for header in out if header[0] not in named]
+    if not has_request_id:
         out.append((REQUEST_ID, request_id))
     return out
 
