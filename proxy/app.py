@@ -11,7 +11,9 @@ from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
 from proxy.forward import Forwarder, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
+from proxy.headers import new_request_id
 from proxy.policy import GuardLimits
+from proxy.problems import Problem
 from proxy.reprepare import Repreparer, ReprepareRequest
 from proxy.routes import RouteSpec, RouteTable
 from proxy.stores import JobStore, create_store
@@ -118,8 +120,14 @@ class PollguardApp:
         if kind == "http":
             if scope["path"].startswith(self._prefix):
                 await self.admin(scope, receive, send)
-            else:
+                return
+            try:
                 await self.forwarder(scope, receive, send)
+            except Exception:
+                logger.exception(
+                    "unexpected error while proxying %s %s", scope["method"], scope["path"]
+                )
+                await _internal_error(send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
@@ -140,6 +148,24 @@ class PollguardApp:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _internal_error(send: Send) -> None:
+    """A problem+json 500 for a bug of ours, when the response has not started yet."""
+    problem = Problem(500, "internal-error", "pollguard failed to handle this request; see its log")
+    request_id = new_request_id()
+    body = problem.body(request_id.decode())
+    try:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": problem.headers(body, request_id),
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+    except RuntimeError:
+        pass  # the response had already started: the server closes the connection
 
 
 def create_app(config: Config | None = None) -> PollguardApp:

@@ -20,6 +20,7 @@ TITLES: Mapping[str, str] = {
     "unauthorized": "Unauthorized",
     "dependency-unavailable": "Dependency unavailable",
     "bad-request": "Bad request",
+    "internal-error": "Internal error",
 }
 
 

@@ -1,0 +1,205 @@
+"""The legacy backend's job queue and worker, with the fault modes that reproduce its bugs.
+
+One `Backend` lives inside one simulator event loop. Reads from other threads (the demo's
+timeline, tests) go through `snapshot()`, which is guarded by a lock for that reason."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from proxy.demo.catalog import DEFAULT_RECORDING_SIZE
+
+WORKER_POLL_INTERVAL_SECONDS = 0.02
+DEFAULT_DOWNLOAD_SECONDS = 0.5
+DEFAULT_RETRY_AFTER_SECONDS = 2
+
+EventListener = Callable[[str, str], None]
+
+
+class WorkerMode(StrEnum):
+    OK = "ok"
+    OFFLINE = "offline"  # never picks up a job: every job stays queued forever
+    STALL_FIRST = "stall-first"  # the first job of each call hangs forever, later ones succeed
+    CRASH_MID_JOB = "crash-mid-job"  # dies halfway through every job, leaving it "running"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What is broken right now; switchable at run time."""
+
+    worker_mode: WorkerMode = WorkerMode.OK
+    prepare_fails: bool = False
+    latency_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class SimulatorSettings:
+    faults: Faults = field(default_factory=Faults)
+    download_seconds: float = DEFAULT_DOWNLOAD_SECONDS
+    retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
+    recording_size: int = DEFAULT_RECORDING_SIZE
+
+
+@dataclass
+class Job:
+    run_id: str
+    call_sid: str
+    number: int  # 1 for the call's first job, 2 for the next, ...
+    status: JobStatus = JobStatus.QUEUED
+    created_at: float = field(default_factory=time.monotonic)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "call_sid": self.call_sid, "job_number": self.number,
+                "status": str(self.status)}
+
+
+class Backend:
+    """Jobs, ready recordings, counters, and the worker loop."""
+
+    def __init__(self, settings: SimulatorSettings, on_event: EventListener | None = None) -> None:
+        self.settings = settings
+        self.faults = settings.faults
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._run_ids = itertools.count(1)
+        self._jobs: dict[str, Job] = {}
+        self._active_by_call: dict[str, str] = {}
+        self._ready: set[str] = set()
+        self._jobs_created: Counter[str] = Counter()
+        self._forced_prepares: Counter[str] = Counter()
+        self._requests: dict[str, Counter[int]] = {}
+        self._job_tasks: set[asyncio.Task[None]] = set()
+
+    # -- queries ---------------------------------------------------------------------------------
+    def is_ready(self, call_sid: str) -> bool:
+        return call_sid in self._ready
+
+    def active_job(self, call_sid: str) -> Job | None:
+        run_id = self._active_by_call.get(call_sid)
+        job = self._jobs.get(run_id) if run_id else None
+        return job if job is not None and job.status in ACTIVE_STATUSES else None
+
+    def job(self, run_id: str) -> Job | None:
+        return self._jobs.get(run_id)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters as plain JSON: jobs created and forced prepares per call, requests per
+        endpoint and status, and every job."""
+        with self._lock:
+            return {
+                "faults": {"worker_mode": str(self.faults.worker_mode),
+                           "prepare_fails": self.faults.prepare_fails,
+                           "latency_ms": round(self.faults.latency_seconds * 1000)},
+                "jobs_created": dict(self._jobs_created),
+                "forced_prepares": dict(self._forced_prepares),
+                "requests": {endpoint: {str(status): n for status, n in by_status.items()}
+                             for endpoint, by_status in self._requests.items()},
+                "jobs": [job.as_json() for job in self._jobs.values()],
+                "ready": sorted(self._ready),
+            }
+
+    # -- commands --------------------------------------------------------------------------------
+    def set_faults(self, faults: Faults) -> None:
+        with self._lock:
+            self.faults = faults
+        self._emit("-", f"faults now worker={faults.worker_mode} prepare_fails="
+                        f"{faults.prepare_fails} latency={faults.latency_seconds:g}s")
+
+    def update_faults(self, **changes: Any) -> Faults:
+        self.set_faults(replace(self.faults, **changes))
+        return self.faults
+
+    def record_request(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self._requests.setdefault(endpoint, Counter())[status] += 1
+
+    def enqueue(self, call_sid: str) -> Job:
+        with self._lock:
+            self._jobs_created[call_sid] += 1
+            job = Job(run_id=f"run-{next(self._run_ids)}", call_sid=call_sid,
+                      number=self._jobs_created[call_sid])
+            self._jobs[job.run_id] = job
+            self._active_by_call[call_sid] = job.run_id
+        self._emit(call_sid, f"backend: job #{job.number} queued ({job.run_id})")
+        return job
+
+    def force_replace(self, call_sid: str) -> Job:
+        """`prepare?force=1`: fail the active job (if any) and enqueue a fresh one."""
+        with self._lock:
+            self._forced_prepares[call_sid] += 1
+        old = self.active_job(call_sid)
+        if old is not None:
+            self._set_status(old, JobStatus.FAILED)
+            self._emit(call_sid, f"backend: forced prepare marks job #{old.number} failed")
+        return self.enqueue(call_sid)
+
+    def cancel(self, job: Job) -> None:
+        if job.status in ACTIVE_STATUSES:
+            self._set_status(job, JobStatus.CANCELLED)
+            self._emit(job.call_sid, f"backend: job #{job.number} cancelled")
+
+    # -- worker ----------------------------------------------------------------------------------
+    async def run_worker(self) -> None:
+        """Pick up queued jobs in creation order until cancelled."""
+        try:
+            while True:
+                if self.faults.worker_mode is not WorkerMode.OFFLINE:
+                    for job in self._queued_jobs():
+                        self._set_status(job, JobStatus.RUNNING)
+                        task = asyncio.create_task(self._work_on(job))
+                        self._job_tasks.add(task)
+                        task.add_done_callback(self._job_tasks.discard)
+                await asyncio.sleep(WORKER_POLL_INTERVAL_SECONDS)
+        finally:
+            for task in list(self._job_tasks):
+                task.cancel()
+
+    def _queued_jobs(self) -> list[Job]:
+        with self._lock:
+            return [job for job in self._jobs.values() if job.status is JobStatus.QUEUED]
+
+    async def _work_on(self, job: Job) -> None:
+        mode = self.faults.worker_mode
+        if mode is WorkerMode.STALL_FIRST and job.number == 1:
+            self._emit(job.call_sid, f"backend: job #{job.number} hangs (stall-first)")
+            return  # stays "running" forever: the legacy bug
+        if mode is WorkerMode.CRASH_MID_JOB:
+            await asyncio.sleep(self.settings.download_seconds / 2)
+            self._emit(job.call_sid, f"backend: worker crashed mid job #{job.number}")
+            return  # nobody ever updates the job again
+        await asyncio.sleep(self.settings.download_seconds)
+        if job.status is not JobStatus.RUNNING:
+            return  # failed or cancelled while downloading: its result is thrown away
+        with self._lock:
+            job.status = JobStatus.SUCCEEDED
+            self._ready.add(job.call_sid)
+            if self._active_by_call.get(job.call_sid) == job.run_id:
+                del self._active_by_call[job.call_sid]
+        self._emit(job.call_sid, f"backend: job #{job.number} done, recording ready")
+
+    def _set_status(self, job: Job, status: JobStatus) -> None:
+        with self._lock:
+            job.status = status
+
+    def _emit(self, call_sid: str, message: str) -> None:
+        if self._on_event is not None:
+            self._on_event(call_sid, message)

@@ -1,0 +1,267 @@
+"""The legacy-backend simulator and the polling clients, without pollguard."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from proxy.demo.backend import WorkerMode
+from proxy.demo.catalog import (
+    DEFAULT_RECORDING_SIZE,
+    call_sid_for,
+    recording_bytes,
+    unrecorded_call_sid,
+)
+from proxy.demo.cli import (
+    add_demo_parser,
+    add_simulate_backend_parser,
+    demo_options,
+    run_demo_command,
+    run_simulate_backend_command,
+    simulator_settings,
+)
+from proxy.demo.client import ClientSettings, Outcome, old_client_settings, play
+from proxy.demo.ranges import RangeNotSatisfiable, parse_single_range
+from proxy.demo.scenarios import SCENARIOS, Path
+from proxy.demo.servers import free_port
+from proxy.demo.simulator import Simulator
+from tests.conftest import wait_for_port
+from tests.e2e_support import AUTH, Stack, servers, sim_settings, wait_until
+
+SID = call_sid_for("alice", 0)
+FILE = f"/api/recordings/file/{SID}"
+PREPARE = f"/api/recordings/{SID}/prepare"
+
+
+@pytest.fixture
+def stack() -> Iterator[Stack]:
+    with servers() as started:
+        yield started
+
+
+def start(stack: Stack, mode: WorkerMode = WorkerMode.OK, download_seconds: float = 0.3
+          ) -> tuple[Simulator, httpx.Client]:
+    simulator, server = stack.simulator(sim_settings(mode, download_seconds=download_seconds))
+    return simulator, stack.client(server.url)
+
+
+def jobs_created(simulator: Simulator) -> int:
+    return int(simulator.backend.snapshot()["jobs_created"].get(SID, 0))
+
+
+def test_recording_bytes_are_deterministic_prefixes_and_sids_look_real() -> None:
+    """Any shorter recording is a prefix of a longer one; call_sids match the Twilio shape."""
+    long = recording_bytes(SID, 5000)
+    assert recording_bytes(SID, 1234) == long[:1234]
+    assert recording_bytes(call_sid_for("alice", 1), 1234) != long[:1234]
+    assert re.fullmatch(r"CA[0-9a-fA-F]{32}", SID)
+
+
+def test_range_parsing_covers_suffix_open_and_unsatisfiable() -> None:
+    """bytes=a-b, a-, -n are honoured, malformed or multi ranges ignored, past-end → 416."""
+    assert parse_single_range("bytes=0-9", 100) == (0, 9)
+    assert parse_single_range("bytes=90-", 100) == (90, 99)
+    assert parse_single_range("bytes=-10", 100) == (90, 99)
+    assert parse_single_range("bytes=0-1,5-6", 100) is None
+    assert parse_single_range("items=0-1", 100) is None
+    with pytest.raises(RangeNotSatisfiable):
+        parse_single_range("bytes=100-", 100)
+
+
+def test_auth_and_tenancy(stack: Stack) -> None:
+    """No token → 401; another tenant's call or an unknown one → 404; cookie auth works."""
+    _, client = start(stack)
+    assert client.get(FILE).status_code == 401
+    assert client.get(FILE, headers={"Authorization": "Bearer bob-token"}).status_code == 404
+    assert client.get(f"/api/recordings/file/CA{'0' * 32}", headers=AUTH).status_code == 404
+    unrecorded = client.get(f"/api/recordings/file/{unrecorded_call_sid('alice')}", headers=AUTH)
+    assert unrecorded.status_code == 404
+    assert client.get(FILE, cookies={"session": "alice-token"}).status_code == 202
+
+
+def test_first_poll_enqueues_one_job_then_file_is_served_with_ranges(stack: Stack) -> None:
+    """202 + Retry-After while the job runs (one job only), then 200/206/HEAD/OPTIONS."""
+    simulator, client = start(stack)
+    first = client.get(FILE, headers=AUTH)
+    assert (first.status_code, first.headers["retry-after"]) == (202, "1")
+    assert first.json()["status"] == "processing"
+    assert client.get(FILE, headers=AUTH).status_code == 202
+    assert jobs_created(simulator) == 1
+    wait_until(lambda: client.head(FILE, headers=AUTH).status_code == 200, 5, "the job")
+    full = client.get(FILE, headers=AUTH)
+    assert full.headers["content-type"] == "audio/mpeg"
+    assert full.headers["accept-ranges"] == "bytes"
+    assert full.content == recording_bytes(SID, DEFAULT_RECORDING_SIZE)
+    part = client.get(FILE, headers={**AUTH, "Range": "bytes=10-19"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes 10-19/{DEFAULT_RECORDING_SIZE}"
+    assert part.content == full.content[10:20]
+    head = client.head(FILE, headers=AUTH)
+    assert head.content == b""
+    assert head.headers["content-length"] == str(DEFAULT_RECORDING_SIZE)
+    assert client.options(FILE, headers=AUTH).status_code == 204
+    outside = client.get(FILE, headers={**AUTH, "Range": f"bytes={DEFAULT_RECORDING_SIZE}-"})
+    assert outside.status_code == 416
+    assert jobs_created(simulator) == 1
+
+
+def test_offline_worker_keeps_answering_202_forever(stack: Stack) -> None:
+    """worker offline: the job stays queued and every poll is 202 — the legacy bug."""
+    simulator, client = start(stack, WorkerMode.OFFLINE)
+    run_id = client.get(FILE, headers=AUTH).json()["run_id"]
+    time.sleep(0.5)  # longer than a download: a working worker would have finished by now
+    assert [client.get(FILE, headers=AUTH).status_code for _ in range(3)] == [202] * 3
+    status = client.get(f"/api/recordings/runs/{run_id}/status", headers=AUTH).json()
+    assert status["status"] == "queued"
+    assert jobs_created(simulator) == 1
+
+
+def test_stall_first_hangs_job_one_and_forced_prepare_recovers(stack: Stack) -> None:
+    """stall-first: job 1 runs forever; prepare?force=1 fails it, job 2 succeeds."""
+    simulator, client = start(stack, WorkerMode.STALL_FIRST)
+    run_id = client.get(FILE, headers=AUTH).json()["run_id"]
+    status_url = f"/api/recordings/runs/{run_id}/status"
+    wait_until(lambda: client.get(status_url, headers=AUTH).json()["status"] == "running", 5,
+               "job 1 to be picked up")
+    forced = client.post(PREPARE, params={"force": "1"}, headers=AUTH)
+    assert forced.status_code == 202 and forced.json()["run_id"] != run_id
+    assert client.get(status_url, headers=AUTH).json()["status"] == "failed"
+    wait_until(lambda: client.head(FILE, headers=AUTH).status_code == 200, 5, "job 2")
+    assert jobs_created(simulator) == 2
+    assert simulator.backend.snapshot()["forced_prepares"] == {SID: 1}
+
+
+def test_crash_mid_job_leaves_job_running_forever(stack: Stack) -> None:
+    """crash-mid-job: the job never completes and the file stays 202."""
+    _, client = start(stack, WorkerMode.CRASH_MID_JOB, download_seconds=0.2)
+    run_id = client.get(FILE, headers=AUTH).json()["run_id"]
+    time.sleep(0.5)  # past the whole download time: the crash must have happened
+    assert client.get(f"/api/recordings/runs/{run_id}/status", headers=AUTH).json()["status"] \
+        == "running"
+    assert client.get(FILE, headers=AUTH).status_code == 202
+
+
+def test_prepare_answers_and_prepare_fault(stack: Stack) -> None:
+    """prepare: 202 queued, 200 once ready, 404 unknown; with the fault it answers 500."""
+    _, client = start(stack)
+    queued = client.post(PREPARE, headers=AUTH)
+    assert queued.status_code == 202 and queued.json()["status"] == "queued"
+    wait_until(lambda: client.post(PREPARE, headers=AUTH).status_code == 200, 5, "ready")
+    assert client.post(f"/api/recordings/CA{'0' * 32}/prepare", headers=AUTH).status_code == 404
+    switched = client.post("/_sim/faults", json={"prepare_fails": True})
+    assert switched.json()["prepare_fails"] is True
+    assert client.post(PREPARE, params={"force": "1"}, headers=AUTH).status_code == 500
+
+
+def test_cancel_then_next_poll_enqueues_a_new_job(stack: Stack) -> None:
+    """Cancelling the active job frees the call: the next poll creates job 2."""
+    simulator, client = start(stack, WorkerMode.OFFLINE)
+    run_id = client.get(FILE, headers=AUTH).json()["run_id"]
+    cancelled = client.post(f"/api/recordings/runs/{run_id}/cancel", headers=AUTH)
+    assert cancelled.json()["status"] == "cancelled"
+    assert client.get(FILE, headers=AUTH).json()["run_id"] != run_id
+    assert jobs_created(simulator) == 2
+
+
+def test_faults_switch_at_run_time_and_latency_is_added(stack: Stack) -> None:
+    """Switching offline → ok lets the queued job finish; latency_ms delays every answer."""
+    simulator, client = start(stack, WorkerMode.OFFLINE)
+    assert client.get(FILE, headers=AUTH).status_code == 202
+    client.post("/_sim/faults", json={"worker_mode": "ok", "latency_ms": 200})
+    wait_until(lambda: client.head(FILE, headers=AUTH).status_code == 200, 5, "the job")
+    started = time.monotonic()
+    client.head(FILE, headers=AUTH)
+    assert time.monotonic() - started >= 0.2
+    assert client.post("/_sim/faults", json={"worker_mode": "bogus"}).status_code == 400
+    counters = client.get("/_sim/counters").json()
+    assert counters["requests"]["GET file"] == {"202": 1}
+    assert counters["requests"]["HEAD file"]["200"] >= 2
+    assert jobs_created(simulator) == 1
+
+
+@pytest.mark.anyio
+async def test_player_plays_and_verifies_bytes_directly(stack: Stack) -> None:
+    """The player polls through the 202s, then downloads and verifies the file and a Range."""
+    _, server = stack.simulator(sim_settings())
+    result = await play(server.url, SID, "alice-token", ClientSettings(max_polls=10))
+    assert result.outcome is Outcome.PLAYED
+    assert result.bytes_verified and result.range_verified
+    assert result.statuses[0] == 202 and result.statuses[-2:] == (200, 206)
+
+
+@pytest.mark.anyio
+async def test_player_gives_up_after_its_retry_limit_on_a_stuck_job(stack: Stack) -> None:
+    """Direct against an offline worker, the player only stops by exhausting its polls."""
+    _, server = stack.simulator(sim_settings(WorkerMode.OFFLINE))
+    result = await play(server.url, SID, "alice-token", ClientSettings(max_polls=2))
+    assert (result.outcome, result.polls, result.statuses) == (Outcome.GAVE_UP, 2, (202, 202))
+
+
+@pytest.mark.anyio
+async def test_old_client_ignores_retry_after(stack: Stack) -> None:
+    """The old client polls at its fixed delay even though the backend says Retry-After: 1."""
+    _, server = stack.simulator(sim_settings(WorkerMode.OFFLINE))
+    started = time.monotonic()
+    result = await play(server.url, SID, "alice-token", old_client_settings(0.05, 5))
+    assert result.outcome is Outcome.GAVE_UP and result.polls == 5
+    assert time.monotonic() - started < 1.0  # honouring Retry-After would take >= 4 s
+
+
+@pytest.mark.anyio
+async def test_player_stops_on_not_found_and_on_unreachable(stack: Stack) -> None:
+    """404 ends the loop at once; a dead port is reported as unreachable, not retried."""
+    _, server = stack.simulator(sim_settings())
+    missing = await play(server.url, unrecorded_call_sid("alice"), "alice-token")
+    assert (missing.outcome, missing.polls) == (Outcome.NOT_FOUND, 1)
+    gone = await play(f"http://127.0.0.1:{free_port()}", SID, "alice-token")
+    assert gone.outcome is Outcome.UNREACHABLE
+
+
+def test_demo_parser_defaults_and_scenario_selection() -> None:
+    """No options → stuck-once and worker-offline on both paths; --scenario X → pollguard only,
+    --direct → direct only, `all` → every scenario; --speed must be positive."""
+    parser = argparse.ArgumentParser()
+    subparsers = parser.add_subparsers()
+    add_demo_parser(subparsers)
+    add_simulate_backend_parser(subparsers)
+    default = parser.parse_args(["demo"])
+    assert default.func is run_demo_command
+    options = demo_options(default)
+    assert options.scenarios == ("stuck-once", "worker-offline")
+    assert options.paths == (Path.POLLGUARD, Path.DIRECT) and options.speed == 1.0
+    one = demo_options(parser.parse_args(["demo", "--scenario", "healthy", "--speed", "2"]))
+    assert (one.scenarios, one.paths, one.timings.stuck_after) == (("healthy",),
+                                                                   (Path.POLLGUARD,), 1.5)
+    every = demo_options(parser.parse_args(["demo", "--scenario", "all", "--direct"]))
+    assert (every.scenarios, every.paths) == (tuple(SCENARIOS), (Path.DIRECT,))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--speed", "0"])
+    sim = parser.parse_args(["simulate-backend", "--port", "5999", "--worker-mode", "offline"])
+    assert sim.func is run_simulate_backend_command
+    assert simulator_settings(sim).faults.worker_mode is WorkerMode.OFFLINE
+
+
+def test_simulate_backend_command_serves_as_its_own_process() -> None:
+    """`python -m proxy simulate-backend --port P --worker-mode offline` serves the stuck API."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "simulate-backend", "--port", str(port),
+         "--worker-mode", "offline"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            assert client.get(FILE, headers=AUTH).status_code == 202
+            assert client.get(FILE, headers=AUTH).status_code == 202
+            counters = client.get("/_sim/counters").json()
+        assert counters["jobs_created"] == {SID: 1}
+        assert counters["faults"]["worker_mode"] == "offline"
+    finally:
+        process.terminate()
+        process.wait(10)

@@ -1,0 +1,311 @@
+"""The upstream client against raw loopback servers that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from proxy.errors import UpstreamTimeout, UpstreamUnavailable
+from proxy.upstream import READ_HIGH_WATER, Upstream, UpstreamResponse, UpstreamSettings
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """An asyncio TCP server on loopback whose per-connection behaviour a test writes by hand."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RawServer:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            try:
+                await self.handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head)
+        return head
+
+
+def client(url: str, read_timeout: float = 2.0) -> Upstream:
+    return Upstream(UpstreamSettings(url=url, connect_timeout=1.0, read_timeout=read_timeout, pool_size=4))
+
+
+async def body_of(response: UpstreamResponse) -> bytes:
+    body = b"".join([chunk async for chunk in response.chunks()])
+    response.release()
+    return body
+
+
+@pytest.mark.anyio
+async def test_keep_alive_connection_is_reused() -> None:
+    """Three sequential requests travel on one pooled connection."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(3):
+            await server.read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        bodies = [await body_of(await upstream.send("GET", b"/x", [], None)) for _ in range(3)]
+        await upstream.close()
+    assert bodies == [b"ok"] * 3
+    assert server.connections == 1
+
+
+@pytest.mark.anyio
+async def test_stale_keep_alive_connection_is_retried_once_for_get() -> None:
+    """A GET on a kept-alive connection the server has since closed is sent again on a new one."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if server.connections == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+            await writer.drain()
+            await server.read_request(reader)  # then close without answering: a stale connection
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        first = await body_of(await upstream.send("GET", b"/a", [], None))
+        second = await body_of(await upstream.send("GET", b"/b", [], None))
+        await upstream.close()
+    assert (first, second) == (b"first", b"second")
+    assert server.connections == 2
+
+
+@pytest.mark.anyio
+async def test_post_on_stale_connection_is_not_retried() -> None:
+    """A POST is never sent twice: a stale connection becomes an UpstreamUnavailable."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await server.read_request(reader)
+
+    async def one_chunk() -> AsyncIterator[bytes]:
+        yield b"data"
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        await body_of(await upstream.send("GET", b"/a", [], None))
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.send("POST", b"/b", [(b"content-length", b"4")], one_chunk())
+        await upstream.close()
+    assert server.connections == 1
+
+
+@pytest.mark.anyio
+async def test_head_response_with_content_length_leaves_connection_reusable() -> None:
+    """HEAD's answer has no body despite its Content-Length; the next GET on that connection works."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nget")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        head = await upstream.send("HEAD", b"/f", [], None)
+        head_body = await body_of(head)
+        get_body = await body_of(await upstream.send("GET", b"/f", [], None))
+        await upstream.close()
+    assert head.status == 200 and head_body == b""
+    assert (b"content-length", b"1000") in head.headers
+    assert get_body == b"get"
+    assert server.connections == 1
+
+
+@pytest.mark.anyio
+async def test_interim_100_continue_is_skipped() -> None:
+    """A 100 Continue before the real answer is not mistaken for it."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        response = await upstream.send("GET", b"/", [], None)
+        body = await body_of(response)
+        await upstream.close()
+    assert response.status == 201 and body == b"made"
+
+
+@pytest.mark.anyio
+async def test_body_delimited_by_connection_close() -> None:
+    """A response with neither Content-Length nor chunking ends when the server closes."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
+        await writer.drain()
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        body = await body_of(await upstream.send("GET", b"/", [], None))
+        await upstream.close()
+    assert body == b"until the end"
+
+
+@pytest.mark.anyio
+async def test_chunked_response_is_dechunked() -> None:
+    """Transfer-Encoding: chunked arrives as the payload bytes."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        body = await body_of(await upstream.send("GET", b"/", [], None))
+        await upstream.close()
+    assert body == b"hello world"
+
+
+@pytest.mark.anyio
+async def test_garbage_response_is_unavailable() -> None:
+    """Something that is not HTTP becomes UpstreamUnavailable."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        with pytest.raises(UpstreamUnavailable, match="invalid HTTP response"):
+            await upstream.send("GET", b"/", [], None)
+        await upstream.close()
+
+
+@pytest.mark.anyio
+async def test_no_head_within_read_timeout() -> None:
+    """A server that never answers gives UpstreamTimeout after read_timeout."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(5)
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url, read_timeout=0.3)
+        await upstream.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout, match="no response head"):
+            await upstream.send("GET", b"/", [], None)
+        elapsed = loop.time() - started
+        await upstream.close()
+    assert 0.3 <= elapsed < 1.5
+
+
+@pytest.mark.anyio
+async def test_body_stall_is_a_timeout() -> None:
+    """A body that stops flowing for read_timeout raises UpstreamTimeout from chunks()."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url, read_timeout=0.3)
+        await upstream.start()
+        response = await upstream.send("GET", b"/", [], None)
+        received = []
+        with pytest.raises(UpstreamTimeout, match="stalled"):
+            async for chunk in response.chunks():
+                received.append(chunk)
+        response.abort()
+        await upstream.close()
+    assert b"".join(received) == b"partial"
+
+
+@pytest.mark.anyio
+async def test_slow_reader_pauses_the_upstream_socket() -> None:
+    """While nobody reads the body, at most about READ_HIGH_WATER bytes are buffered."""
+    total = 8 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        chunk = b"z" * 65536
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        response = await upstream.send("GET", b"/", [], None)
+        await asyncio.sleep(0.3)  # give the server every chance to overfill us
+        buffered = response._connection.buffered
+        body = await body_of(response)
+        await upstream.close()
+    assert buffered <= READ_HIGH_WATER + 256 * 1024
+    assert len(body) == total
+
+
+@pytest.mark.anyio
+async def test_chunked_upload_is_framed() -> None:
+    """A body without Content-Length is sent with chunked framing the server can read back."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await server.read_request(reader)
+        assert b"transfer-encoding: chunked" in head
+        payload = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            data = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            payload += data[:-2]
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload))
+
+    async def parts() -> AsyncIterator[bytes]:
+        for part in (b"one,", b"two,", b"three"):
+            yield part
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        body = await body_of(await upstream.send("POST", b"/up", [], parts()))
+        await upstream.close()
+    assert body == b"one,two,three"
+
+
+@pytest.mark.anyio
+async def test_refused_connection_is_unavailable() -> None:
+    """Nothing listening: UpstreamUnavailable naming host and port."""
+    from tests.conftest import free_port
+
+    port = free_port()
+    upstream = client(f"http://127.0.0.1:{port}")
+    await upstream.start()
+    with pytest.raises(UpstreamUnavailable, match=f"127.0.0.1:{port}"):
+        await upstream.send("GET", b"/", [], None)
+    await upstream.close()
