@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -9,6 +11,7 @@ from starlette.routing import Route
 
 from proxy.errors import StoreUnavailable
 from proxy.headers import sane_request_id
+from proxy.metrics import CONTENT_TYPE, exposition
 from proxy.problems import Problem
 from proxy.stores import JobStore
 from proxy.upstream import Upstream
@@ -16,8 +19,15 @@ from proxy.upstream import Upstream
 READY_RETRY_AFTER = 5
 
 
-def create_admin_app(prefix: str, upstream: Upstream, store: JobStore | None) -> Starlette:
-    """The admin endpoints; `store` is None when no Redis is configured (nothing to probe)."""
+def create_admin_app(
+    prefix: str, upstream: Upstream, store: JobStore | None, token: str | None = None
+) -> Starlette:
+    """The admin endpoints; `store` is None when no Redis is configured (nothing to probe).
+
+    health and ready stay open for orchestrators' probes; metrics needs `Authorization: Bearer
+    <admin.token>` when a token is configured.
+    """
+    expected = f"Bearer {token}".encode() if token else None
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
@@ -44,17 +54,36 @@ def create_admin_app(prefix: str, upstream: Upstream, store: JobStore | None) ->
         headers.pop("content-length")
         return Response(body, status_code=503, headers=headers)
 
+    async def metrics(request: Request) -> Response:
+        if expected is not None:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _problem_response(
+                    Problem(401, "unauthorized", "send Authorization: Bearer <admin.token>"),
+                    request,
+                )
+        return Response(
+            exposition(), media_type=CONTENT_TYPE, headers={"cache-control": "no-store"}
+        )
+
     async def not_found(request: Request, exc: Exception) -> Response:
         problem = Problem(404, "not-found", f"no pollguard endpoint at {request.url.path}")
-        request_id = sane_request_id(None)
-        body = problem.body(request_id.decode())
-        return Response(body, status_code=404, media_type="application/problem+json")
+        return _problem_response(problem, request)
 
     app = Starlette(
         routes=[
             Route(prefix + "health", health, methods=["GET", "HEAD"]),
             Route(prefix + "ready", ready, methods=["GET", "HEAD"]),
+            Route(prefix + "metrics", metrics, methods=["GET"]),
         ]
     )
     app.add_exception_handler(404, not_found)
     return app
+
+
+def _problem_response(problem: Problem, request: Request) -> Response:
+    request_id = sane_request_id(request.headers.get("x-request-id", "").encode() or None)
+    body = problem.body(request_id.decode())
+    headers = {name.decode(): value.decode() for name, value in problem.headers(body, request_id)}
+    headers.pop("content-length")
+    return Response(body, status_code=problem.status, headers=headers)

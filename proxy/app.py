@@ -100,7 +100,8 @@ class PollguardApp:
                 fail_closed=config.state.on_error == "fail",
             )
         redis_store = self.store if config.state.redis_url else None
-        self.admin = create_admin_app(self._prefix, self.upstream, redis_store)
+        token = config.admin.token.get_secret_value() if config.admin.token else None
+        self.admin = create_admin_app(self._prefix, self.upstream, redis_store, token)
         logger.info(
             "pollguard forwarding to %s; %d guarded route(s); state in %s",
             config.upstream.url,

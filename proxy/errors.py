@@ -1,4 +1,4 @@
-"""pollguard's exception tree. Foreign errors (httpx, aiohttp, redis, pydantic) are translated
+"""pollguard's exception tree. Foreign errors (httpx, httptools, redis, pydantic) are translated
 into these at the module that talks to them; only the CLI turns them into exit codes."""
 
 

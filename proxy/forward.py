@@ -15,6 +15,7 @@ from urllib.parse import quote
 from proxy.errors import UpstreamError, UpstreamTimeout
 from proxy.guard import GuardAnswer, GuardTarget, JobGuard
 from proxy.headers import TrustedNetworks, forwarded_request_headers, response_headers
+from proxy.metrics import UPSTREAM_ERRORS
 from proxy.problems import Problem
 from proxy.upstream import Upstream, UpstreamResponse
 
@@ -112,6 +113,7 @@ class Forwarder:
             problem = Problem(
                 502, "upstream-unavailable", str(exc), retry_after=UNAVAILABLE_RETRY_AFTER
             )
+        UPSTREAM_ERRORS.labels(problem.code).inc()
         logger.warning("upstream error %s: %s", problem.code, exc)
         body = problem.body(request_id.decode("latin-1"))
         await _send_whole(

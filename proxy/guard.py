@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, expose_header, header_value, replace_header
+from proxy.metrics import REPREPARES, STORE_ERRORS
 from proxy.policy import (
     Decision,
     GuardLimits,
@@ -185,6 +186,7 @@ class JobGuard:
             ),
             request_id=request_id.decode("latin-1"),
         )
+        REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
         finished = after_reprepare(locked, self._clock(), result.succeeded)
         try:
             await self.store.swap(job.name, key, locked.version, finished, record_ttl(job.limits))
@@ -241,15 +243,15 @@ class JobGuard:
                 await self.store.swap(
                     job.name, key, state.version, finished, record_ttl(job.limits)
                 )
-            except StoreUnavailable:
-                pass
-        if verdict is not Verdict.PASS:
-            self._log(
-                target,
-                f"would {'re-prepare' if verdict is Verdict.REPREPARE else 'answer ' + verdict.value}",
-                decision,
-                request_id,
-            )
+            except StoreUnavailable as exc:
+                self._log_store_error(exc)
+        if verdict is Verdict.PASS:
+            name = "pass"
+        elif verdict is Verdict.REPREPARE:
+            name = "would re-prepare"
+        else:
+            name = f"would answer {verdict.value}"
+        self._log(target, name, decision, request_id)
 
     def _pending(
         self, status: int, upstream_headers: RawHeaders, retry_after: float
@@ -288,6 +290,7 @@ class JobGuard:
         return GuardAnswer(status, headers, body)
 
     def _log_store_error(self, exc: StoreUnavailable) -> None:
+        STORE_ERRORS.inc()
         now = time.monotonic()
         if now - self._last_store_error_log >= STORE_ERROR_LOG_INTERVAL:
             self._last_store_error_log = now

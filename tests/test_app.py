@@ -44,3 +44,23 @@ async def test_admin_unknown_path_is_a_404_problem() -> None:
     await app.shutdown()
     assert response.status_code == 404
     assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.anyio
+async def test_metrics_need_the_admin_token_when_one_is_set() -> None:
+    """/-/metrics answers 401 without the configured bearer token and Prometheus text with it."""
+    config = parse_config("upstream:\n  url: http://127.0.0.1:9\nadmin:\n  token: t0ken\n", env={})
+    app = PollguardApp(config)
+    await app.startup()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://pollguard") as client:
+        denied = await client.get("/-/metrics")
+        wrong = await client.get("/-/metrics", headers={"authorization": "Bearer nope"})
+        allowed = await client.get("/-/metrics", headers={"authorization": "Bearer t0ken"})
+        health = await client.get("/-/health")
+    await app.shutdown()
+    assert denied.status_code == 401 and wrong.status_code == 401
+    assert denied.headers["content-type"] == "application/problem+json"
+    assert allowed.status_code == 200
+    assert "pollguard_decisions_total" in allowed.text or "# HELP pollguard_decisions" in allowed.text
+    assert health.status_code == 200

@@ -84,6 +84,7 @@ def test_never_finishing_job_ends_in_job_stuck(backend: tuple[JobBackend, Thread
         prepares_at_end = jobs.prepares[CALL]
         jobs.ready.add(CALL)
         served = httpx.get(proxy.url + url)
+        metrics = httpx.get(proxy.url + "/-/metrics").text
     assert final.status == 500
     assert final.headers["content-type"] == "application/problem+json"
     assert final.headers["cache-control"] == "no-store"
@@ -99,6 +100,8 @@ def test_never_finishing_job_ends_in_job_stuck(backend: tuple[JobBackend, Thread
     assert head.headers["content-type"] == "application/problem+json"
     assert again.status_code == 500 and again.json()["code"] == "job-stuck"
     assert served.status_code == 200 and served.content == RECORDING
+    assert 'pollguard_reprepares_total{job="recording",outcome="succeeded"} 2.0' in metrics
+    assert 'pollguard_decisions_total{decision="job-stuck",job="recording",mode="enforce"} 3.0' in metrics
 
 
 def test_failing_prepare_answers_reprepare_failed(backend: tuple[JobBackend, ThreadedServer]) -> None:
