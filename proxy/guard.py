@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, expose_header, header_value, replace_header
-from proxy.metrics import REPREPARES, STORE_ERRORS
+from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS
 from proxy.policy import (
     Decision,
     GuardLimits,
@@ -332,6 +332,8 @@ class JobGuard:
     def _log(
         self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
     ) -> None:
+        mode = "shadow" if target.job.shadow else "enforce"
+        DECISIONS.labels(target.job.name, decision_name, mode).inc()
         logger.info(
             "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
             target.job.name,
