@@ -7,6 +7,7 @@ status and headers to send and, when pollguard replaces the upstream body, that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -81,6 +82,7 @@ class JobGuard:
         self._fail_closed = fail_closed
         self._clock = clock
         self._last_store_error_log = -math.inf
+        self._background: set[asyncio.Task[None]] = set()
 
     def target(self, method: str, path: str) -> GuardTarget | None:
         """The job a request belongs to, or None for an unguarded request."""
@@ -103,7 +105,11 @@ class JobGuard:
         job, key = target.job, target.match.key
         if status not in job.pending_status:
             if ends_episode(status):
-                await self._forget(job, key)
+                # Off the response path: a player's Range requests on a ready file each end
+                # the episode, and none of them should wait for a Redis DEL.
+                task = asyncio.ensure_future(self._forget(job, key))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return None
         now = self._clock()
         try:

@@ -103,13 +103,11 @@ def test_sigterm_lets_the_process_exit_cleanly(tmp_path: Path) -> None:
     """SIGTERM runs the lifespan shutdown (pool closed) and ends the process without a traceback."""
     from tests.servers import ProxyProcess
 
-    proxy = ProxyProcess({"upstream": {"url": f"http://127.0.0.1:{free_port()}"}})
-    proxy.start()
-    assert proxy.process is not None
-    process = proxy.process
-    proxy.stop()
-    # uvicorn re-raises the signal after a graceful shutdown, so the exit status says "SIGTERM".
-    assert process.returncode in (0, -15)
-    assert "Application shutdown complete" in proxy.logs()
-    assert "Traceback" not in proxy.logs()
-    proxy.close()
+    with ProxyProcess({"upstream": {"url": f"http://127.0.0.1:{free_port()}"}}) as proxy:
+        assert proxy.process is not None
+        proxy.stop()  # SIGTERM
+        logs = proxy.logs()
+        # uvicorn re-raises the signal after a graceful shutdown, so the exit status says "SIGTERM".
+        assert proxy.process.returncode in (0, -15)
+    assert "Application shutdown complete" in logs
+    assert "Traceback" not in logs

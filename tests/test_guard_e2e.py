@@ -244,7 +244,7 @@ def test_fail_closed_answers_state_unavailable(
     backend: tuple[JobBackend, ThreadedServer], redis_server: RedisServer
 ) -> None:
     """on_error: fail — guarded pending answers become 503 state-unavailable; unguarded routes keep flowing."""
-    jobs, server = backend
+    _, server = backend
     config = guard_config(server.url, redis_url=redis_server.url)
     config["state"] = {"redis_url": redis_server.url, "on_error": "fail"}
     with running_proxy(config) as proxy:
