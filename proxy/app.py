@@ -98,6 +98,7 @@ class PollguardApp:
                 self.store,
                 self.repreparer,
                 fail_closed=config.state.on_error == "fail",
+                remember_records=config.state.redis_url is not None,
             )
         redis_store = self.store if config.state.redis_url else None
         token = config.admin.token.get_secret_value() if config.admin.token else None

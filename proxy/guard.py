@@ -29,6 +29,7 @@ from proxy.policy import (
     record_ttl,
 )
 from proxy.problems import Problem
+from proxy.recent import RecentRecords, trust_seconds
 from proxy.reprepare import Repreparer, ReprepareRequest, idempotency_key
 from proxy.routes import RouteMatch, RouteTable, is_guardable_key
 from proxy.stores import JobState, JobStore
@@ -73,6 +74,7 @@ class JobGuard:
         repreparer: Repreparer,
         *,
         fail_closed: bool,
+        remember_records: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._jobs = jobs
@@ -83,6 +85,8 @@ class JobGuard:
         self._clock = clock
         self._last_store_error_log = -math.inf
         self._background: set[asyncio.Task[None]] = set()
+        # Only worth it in front of a shared store: the memory store is already local.
+        self._recent = RecentRecords() if remember_records else None
 
     def target(self, method: str, path: str) -> GuardTarget | None:
         """The job a request belongs to, or None for an unguarded request."""
@@ -112,14 +116,30 @@ class JobGuard:
                 task.add_done_callback(self._background.discard)
             return None
         now = self._clock()
+        raw_retry_after = header_value(upstream_headers, b"retry-after")
+        retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
+        remembered = self._recent.get(job.name, key, now) if self._recent is not None else None
+        if remembered is not None:
+            decision = decide(remembered, job.limits, now, retry_after)
+            if decision.verdict is Verdict.PASS:  # true of any newer record too: no round trip
+                if job.shadow:
+                    await self._shadow(target, remembered, decision, now, request_id)
+                    return None
+                return await self._enforce(
+                    target,
+                    status,
+                    remembered,
+                    decision,
+                    upstream_headers,
+                    client_headers,
+                    request_id,
+                )
         try:
             state = await self.store.observe(job.name, key, now, record_ttl(job.limits))
         except StoreUnavailable as exc:
             return self._store_failed(job, exc, upstream_headers, request_id)
-        retry_after = header_value(upstream_headers, b"retry-after")
-        decision = decide(
-            state, job.limits, now, retry_after.decode("latin-1") if retry_after else None
-        )
+        self._remember(job, key, state, now)
+        decision = decide(state, job.limits, now, retry_after)
         if job.shadow:
             await self._shadow(target, state, decision, now, request_id)
             return None
@@ -195,7 +215,10 @@ class JobGuard:
         REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
         finished = after_reprepare(locked, self._clock(), result.succeeded)
         try:
-            await self.store.swap(job.name, key, locked.version, finished, record_ttl(job.limits))
+            stored = await self.store.swap(
+                job.name, key, locked.version, finished, record_ttl(job.limits)
+            )
+            self._remember(job, key, stored, self._clock())
         except StoreUnavailable:
             pass  # the lock expires on its own after reprepare.timeout + margin
         if not result.succeeded:
@@ -246,9 +269,10 @@ class JobGuard:
             # ones enforce mode would make, not "would re-prepare" on every poll.
             finished = after_reprepare(decision.locked_state, now, succeeded=True)
             try:
-                await self.store.swap(
+                stored = await self.store.swap(
                     job.name, key, state.version, finished, record_ttl(job.limits)
                 )
+                self._remember(job, key, stored, now)
             except StoreUnavailable as exc:
                 self._log_store_error(exc)
         if verdict is Verdict.PASS:
@@ -329,7 +353,18 @@ class JobGuard:
             503, _cors_headers(upstream_headers) + problem.headers(body, request_id), body
         )
 
+    def _remember(self, job: GuardedJob, key: str, state: JobState | None, now: float) -> None:
+        if self._recent is None:
+            return
+        if state is None:  # lost a compare-and-set: what we knew is stale
+            self._recent.drop(job.name, key)
+        else:
+            trust = trust_seconds(job.limits.stuck_after, job.limits.max_wait)
+            self._recent.put(job.name, key, state, now + trust)
+
     async def _forget(self, job: GuardedJob, key: str) -> None:
+        if self._recent is not None:
+            self._recent.drop(job.name, key)
         try:
             await self.store.forget(job.name, key)
         except StoreUnavailable as exc:

@@ -255,3 +255,29 @@ def test_fail_closed_answers_state_unavailable(
     assert guarded.json()["code"] == "state-unavailable"
     assert int(guarded.headers["retry-after"]) >= 1
     assert unguarded.status_code == 404
+
+
+def redis_script_calls(redis_server: RedisServer) -> int:
+    """How many EVALSHA/EVAL commands the real Redis has executed."""
+    import redis
+
+    with redis.Redis(port=redis_server.port) as client:
+        stats = client.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def test_polls_far_from_stuck_spare_redis_round_trips(
+    backend: tuple[JobBackend, ThreadedServer], redis_server: RedisServer
+) -> None:
+    """A replica decides a not-stuck poll from the record it last read: after the first poll, no Redis round trip."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    with running_proxy(guard_config(server.url, redis_url=redis_server.url, stuck_after="1m", max_wait="5m")) as proxy:
+        url = f"{proxy.url}/api/recordings/file/{CALL}"
+        first = httpx.get(url).status_code
+        after_first = redis_script_calls(redis_server)
+        statuses = [httpx.get(url).status_code for _ in range(20)]
+        after_all = redis_script_calls(redis_server)
+    assert first == 202 and statuses == [202] * 20
+    assert after_first >= 1
+    assert after_all == after_first
