@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
+from proxy.answers import GuardAnswer
 from proxy.errors import UpstreamError, UpstreamTimeout
-from proxy.guard import GuardAnswer, GuardTarget, JobGuard
+from proxy.guard import GuardTarget, JobGuard
 from proxy.headers import TrustedNetworks, forwarded_request_headers, response_headers
 from proxy.metrics import UPSTREAM_ERRORS
 from proxy.problems import Problem

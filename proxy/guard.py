@@ -8,7 +8,6 @@ status and headers to send and, when pollguard replaces the upstream body, that 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import re
@@ -16,8 +15,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from proxy import answers
+from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
-from proxy.headers import RawHeaders, expose_header, header_value, replace_header
+from proxy.headers import RawHeaders, header_value
 from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS
 from proxy.policy import (
     Decision,
@@ -28,7 +29,6 @@ from proxy.policy import (
     ends_episode,
     record_ttl,
 )
-from proxy.problems import Problem
 from proxy.recent import RecentRecords, trust_seconds
 from proxy.reprepare import Repreparer, ReprepareRequest, idempotency_key
 from proxy.routes import RouteMatch, RouteTable, is_guardable_key
@@ -37,9 +37,6 @@ from proxy.stores import JobState, JobStore
 logger = logging.getLogger("pollguard.guard")
 
 STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log lines
-# Response headers copied from the upstream's pending answer onto an answer pollguard writes,
-# so a browser on another origin can still read it.
-_CORS_PREFIX = b"access-control-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +53,6 @@ class GuardedJob:
 class GuardTarget:
     job: GuardedJob
     match: RouteMatch
-
-
-@dataclass(frozen=True, slots=True)
-class GuardAnswer:
-    status: int
-    headers: RawHeaders
-    body: bytes | None  # None: stream the upstream body under these headers
 
 
 class JobGuard:
@@ -170,14 +160,14 @@ class JobGuard:
             if locked is None:
                 # Another request or replica changed the record first: it is re-preparing.
                 self._log(target, "reprepare-in-flight", decision, request_id)
-                return self._pending(status, upstream_headers, job.limits.retry_after_reprepared)
+                return answers.pending(status, upstream_headers, job.limits.retry_after_reprepared)
             return await self._reprepare(
                 target, locked, decision, upstream_headers, client_headers, request_id
             )
         self._log(target, verdict.value, decision, request_id)
         if verdict is Verdict.PASS or verdict is Verdict.REPREPARE_IN_FLIGHT:
             assert decision.retry_after is not None
-            return self._pending(status, upstream_headers, decision.retry_after)
+            return answers.pending(status, upstream_headers, decision.retry_after)
         if verdict is Verdict.JOB_STUCK:
             detail = (
                 f"pending for {decision.pending_seconds:.0f}s; {decision.attempts} re-prepare(s) "
@@ -188,9 +178,7 @@ class JobGuard:
                 f"pending for {decision.pending_seconds:.0f}s, longer than the "
                 f"{job.limits.max_wait:g}s this job may take"
             )
-        return self._problem(
-            target, 500, verdict.value, detail, decision, upstream_headers, request_id
-        )
+        return self._problem(target, verdict.value, detail, decision, upstream_headers, request_id)
 
     async def _reprepare(
         self,
@@ -225,7 +213,6 @@ class JobGuard:
             self._log(target, "reprepare-failed", decision, request_id)
             return self._problem(
                 target,
-                500,
                 "reprepare-failed",
                 result.detail,
                 decision,
@@ -233,26 +220,14 @@ class JobGuard:
                 request_id,
             )
         self._log(target, "reprepared", decision, request_id)
-        body = json.dumps(
-            {
-                "status": "processing",
-                "reprepared": True,
-                "attempt": attempt,
-                "max_attempts": job.limits.max_reprepares,
-            },
-            separators=(",", ":"),
-        ).encode()
         # decide() already clamped retry_after_reprepared to retry_after_max and max_wait.
-        retry = str(decision.retry_after or 1).encode()
-        headers = [
-            *_cors_headers(upstream_headers),
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"cache-control", b"no-store"),
-            (b"retry-after", retry),
-            (b"x-request-id", request_id),
-        ]
-        return GuardAnswer(202, expose_header(headers, b"Retry-After"), body)
+        return answers.reprepared(
+            upstream_headers,
+            attempt,
+            job.limits.max_reprepares,
+            decision.retry_after or 1,
+            request_id,
+        )
 
     async def _shadow(
         self,
@@ -283,41 +258,23 @@ class JobGuard:
             name = f"would answer {verdict.value}"
         self._log(target, name, decision, request_id)
 
-    def _pending(
-        self, status: int, upstream_headers: RawHeaders, retry_after: float
-    ) -> GuardAnswer:
-        headers = replace_header(
-            upstream_headers, b"retry-after", str(max(1, math.ceil(retry_after))).encode()
-        )
-        headers = replace_header(headers, b"cache-control", b"no-store")
-        return GuardAnswer(status, expose_header(headers, b"Retry-After"), None)
-
     def _problem(
         self,
         target: GuardTarget,
-        status: int,
         code: str,
         detail: str,
         decision: Decision,
         upstream_headers: RawHeaders,
         request_id: bytes,
     ) -> GuardAnswer:
-        problem = Problem(
-            status,
-            code,
-            detail,
-            extensions={
-                "error": code,
-                "job": target.job.name,
-                "key": target.match.key,
-                "attempts": decision.attempts,
-                "max_attempts": target.job.limits.max_reprepares,
-                "pending_seconds": round(decision.pending_seconds, 3),
-            },
+        context = ProblemContext(
+            job=target.job.name,
+            key=target.match.key,
+            attempts=decision.attempts,
+            max_attempts=target.job.limits.max_reprepares,
+            pending_seconds=decision.pending_seconds,
         )
-        body = problem.body(request_id.decode("latin-1"))
-        headers = _cors_headers(upstream_headers) + problem.headers(body, request_id)
-        return GuardAnswer(status, headers, body)
+        return answers.job_problem(code, detail, context, upstream_headers, request_id)
 
     def _log_store_error(self, exc: StoreUnavailable) -> None:
         STORE_ERRORS.inc()
@@ -340,17 +297,8 @@ class JobGuard:
         self._log_store_error(exc)
         if not self._fail_closed:
             return None
-        retry = max(1, math.ceil(job.limits.retry_after))
-        problem = Problem(
-            503,
-            "state-unavailable",
-            "the job state store is unreachable; retry shortly",
-            retry_after=retry,
-            extensions={"error": "state-unavailable", "job": job.name},
-        )
-        body = problem.body(request_id.decode("latin-1"))
-        return GuardAnswer(
-            503, _cors_headers(upstream_headers) + problem.headers(body, request_id), body
+        return answers.state_unavailable(
+            job.name, job.limits.retry_after, upstream_headers, request_id
         )
 
     def _remember(self, job: GuardedJob, key: str, state: JobState | None, now: float) -> None:
@@ -384,11 +332,3 @@ class JobGuard:
             decision.attempts,
             request_id.decode("latin-1"),
         )
-
-
-def _cors_headers(upstream_headers: RawHeaders) -> RawHeaders:
-    return [
-        (name, value)
-        for name, value in upstream_headers
-        if name.startswith(_CORS_PREFIX) or name == b"vary"
-    ]

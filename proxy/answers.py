@@ -1,0 +1,125 @@
+"""PURE: the answers the guard sends, built from the upstream's pending answer's headers.
+
+No I/O here: given headers and numbers, what status, headers and body does the client get?
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from proxy.headers import RawHeaders, expose_header, replace_header
+from proxy.problems import Problem
+
+# Response headers copied from the upstream's pending answer onto an answer pollguard writes,
+# so a browser on another origin can still read it.
+_CORS_PREFIX = b"access-control-"
+_RETRY_AFTER_NAME = b"Retry-After"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardAnswer:
+    status: int
+    headers: RawHeaders
+    body: bytes | None  # None: stream the upstream body under these headers
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemContext:
+    """Who the problem is about: the extension members of every guard problem."""
+
+    job: str
+    key: str
+    attempts: int
+    max_attempts: int
+    pending_seconds: float
+
+
+def pending(status: int, upstream_headers: RawHeaders, retry_after: float) -> GuardAnswer:
+    """The upstream's pending answer and body, with an honest Retry-After and no caching."""
+    headers = replace_header(upstream_headers, b"retry-after", _seconds(retry_after))
+    headers = replace_header(headers, b"cache-control", b"no-store")
+    return GuardAnswer(status, expose_header(headers, _RETRY_AFTER_NAME), None)
+
+
+def reprepared(
+    upstream_headers: RawHeaders,
+    attempt: int,
+    max_attempts: int,
+    retry_after: float,
+    request_id: bytes,
+) -> GuardAnswer:
+    """202 after a successful forced re-prepare."""
+    body = json.dumps(
+        {
+            "status": "processing",
+            "reprepared": True,
+            "attempt": attempt,
+            "max_attempts": max_attempts,
+        },
+        separators=(",", ":"),
+    ).encode()
+    headers = [
+        *cors_headers(upstream_headers),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"retry-after", _seconds(retry_after)),
+        (b"x-request-id", request_id),
+    ]
+    return GuardAnswer(202, expose_header(headers, _RETRY_AFTER_NAME), body)
+
+
+def job_problem(
+    code: str, detail: str, context: ProblemContext, upstream_headers: RawHeaders, request_id: bytes
+) -> GuardAnswer:
+    """500 problem+json ending the client's loop: job-stuck, wait-exceeded, reprepare-failed."""
+    problem = Problem(
+        500,
+        code,
+        detail,
+        extensions={
+            "error": code,  # older frontends read `error`
+            "job": context.job,
+            "key": context.key,
+            "attempts": context.attempts,
+            "max_attempts": context.max_attempts,
+            "pending_seconds": round(context.pending_seconds, 3),
+        },
+    )
+    return _problem_answer(problem, upstream_headers, request_id)
+
+
+def state_unavailable(
+    job: str, retry_after: float, upstream_headers: RawHeaders, request_id: bytes
+) -> GuardAnswer:
+    """503 problem+json when the state store is down and state.on_error is fail."""
+    problem = Problem(
+        503,
+        "state-unavailable",
+        "the job state store is unreachable; retry shortly",
+        retry_after=max(1, math.ceil(retry_after)),
+        extensions={"error": "state-unavailable", "job": job},
+    )
+    return _problem_answer(problem, upstream_headers, request_id)
+
+
+def cors_headers(upstream_headers: RawHeaders) -> RawHeaders:
+    return [
+        (name, value)
+        for name, value in upstream_headers
+        if name.startswith(_CORS_PREFIX) or name == b"vary"
+    ]
+
+
+def _problem_answer(
+    problem: Problem, upstream_headers: RawHeaders, request_id: bytes
+) -> GuardAnswer:
+    body = problem.body(request_id.decode("latin-1"))
+    headers = cors_headers(upstream_headers) + problem.headers(body, request_id)
+    return GuardAnswer(problem.status, headers, body)
+
+
+def _seconds(value: float) -> bytes:
+    return str(max(1, math.ceil(value))).encode()
