@@ -18,9 +18,16 @@ from proxy.demo.simulator import Simulator, create_simulator
 AUTH = {"Authorization": "Bearer alice-token"}
 POLL_INTERVAL_SECONDS = 0.02
 # The e2e guard: stuck after 1s, two re-prepares, integer Retry-After of 1s everywhere.
-E2E_TIMINGS = GuardTimings(stuck_after=1.0, max_reprepares=2, reprepare_window=30.0,
-                           max_wait=20.0, retry_after=1.0, retry_after_max=2.0,
-                           retry_after_reprepared=1.0, reprepare_timeout=3.0)
+E2E_TIMINGS = GuardTimings(
+    stuck_after=1.0,
+    max_reprepares=2,
+    reprepare_window=30.0,
+    max_wait=20.0,
+    retry_after=1.0,
+    retry_after_max=2.0,
+    retry_after_reprepared=1.0,
+    reprepare_timeout=3.0,
+)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -32,10 +39,18 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(POLL_INTERVAL_SECONDS)
 
 
-def sim_settings(mode: WorkerMode = WorkerMode.OK, *, prepare_fails: bool = False,
-                 download_seconds: float = 0.3, retry_after: int = 1) -> SimulatorSettings:
-    return SimulatorSettings(faults=Faults(worker_mode=mode, prepare_fails=prepare_fails),
-                             download_seconds=download_seconds, retry_after_seconds=retry_after)
+def sim_settings(
+    mode: WorkerMode = WorkerMode.OK,
+    *,
+    prepare_fails: bool = False,
+    download_seconds: float = 0.3,
+    retry_after: int = 1,
+) -> SimulatorSettings:
+    return SimulatorSettings(
+        faults=Faults(worker_mode=mode, prepare_fails=prepare_fails),
+        download_seconds=download_seconds,
+        retry_after_seconds=retry_after,
+    )
 
 
 class Stack:
@@ -53,10 +68,12 @@ class Stack:
         """A sync client to `base_url`, closed with the stack."""
         return self._exits.enter_context(httpx.Client(base_url=base_url, timeout=5))
 
-    def pollguard(self, upstream_url: str, timings: GuardTimings = E2E_TIMINGS,
-                  **config: Any) -> PollguardProcess:
+    def pollguard(
+        self, upstream_url: str, timings: GuardTimings = E2E_TIMINGS, **config: Any
+    ) -> PollguardProcess:
         return self._exits.enter_context(
-            PollguardProcess(pollguard_config(upstream_url, timings, **config)))
+            PollguardProcess(pollguard_config(upstream_url, timings, **config))
+        )
 
 
 @contextmanager

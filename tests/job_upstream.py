@@ -44,9 +44,7 @@ class JobBackend:
             call_sid = request.path_params["call_sid"]
             with self.lock:
                 self.prepares[call_sid] += 1
-                self.prepare_headers.append(
-                    {**dict(request.headers), "query": request.url.query}
-                )
+                self.prepare_headers.append({**dict(request.headers), "query": request.url.query})
             behaviour = self.behaviour.get(call_sid, "stuck-once")
             if behaviour == "fail":
                 return JSONResponse({"error": "queue down"}, status_code=500)
@@ -62,7 +60,9 @@ class JobBackend:
         )
 
 
-def guard_config(upstream_url: str, *, redis_url: str | None = None, **job: object) -> dict[str, object]:
+def guard_config(
+    upstream_url: str, *, redis_url: str | None = None, **job: object
+) -> dict[str, object]:
     """A time-compressed recordings config: stuck after 1s, 2 re-prepares, 10s max wait."""
     job_config: dict[str, object] = {
         "stuck_after": "1s",
@@ -84,7 +84,12 @@ def guard_config(upstream_url: str, *, redis_url: str | None = None, **job: obje
         "state": {"redis_url": redis_url or "", "on_error": "pass"},
         "jobs": {"recording": job_config},
         "routes": [
-            {"path": "/api/recordings/file/{call_sid}", "methods": ["GET", "HEAD"], "job": "recording", "key": "{call_sid}"},
+            {
+                "path": "/api/recordings/file/{call_sid}",
+                "methods": ["GET", "HEAD"],
+                "job": "recording",
+                "key": "{call_sid}",
+            },
             {"path": "/api/recordings/{call_sid}/prepare", "methods": ["POST"], "job": "recording"},
         ],
     }

@@ -19,7 +19,9 @@ UPSTREAM = [
     (b"vary", b"Origin"),
     (b"x-request-id", b"rid"),
 ]
-CONTEXT = ProblemContext(job="recording", key="CA1", attempts=3, max_attempts=3, pending_seconds=912.34567)
+CONTEXT = ProblemContext(
+    job="recording", key="CA1", attempts=3, max_attempts=3, pending_seconds=912.34567
+)
 
 
 def values(headers: list[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
@@ -96,5 +98,7 @@ def test_decision_modules_import_no_io_library() -> None:
         "import sys; import proxy.policy, proxy.routes, proxy.answers, proxy.headers, proxy.problems, proxy.recent; "
         "print(sorted(m for m in ('httpx', 'redis', 'starlette', 'uvicorn', 'httptools') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
     assert result.stdout.strip() == "[]"

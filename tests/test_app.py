@@ -62,5 +62,7 @@ async def test_metrics_need_the_admin_token_when_one_is_set() -> None:
     assert denied.status_code == 401 and wrong.status_code == 401
     assert denied.headers["content-type"] == "application/problem+json"
     assert allowed.status_code == 200
-    assert "pollguard_decisions_total" in allowed.text or "# HELP pollguard_decisions" in allowed.text
+    assert (
+        "pollguard_decisions_total" in allowed.text or "# HELP pollguard_decisions" in allowed.text
+    )
     assert health.status_code == 200

@@ -18,7 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 def pollguard(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, timeout=30,
+        [sys.executable, "-m", "proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={**os.environ, **(env or {})},
     )
 
@@ -32,7 +35,9 @@ def test_version() -> None:
 
 def test_check_config_accepts_the_shipped_config_and_masks_secrets() -> None:
     """check-config on config.yaml exits 0 and prints the effective config with the admin token masked."""
-    result = pollguard("check-config", str(REPO / "config.yaml"), env={"POLLGUARD_ADMIN_TOKEN": "s3cret-token"})
+    result = pollguard(
+        "check-config", str(REPO / "config.yaml"), env={"POLLGUARD_ADMIN_TOKEN": "s3cret-token"}
+    )
     assert result.returncode == 0, result.stderr
     assert "stuck_after: 5m" in result.stdout
     assert "s3cret-token" not in result.stdout
@@ -55,7 +60,9 @@ def test_serve_refuses_several_workers_with_the_memory_store(tmp_path: Path) -> 
     """--workers 2 without state.redis_url exits 2 and suggests state.redis_url."""
     config = tmp_path / "c.yaml"
     config.write_text("upstream:\n  url: http://127.0.0.1:5000\n")
-    result = pollguard("serve", "--config", str(config), "--workers", "2", "--port", str(free_port()))
+    result = pollguard(
+        "serve", "--config", str(config), "--workers", "2", "--port", str(free_port())
+    )
     assert result.returncode == 2
     assert "state.redis_url" in result.stderr
 
@@ -63,7 +70,13 @@ def test_serve_refuses_several_workers_with_the_memory_store(tmp_path: Path) -> 
 def test_serve_without_config_exits_2() -> None:
     """serve with neither --config nor POLLGUARD_CONFIG says what to do."""
     env = {k: v for k, v in os.environ.items() if k != "POLLGUARD_CONFIG"}
-    result = subprocess.run([sys.executable, "-m", "proxy", "serve"], capture_output=True, text=True, timeout=30, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
     assert result.returncode == 2
     assert "POLLGUARD_CONFIG" in result.stderr
 
@@ -82,8 +95,20 @@ def test_asgi_factory_serves_under_plain_uvicorn(tmp_path: Path) -> None:
     config.write_text(f"upstream:\n  url: http://127.0.0.1:{free_port()}\n")
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "proxy.app:create_app", "--port", str(port), "--log-level", "warning"],
-        env={**os.environ, "POLLGUARD_CONFIG": str(config)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "proxy.app:create_app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env={**os.environ, "POLLGUARD_CONFIG": str(config)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 15

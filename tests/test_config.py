@@ -69,121 +69,244 @@ def _error_lines(data: dict[str, Any]) -> list[str]:
 
 
 ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
-    ("missing url", {"upstream.url": DELETE},
-     "upstream.url: field required — set the legacy backend's base URL, e.g. "
-     "http://127.0.0.1:5000"),
-    ("missing upstream", {"upstream": DELETE},
-     "upstream: field required — add an upstream section with the legacy backend's base URL, "
-     "e.g. url: http://127.0.0.1:5000"),
-    ("bad url scheme", {"upstream.url": "ftp://backend"},
-     "upstream.url: unsupported URL 'ftp://backend' — use an http:// or https:// URL, "
-     "e.g. http://127.0.0.1:5000"),
-    ("url without host", {"upstream.url": "http://"},
-     "upstream.url: no host in 'http://' — e.g. http://127.0.0.1:5000"),
-    ("url with query", {"upstream.url": "http://backend/?a=1"},
-     "upstream.url: 'http://backend/?a=1' has a query or fragment — remove everything after "
-     "? or #"),
-    ("bad duration", {"jobs.recording.stuck_after": "five minutes"},
-     f"jobs.recording.stuck_after: invalid duration 'five minutes' — {DURATION_FIX}"),
-    ("unknown duration unit", {"upstream.read_timeout": "5d"},
-     f"upstream.read_timeout: invalid duration '5d' — {DURATION_FIX}"),
-    ("negative duration", {"state.timeout": "-5s"},
-     f"state.timeout: duration must be greater than 0, got '-5s' — {DURATION_FIX}"),
-    ("zero duration", {"jobs.recording.reprepare.timeout": 0},
-     f"jobs.recording.reprepare.timeout: duration must be greater than 0, got 0 — {DURATION_FIX}"),
-    ("unknown top-level key", {"colour": "red"},
-     "colour: unknown key — remove it or check the spelling (valid keys: upstream, state, "
-     "admin, jobs, routes)"),
-    ("unknown nested key", {"upstream.colour": "red"},
-     f"upstream.colour: unknown key — remove it or check the spelling (valid keys: "
-     f"{UPSTREAM_KEYS})"),
-    ("unknown key in reprepare", {"jobs.recording.reprepare.metod": "GET"},
-     "jobs.recording.reprepare.metod: unknown key — remove it or check the spelling (valid "
-     "keys: method, path, query, headers, forward_headers, timeout)"),
-    ("unknown key in route", {"routes.0.jobs": "recording"},
-     "routes[0].jobs: unknown key — remove it or check the spelling (valid keys: path, methods, "
-     "job, key)"),
-    ("bad redis url scheme", {"state.redis_url": "http://cache:6379"},
-     "state.redis_url: unsupported Redis URL 'http://cache:6379' — use redis://, rediss:// or "
-     "unix://, e.g. redis://127.0.0.1:6379/0, or leave it empty for the in-memory store"),
-    ("bad on_error", {"state.on_error": "ignore"},
-     "state.on_error: invalid value 'ignore' — use 'pass' or 'fail'"),
-    ("bad mode", {"jobs.recording.mode": "dry-run"},
-     "jobs.recording.mode: invalid value 'dry-run' — use 'enforce' or 'shadow'"),
-    ("admin prefix is slash", {"admin.prefix": "/"},
-     "admin.prefix: invalid prefix '/' — it must start and end with '/' and not be '/' alone, "
-     "e.g. /-/"),
-    ("admin prefix without trailing slash", {"admin.prefix": "/admin"},
-     "admin.prefix: invalid prefix '/admin' — it must start and end with '/' and not be '/' "
-     "alone, e.g. /-/"),
+    (
+        "missing url",
+        {"upstream.url": DELETE},
+        "upstream.url: field required — set the legacy backend's base URL, e.g. "
+        "http://127.0.0.1:5000",
+    ),
+    (
+        "missing upstream",
+        {"upstream": DELETE},
+        "upstream: field required — add an upstream section with the legacy backend's base URL, "
+        "e.g. url: http://127.0.0.1:5000",
+    ),
+    (
+        "bad url scheme",
+        {"upstream.url": "ftp://backend"},
+        "upstream.url: unsupported URL 'ftp://backend' — use an http:// or https:// URL, "
+        "e.g. http://127.0.0.1:5000",
+    ),
+    (
+        "url without host",
+        {"upstream.url": "http://"},
+        "upstream.url: no host in 'http://' — e.g. http://127.0.0.1:5000",
+    ),
+    (
+        "url with query",
+        {"upstream.url": "http://backend/?a=1"},
+        "upstream.url: 'http://backend/?a=1' has a query or fragment — remove everything after "
+        "? or #",
+    ),
+    (
+        "bad duration",
+        {"jobs.recording.stuck_after": "five minutes"},
+        f"jobs.recording.stuck_after: invalid duration 'five minutes' — {DURATION_FIX}",
+    ),
+    (
+        "unknown duration unit",
+        {"upstream.read_timeout": "5d"},
+        f"upstream.read_timeout: invalid duration '5d' — {DURATION_FIX}",
+    ),
+    (
+        "negative duration",
+        {"state.timeout": "-5s"},
+        f"state.timeout: duration must be greater than 0, got '-5s' — {DURATION_FIX}",
+    ),
+    (
+        "zero duration",
+        {"jobs.recording.reprepare.timeout": 0},
+        f"jobs.recording.reprepare.timeout: duration must be greater than 0, got 0 — {DURATION_FIX}",
+    ),
+    (
+        "unknown top-level key",
+        {"colour": "red"},
+        "colour: unknown key — remove it or check the spelling (valid keys: upstream, state, "
+        "admin, jobs, routes)",
+    ),
+    (
+        "unknown nested key",
+        {"upstream.colour": "red"},
+        f"upstream.colour: unknown key — remove it or check the spelling (valid keys: "
+        f"{UPSTREAM_KEYS})",
+    ),
+    (
+        "unknown key in reprepare",
+        {"jobs.recording.reprepare.metod": "GET"},
+        "jobs.recording.reprepare.metod: unknown key — remove it or check the spelling (valid "
+        "keys: method, path, query, headers, forward_headers, timeout)",
+    ),
+    (
+        "unknown key in route",
+        {"routes.0.jobs": "recording"},
+        "routes[0].jobs: unknown key — remove it or check the spelling (valid keys: path, methods, "
+        "job, key)",
+    ),
+    (
+        "bad redis url scheme",
+        {"state.redis_url": "http://cache:6379"},
+        "state.redis_url: unsupported Redis URL 'http://cache:6379' — use redis://, rediss:// or "
+        "unix://, e.g. redis://127.0.0.1:6379/0, or leave it empty for the in-memory store",
+    ),
+    (
+        "bad on_error",
+        {"state.on_error": "ignore"},
+        "state.on_error: invalid value 'ignore' — use 'pass' or 'fail'",
+    ),
+    (
+        "bad mode",
+        {"jobs.recording.mode": "dry-run"},
+        "jobs.recording.mode: invalid value 'dry-run' — use 'enforce' or 'shadow'",
+    ),
+    (
+        "admin prefix is slash",
+        {"admin.prefix": "/"},
+        "admin.prefix: invalid prefix '/' — it must start and end with '/' and not be '/' alone, "
+        "e.g. /-/",
+    ),
+    (
+        "admin prefix without trailing slash",
+        {"admin.prefix": "/admin"},
+        "admin.prefix: invalid prefix '/admin' — it must start and end with '/' and not be '/' "
+        "alone, e.g. /-/",
+    ),
     ("pool size zero", {"upstream.pool_size": 0}, "upstream.pool_size: must be >= 1, got 0"),
-    ("pool size not a number", {"upstream.pool_size": "many"},
-     "upstream.pool_size: expected a whole number, got 'many'"),
-    ("negative max_reprepares", {"jobs.recording.max_reprepares": -1},
-     "jobs.recording.max_reprepares: must be >= 0, got -1"),
-    ("bad trusted proxy", {"upstream.trusted_proxies": ["10.0.0.0/8", "gateway"]},
-     "upstream.trusted_proxies[1]: invalid IP address or network 'gateway' — use an address "
-     "like 10.0.0.1 or a CIDR like 10.0.0.0/8"),
-    ("route job missing", {"routes.0.job": "recordings"},
-     "routes[0].job: unknown job 'recordings' — define it under jobs or use a defined job "
-     "(recording)"),
-    ("key param not a route param", {"routes.0.key": "{call_id}"},
-     "routes[0].key: {call_id} is not a path parameter of route "
-     "'/api/recordings/file/{call_sid}' — use one of its parameters ({call_sid}) or add "
-     "{call_id} to the route path"),
-    ("reprepare.path param not a route param",
-     {"jobs.recording.reprepare.path": "/api/{account}/recordings/{call_sid}/prepare"},
-     "jobs.recording.reprepare.path: {account} is not a path parameter of route "
-     "'/api/recordings/file/{call_sid}' — use one of its parameters ({call_sid}) or add "
-     "{account} to the route path (routes[0] uses job recording)"),
-    ("retry_after above max", {"jobs.recording.retry_after": "1m"},
-     "jobs.recording.retry_after: 1m is greater than retry_after_max (30s) — lower retry_after "
-     "or raise retry_after_max"),
-    ("retry_after_reprepared above max",
-     {"jobs.recording.retry_after_max": "2s", "jobs.recording.retry_after": 1},
-     "jobs.recording.retry_after_reprepared: 3s is greater than retry_after_max (2s) — lower "
-     "retry_after_reprepared or raise retry_after_max"),
-    ("bad regex", {"jobs.recording.key_pattern": "^CA[0-9"},
-     "jobs.recording.key_pattern: invalid regular expression '^CA[0-9': unterminated character "
-     "set at position 3 — fix the pattern (Python re syntax)"),
-    ("pending_status out of range", {"jobs.recording.pending_status": [202, 99]},
-     "jobs.recording.pending_status[1]: must be >= 100, got 99"),
-    ("pending_status above 599", {"jobs.recording.pending_status": [600]},
-     "jobs.recording.pending_status[0]: must be <= 599, got 600"),
-    ("pending_status empty", {"jobs.recording.pending_status": []},
-     "jobs.recording.pending_status: must not be empty — list at least one value"),
-    ("pending_status not a list", {"jobs.recording.pending_status": "202s"},
-     "jobs.recording.pending_status: expected a list, got '202s'"),
-    ("missing reprepare.path", {"jobs.recording.reprepare.path": DELETE},
-     "jobs.recording.reprepare.path: field required — set the backend path that forces the job "
-     "to be prepared again, e.g. /api/recordings/{call_sid}/prepare"),
-    ("missing reprepare section", {"jobs.recording.reprepare": DELETE},
-     "jobs.recording.reprepare: field required — add a reprepare section whose path forces the "
-     "job to be prepared again, e.g. path: /api/recordings/{call_sid}/prepare"),
-    ("reprepare.path without slash", {"jobs.recording.reprepare.path": "prepare"},
-     "jobs.recording.reprepare.path: path 'prepare' must start with '/' — e.g. "
-     "/api/recordings/{call_sid}"),
-    ("route path without slash", {"routes.0.path": "api/recordings/{call_sid}"},
-     "routes[0].path: path 'api/recordings/{call_sid}' must start with '/' — e.g. "
-     "/api/recordings/{call_sid}"),
-    ("route param not an identifier", {"routes.0.path": "/api/{1st}"},
-     "routes[0].path: invalid parameter {1st} in '/api/{1st}' — a parameter is {name} where "
-     "name is letters, digits and underscores, not starting with a digit"),
-    ("duplicate route param", {"routes.0.path": "/api/{call_sid}/{call_sid}"},
-     "routes[0].path: duplicate parameter {call_sid} in '/api/{call_sid}/{call_sid}' — give "
-     "each parameter its own name"),
-    ("unbalanced brace in route path", {"routes.0.path": "/api/{call_sid"},
-     "routes[0].path: unbalanced brace in '/api/{call_sid' — write parameters as {name}, "
-     "braces paired"),
-    ("missing route job", {"routes.0.job": DELETE},
-     "routes[0].job: field required — name the job (a key under jobs) that tracks this route"),
-    ("bad route method", {"routes.0.methods": ["GET", "GE T"]},
-     "routes[0].methods[1]: invalid HTTP method 'GE T' — use letters, digits or "
-     "!#$%&'*+-.^_`|~"),
-    ("query value not a scalar", {"jobs.recording.reprepare.query": {"force": [1]}},
-     "jobs.recording.reprepare.query.force: expected a text value (quote it), got [1]"),
-    ("section not a mapping", {"state": ["redis://x"]},
-     "state: expected a mapping, got ['redis://x']"),
+    (
+        "pool size not a number",
+        {"upstream.pool_size": "many"},
+        "upstream.pool_size: expected a whole number, got 'many'",
+    ),
+    (
+        "negative max_reprepares",
+        {"jobs.recording.max_reprepares": -1},
+        "jobs.recording.max_reprepares: must be >= 0, got -1",
+    ),
+    (
+        "bad trusted proxy",
+        {"upstream.trusted_proxies": ["10.0.0.0/8", "gateway"]},
+        "upstream.trusted_proxies[1]: invalid IP address or network 'gateway' — use an address "
+        "like 10.0.0.1 or a CIDR like 10.0.0.0/8",
+    ),
+    (
+        "route job missing",
+        {"routes.0.job": "recordings"},
+        "routes[0].job: unknown job 'recordings' — define it under jobs or use a defined job "
+        "(recording)",
+    ),
+    (
+        "key param not a route param",
+        {"routes.0.key": "{call_id}"},
+        "routes[0].key: {call_id} is not a path parameter of route "
+        "'/api/recordings/file/{call_sid}' — use one of its parameters ({call_sid}) or add "
+        "{call_id} to the route path",
+    ),
+    (
+        "reprepare.path param not a route param",
+        {"jobs.recording.reprepare.path": "/api/{account}/recordings/{call_sid}/prepare"},
+        "jobs.recording.reprepare.path: {account} is not a path parameter of route "
+        "'/api/recordings/file/{call_sid}' — use one of its parameters ({call_sid}) or add "
+        "{account} to the route path (routes[0] uses job recording)",
+    ),
+    (
+        "retry_after above max",
+        {"jobs.recording.retry_after": "1m"},
+        "jobs.recording.retry_after: 1m is greater than retry_after_max (30s) — lower retry_after "
+        "or raise retry_after_max",
+    ),
+    (
+        "retry_after_reprepared above max",
+        {"jobs.recording.retry_after_max": "2s", "jobs.recording.retry_after": 1},
+        "jobs.recording.retry_after_reprepared: 3s is greater than retry_after_max (2s) — lower "
+        "retry_after_reprepared or raise retry_after_max",
+    ),
+    (
+        "bad regex",
+        {"jobs.recording.key_pattern": "^CA[0-9"},
+        "jobs.recording.key_pattern: invalid regular expression '^CA[0-9': unterminated character "
+        "set at position 3 — fix the pattern (Python re syntax)",
+    ),
+    (
+        "pending_status out of range",
+        {"jobs.recording.pending_status": [202, 99]},
+        "jobs.recording.pending_status[1]: must be >= 100, got 99",
+    ),
+    (
+        "pending_status above 599",
+        {"jobs.recording.pending_status": [600]},
+        "jobs.recording.pending_status[0]: must be <= 599, got 600",
+    ),
+    (
+        "pending_status empty",
+        {"jobs.recording.pending_status": []},
+        "jobs.recording.pending_status: must not be empty — list at least one value",
+    ),
+    (
+        "pending_status not a list",
+        {"jobs.recording.pending_status": "202s"},
+        "jobs.recording.pending_status: expected a list, got '202s'",
+    ),
+    (
+        "missing reprepare.path",
+        {"jobs.recording.reprepare.path": DELETE},
+        "jobs.recording.reprepare.path: field required — set the backend path that forces the job "
+        "to be prepared again, e.g. /api/recordings/{call_sid}/prepare",
+    ),
+    (
+        "missing reprepare section",
+        {"jobs.recording.reprepare": DELETE},
+        "jobs.recording.reprepare: field required — add a reprepare section whose path forces the "
+        "job to be prepared again, e.g. path: /api/recordings/{call_sid}/prepare",
+    ),
+    (
+        "reprepare.path without slash",
+        {"jobs.recording.reprepare.path": "prepare"},
+        "jobs.recording.reprepare.path: path 'prepare' must start with '/' — e.g. "
+        "/api/recordings/{call_sid}",
+    ),
+    (
+        "route path without slash",
+        {"routes.0.path": "api/recordings/{call_sid}"},
+        "routes[0].path: path 'api/recordings/{call_sid}' must start with '/' — e.g. "
+        "/api/recordings/{call_sid}",
+    ),
+    (
+        "route param not an identifier",
+        {"routes.0.path": "/api/{1st}"},
+        "routes[0].path: invalid parameter {1st} in '/api/{1st}' — a parameter is {name} where "
+        "name is letters, digits and underscores, not starting with a digit",
+    ),
+    (
+        "duplicate route param",
+        {"routes.0.path": "/api/{call_sid}/{call_sid}"},
+        "routes[0].path: duplicate parameter {call_sid} in '/api/{call_sid}/{call_sid}' — give "
+        "each parameter its own name",
+    ),
+    (
+        "unbalanced brace in route path",
+        {"routes.0.path": "/api/{call_sid"},
+        "routes[0].path: unbalanced brace in '/api/{call_sid' — write parameters as {name}, "
+        "braces paired",
+    ),
+    (
+        "missing route job",
+        {"routes.0.job": DELETE},
+        "routes[0].job: field required — name the job (a key under jobs) that tracks this route",
+    ),
+    (
+        "bad route method",
+        {"routes.0.methods": ["GET", "GE T"]},
+        "routes[0].methods[1]: invalid HTTP method 'GE T' — use letters, digits or !#$%&'*+-.^_`|~",
+    ),
+    (
+        "query value not a scalar",
+        {"jobs.recording.reprepare.query": {"force": [1]}},
+        "jobs.recording.reprepare.query.force: expected a text value (quote it), got [1]",
+    ),
+    (
+        "section not a mapping",
+        {"state": ["redis://x"]},
+        "state: expected a mapping, got ['redis://x']",
+    ),
 ]
 
 
@@ -254,8 +377,14 @@ def test_malformed_env_reference_is_an_error() -> None:
         ("${SCHEME}://${HOST}:${PORT:-80}", {"SCHEME": "https", "HOST": "b"}, "https://b:80"),
         ("http://b/$${literal}", {}, "http://b/${literal}"),
     ],
-    ids=["set", "default-when-unset", "default-when-empty", "set-beats-default", "several",
-         "escaped"],
+    ids=[
+        "set",
+        "default-when-unset",
+        "default-when-empty",
+        "set-beats-default",
+        "several",
+        "escaped",
+    ],
 )
 def test_env_interpolation_in_string_values(
     template: str, env: dict[str, str], expected: str
@@ -287,8 +416,17 @@ def test_env_defaults_to_process_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize(
     ("written", "seconds"),
-    [("250ms", 0.25), ("2s", 2.0), ("5m", 300.0), ("1h", 3600.0), ("1.5m", 90.0), (7, 7.0),
-     (1.5, 1.5), ("10", 10.0), ("0.5", 0.5)],
+    [
+        ("250ms", 0.25),
+        ("2s", 2.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1.5m", 90.0),
+        (7, 7.0),
+        (1.5, 1.5),
+        ("10", 10.0),
+        ("0.5", 0.5),
+    ],
 )
 def test_duration_forms(written: object, seconds: float) -> None:
     """Durations with ms/s/m/h units, plain numbers and numeric strings become float seconds."""
@@ -299,8 +437,16 @@ def test_duration_forms(written: object, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(3600, "1h"), (7200, "2h"), (300, "5m"), (90, "90s"), (2, "2s"), (0.25, "250ms"),
-     (1.5, "1500ms"), (0.0005, "0.0005")],
+    [
+        (3600, "1h"),
+        (7200, "2h"),
+        (300, "5m"),
+        (90, "90s"),
+        (2, "2s"),
+        (0.25, "250ms"),
+        (1.5, "1500ms"),
+        (0.0005, "0.0005"),
+    ],
 )
 def test_format_duration(seconds: float, text: str) -> None:
     """format_duration picks the largest exact unit, else plain seconds."""
@@ -317,22 +463,45 @@ def test_defaults() -> None:
     )
     upstream, state, admin, job = cfg.upstream, cfg.state, cfg.admin, cfg.jobs["recording"]
     assert (upstream.url, upstream.connect_timeout, upstream.read_timeout) == (
-        "http://127.0.0.1:5000", 3.0, 60.0)
+        "http://127.0.0.1:5000",
+        3.0,
+        60.0,
+    )
     assert (upstream.pool_size, upstream.preserve_host, upstream.trusted_proxies) == (
-        100, False, ())
+        100,
+        False,
+        (),
+    )
     assert (state.redis_url, state.key_prefix, state.on_error, state.timeout) == (
-        None, "pollguard:", "pass", 0.25)
+        None,
+        "pollguard:",
+        "pass",
+        0.25,
+    )
     assert (admin.prefix, admin.token) == ("/-/", None)
     assert (job.mode, job.pending_status, job.stuck_after, job.max_reprepares) == (
-        "enforce", frozenset({202}), 300.0, 3)
-    assert (job.reprepare_window, job.max_wait, job.retry_after, job.retry_after_max,
-            job.retry_after_reprepared, job.key_pattern) == (600.0, 1200.0, 2.0, 30.0, 3.0, None)
+        "enforce",
+        frozenset({202}),
+        300.0,
+        3,
+    )
+    assert (
+        job.reprepare_window,
+        job.max_wait,
+        job.retry_after,
+        job.retry_after_max,
+        job.retry_after_reprepared,
+        job.key_pattern,
+    ) == (600.0, 1200.0, 2.0, 30.0, 3.0, None)
     reprepare = job.reprepare
     assert (reprepare.method, reprepare.query, reprepare.headers) == ("POST", {}, {})
     assert (reprepare.forward_headers, reprepare.timeout) == (("authorization", "cookie"), 10.0)
     route = cfg.routes[0]
-    assert (route.methods, route.key, route.param_names) == (frozenset({"GET", "HEAD"}), None,
-                                                            ("id",))
+    assert (route.methods, route.key, route.param_names) == (
+        frozenset({"GET", "HEAD"}),
+        None,
+        ("id",),
+    )
 
 
 def test_jobs_and_routes_default_to_empty() -> None:
@@ -343,17 +512,21 @@ def test_jobs_and_routes_default_to_empty() -> None:
 
 def test_values_are_normalised() -> None:
     """Methods upper-cased, header names lower-cased, query values strings, networks widened."""
-    cfg = _parse(_with({
-        "routes.0.methods": ["get", "Head"],
-        "jobs.recording.reprepare.method": "post",
-        "jobs.recording.reprepare.query": {"force": 1, "dry": False},
-        "jobs.recording.reprepare.forward_headers": ["Authorization", "X-Request-ID"],
-        "jobs.recording.pending_status": [202, 204, 202],
-        "jobs.recording.key_pattern": "^CA[0-9a-f]{32}$",
-        "upstream.trusted_proxies": ["10.0.0.7/8", "::1"],
-        "admin.token": "s3cret",
-        "state.redis_url": "",
-    }))
+    cfg = _parse(
+        _with(
+            {
+                "routes.0.methods": ["get", "Head"],
+                "jobs.recording.reprepare.method": "post",
+                "jobs.recording.reprepare.query": {"force": 1, "dry": False},
+                "jobs.recording.reprepare.forward_headers": ["Authorization", "X-Request-ID"],
+                "jobs.recording.pending_status": [202, 204, 202],
+                "jobs.recording.key_pattern": "^CA[0-9a-f]{32}$",
+                "upstream.trusted_proxies": ["10.0.0.7/8", "::1"],
+                "admin.token": "s3cret",
+                "state.redis_url": "",
+            }
+        )
+    )
     job = cfg.jobs["recording"]
     assert cfg.routes[0].methods == frozenset({"GET", "HEAD"})
     assert job.reprepare.method == "POST"
@@ -382,18 +555,31 @@ def test_route_param_names_in_order() -> None:
 
 WARNING_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
     ("well tuned", {"jobs.recording.reprepare_window": "15m"}, []),
-    ("max_wait not above stuck_after",
-     {"jobs.recording.max_wait": "5m", "jobs.recording.reprepare_window": "15m"},
-     ["jobs.recording: max_wait (5m) <= stuck_after (5m) — a pure wait cap that never "
-      "re-prepares; raise max_wait above stuck_after if stuck jobs should be re-prepared"]),
-    ("window shorter than the re-prepares need", {"jobs.recording.reprepare_window": "10m"},
-     ["jobs.recording: reprepare_window (10m) < stuck_after x max_reprepares (15m) — the "
-      "window rolls over before 3 re-prepares can accumulate, so job-stuck can never be "
-      "answered; raise reprepare_window to at least 15m"]),
-    ("unused job",
-     {"jobs.recording.reprepare_window": "15m",
-      "jobs.spare": {"reprepare": {"path": "/p"}, "reprepare_window": "1h"}},
-     ["jobs.spare: no route uses this job — add a route with job: spare or remove it"]),
+    (
+        "max_wait not above stuck_after",
+        {"jobs.recording.max_wait": "5m", "jobs.recording.reprepare_window": "15m"},
+        [
+            "jobs.recording: max_wait (5m) <= stuck_after (5m) — a pure wait cap that never "
+            "re-prepares; raise max_wait above stuck_after if stuck jobs should be re-prepared"
+        ],
+    ),
+    (
+        "window shorter than the re-prepares need",
+        {"jobs.recording.reprepare_window": "10m"},
+        [
+            "jobs.recording: reprepare_window (10m) < stuck_after x max_reprepares (15m) — the "
+            "window rolls over before 3 re-prepares can accumulate, so job-stuck can never be "
+            "answered; raise reprepare_window to at least 15m"
+        ],
+    ),
+    (
+        "unused job",
+        {
+            "jobs.recording.reprepare_window": "15m",
+            "jobs.spare": {"reprepare": {"path": "/p"}, "reprepare_window": "1h"},
+        },
+        ["jobs.spare: no route uses this job — add a route with job: spare or remove it"],
+    ),
 ]
 
 
@@ -408,11 +594,18 @@ def test_config_warnings(changes: dict[str, Any], expected: list[str]) -> None:
 
 def test_render_masks_secrets() -> None:
     """render_config hides the admin token, Redis passwords and credential headers."""
-    cfg = _parse(_with({
-        "admin.token": "tok-123",
-        "state.redis_url": "rediss://pollguard:hunter2@cache:6380/1?password=hunter3",
-        "jobs.recording.reprepare.headers": {"Authorization": "Bearer abc", "X-Tenant": "t1"},
-    }))
+    cfg = _parse(
+        _with(
+            {
+                "admin.token": "tok-123",
+                "state.redis_url": "rediss://pollguard:hunter2@cache:6380/1?password=hunter3",
+                "jobs.recording.reprepare.headers": {
+                    "Authorization": "Bearer abc",
+                    "X-Tenant": "t1",
+                },
+            }
+        )
+    )
     text = render_config(cfg)
     for secret in ("tok-123", "hunter2", "hunter3", "Bearer abc"):
         assert secret not in text
@@ -420,7 +613,9 @@ def test_render_masks_secrets() -> None:
     assert rendered["admin"]["token"] == "***"
     assert rendered["state"]["redis_url"] == "rediss://pollguard:***@cache:6380/1?password=***"
     assert rendered["jobs"]["recording"]["reprepare"]["headers"] == {
-        "Authorization": "***", "X-Tenant": "t1"}
+        "Authorization": "***",
+        "X-Tenant": "t1",
+    }
 
 
 def test_render_round_trips_and_prints_durations_with_units() -> None:
@@ -439,8 +634,7 @@ def test_shipped_config_loads() -> None:
     assert cfg.upstream.url == "http://127.0.0.1:5000"
     assert (cfg.state.redis_url, cfg.admin.token, cfg.admin.prefix) == (None, None, "/-/")
     assert [(r.path, r.methods, r.job, r.key) for r in cfg.routes] == [
-        ("/api/recordings/file/{call_sid}", frozenset({"GET", "HEAD"}), "recording",
-         "{call_sid}"),
+        ("/api/recordings/file/{call_sid}", frozenset({"GET", "HEAD"}), "recording", "{call_sid}"),
         ("/api/recordings/{call_sid}/prepare", frozenset({"POST"}), "recording", "{call_sid}"),
     ]
     job = cfg.jobs["recording"]
@@ -451,9 +645,14 @@ def test_shipped_config_loads() -> None:
 
 def test_shipped_config_reads_its_environment() -> None:
     """The shipped config takes the upstream, Redis URL and admin token from the environment."""
-    cfg = load_config(SHIPPED_CONFIG, env={
-        "POLLGUARD_UPSTREAM": "https://legacy.internal/", "REDIS_URL": "redis://cache:6379/0",
-        "POLLGUARD_ADMIN_TOKEN": "t0ken"})
+    cfg = load_config(
+        SHIPPED_CONFIG,
+        env={
+            "POLLGUARD_UPSTREAM": "https://legacy.internal/",
+            "REDIS_URL": "redis://cache:6379/0",
+            "POLLGUARD_ADMIN_TOKEN": "t0ken",
+        },
+    )
     assert cfg.upstream.url == "https://legacy.internal"
     assert cfg.state.redis_url == "redis://cache:6379/0"
     assert cfg.admin.token is not None and cfg.admin.token.get_secret_value() == "t0ken"
@@ -462,14 +661,20 @@ def test_shipped_config_reads_its_environment() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("upstream:\n  url: [http://b\n",
-         "config.yaml: invalid YAML — line 3, column 1: while parsing a flow sequence, "
-         "expected ',' or ']', but got '<stream end>'"),
-        ("upstream:\n  url: http://a\n  url: http://b\n",
-         "config.yaml: invalid YAML — line 3, column 3: duplicate key 'url' — remove one of them"),
-        ("- upstream\n",
-         "config.yaml: the top level must be a mapping of sections (upstream, state, admin, "
-         "jobs, routes), got list"),
+        (
+            "upstream:\n  url: [http://b\n",
+            "config.yaml: invalid YAML — line 3, column 1: while parsing a flow sequence, "
+            "expected ',' or ']', but got '<stream end>'",
+        ),
+        (
+            "upstream:\n  url: http://a\n  url: http://b\n",
+            "config.yaml: invalid YAML — line 3, column 3: duplicate key 'url' — remove one of them",
+        ),
+        (
+            "- upstream\n",
+            "config.yaml: the top level must be a mapping of sections (upstream, state, admin, "
+            "jobs, routes), got list",
+        ),
     ],
     ids=["syntax error", "duplicate key", "top level not a mapping"],
 )

@@ -48,12 +48,17 @@ def forced_prepares(simulator: Simulator) -> int:
 
 def file_requests(simulator: Simulator) -> int:
     requests: dict[str, dict[str, int]] = simulator.backend.snapshot()["requests"]
-    return sum(n for endpoint, by_status in requests.items() if endpoint.endswith(" file")
-               for n in by_status.values())
+    return sum(
+        n
+        for endpoint, by_status in requests.items()
+        if endpoint.endswith(" file")
+        for n in by_status.values()
+    )
 
 
-async def capped_play(base_url: str, settings: ClientSettings = PLAYER,
-                      **kwargs: Any) -> ClientResult:
+async def capped_play(
+    base_url: str, settings: ClientSettings = PLAYER, **kwargs: Any
+) -> ClientResult:
     with anyio.fail_after(SCENARIO_CAP_SECONDS):
         return await play(base_url, SID, TOKEN, settings, **kwargs)
 
@@ -119,8 +124,7 @@ async def test_worker_offline_ends_in_job_stuck_within_bound() -> None:
 async def test_failing_reprepare_ends_in_reprepare_failed() -> None:
     """reprepare-fails: the prepare endpoint answers 500, so the client gets reprepare-failed."""
     with servers() as stack:
-        simulator, backend = stack.simulator(sim_settings(WorkerMode.OFFLINE,
-                                                          prepare_fails=True))
+        simulator, backend = stack.simulator(sim_settings(WorkerMode.OFFLINE, prepare_fails=True))
         guard = stack.pollguard(backend.url)
         result = await capped_play(guard.url)
     problem = assert_problem(result, "reprepare-failed")
@@ -136,8 +140,9 @@ async def test_thundering_herd_on_two_replicas_reprepares_once(redis_server: Red
         simulator, backend = stack.simulator(sim_settings(WorkerMode.STALL_FIRST))
         replicas = [stack.pollguard(backend.url, redis_url=redis_server.url) for _ in range(2)]
         with anyio.fail_after(SCENARIO_CAP_SECONDS):
-            results = await asyncio.gather(*(
-                play(replicas[i % 2].url, SID, TOKEN, PLAYER) for i in range(HERD_SIZE)))
+            results = await asyncio.gather(
+                *(play(replicas[i % 2].url, SID, TOKEN, PLAYER) for i in range(HERD_SIZE))
+            )
     assert [r.outcome for r in results] == [Outcome.PLAYED] * HERD_SIZE
     assert all(r.bytes_verified and r.range_verified for r in results)
     assert (jobs_created(simulator), forced_prepares(simulator)) == (2, 1)
@@ -145,9 +150,11 @@ async def test_thundering_herd_on_two_replicas_reprepares_once(redis_server: Red
 
 @pytest.mark.anyio
 async def test_redis_down_after_first_poll_still_plays_without_5xx(
-        redis_server: RedisServer) -> None:
+    redis_server: RedisServer,
+) -> None:
     """redis-down: Redis killed after the first poll; the healthy job still plays and
     pollguard (on_error: pass) answers no 5xx."""
+
     def kill_redis_after_first_poll(event: PollEvent) -> None:
         if redis_server.process is not None:
             redis_server.stop()
@@ -199,7 +206,11 @@ def test_demo_command_runs_every_scenario_as_promised() -> None:
     each marked as promised."""
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "demo", "--scenario", "all", "--speed", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=DEMO_CAP_SECONDS)
     finally:
@@ -208,7 +219,10 @@ def test_demo_command_runs_every_scenario_as_promised() -> None:
             process.wait(10)
     assert process.returncode == 0, output
     rows = [line for line in output.splitlines() if line.endswith("| yes")]
-    assert [row.split("|")[0].strip() for row in rows] == ["healthy", "stuck-once",
-                                                           "worker-offline"]
+    assert [row.split("|")[0].strip() for row in rows] == [
+        "healthy",
+        "stuck-once",
+        "worker-offline",
+    ]
     assert "500 job-stuck" in rows[2]
     assert "all as promised" in output

@@ -33,14 +33,23 @@ def backend() -> Iterator[tuple[JobBackend, ThreadedServer]]:
         yield jobs, server
 
 
-def poll(url: str, *, method: str = "GET", deadline: float = 15.0, until: int | None = None) -> list[Poll]:
+def poll(
+    url: str, *, method: str = "GET", deadline: float = 15.0, until: int | None = None
+) -> list[Poll]:
     """Poll like a player until a non-202 answer (or `until` polls); bounded by `deadline` seconds."""
     polls: list[Poll] = []
     started = time.monotonic()
     with httpx.Client(timeout=5) as client:
         while time.monotonic() - started < deadline:
             response = client.request(method, url)
-            polls.append(Poll(time.monotonic() - started, response.status_code, response.headers, response.content))
+            polls.append(
+                Poll(
+                    time.monotonic() - started,
+                    response.status_code,
+                    response.headers,
+                    response.content,
+                )
+            )
             if response.status_code != 202 or (until is not None and len(polls) >= until):
                 return polls
             time.sleep(POLL_INTERVAL)
@@ -101,10 +110,15 @@ def test_never_finishing_job_ends_in_job_stuck(backend: tuple[JobBackend, Thread
     assert again.status_code == 500 and again.json()["code"] == "job-stuck"
     assert served.status_code == 200 and served.content == RECORDING
     assert 'pollguard_reprepares_total{job="recording",outcome="succeeded"} 2.0' in metrics
-    assert 'pollguard_decisions_total{decision="job-stuck",job="recording",mode="enforce"} 3.0' in metrics
+    assert (
+        'pollguard_decisions_total{decision="job-stuck",job="recording",mode="enforce"} 3.0'
+        in metrics
+    )
 
 
-def test_failing_prepare_answers_reprepare_failed(backend: tuple[JobBackend, ThreadedServer]) -> None:
+def test_failing_prepare_answers_reprepare_failed(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
     """A re-prepare the upstream answers with 500 ends the loop with 500 reprepare-failed naming that status."""
     jobs, server = backend
     jobs.behaviour[CALL] = "fail"
@@ -131,7 +145,9 @@ def test_max_wait_answers_wait_exceeded(backend: tuple[JobBackend, ThreadedServe
     assert all(p.status == 202 for p in polls[:-1])
 
 
-def test_upstream_retry_after_is_capped_and_defaulted(backend: tuple[JobBackend, ThreadedServer]) -> None:
+def test_upstream_retry_after_is_capped_and_defaulted(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
     """An upstream Retry-After above retry_after_max is capped; a missing one gets retry_after."""
     jobs, server = backend
     jobs.behaviour[CALL] = "never"
@@ -163,7 +179,9 @@ def test_cors_responses_expose_retry_after(backend: tuple[JobBackend, ThreadedSe
         assert "retry-after" in answer.headers["access-control-expose-headers"].lower()
 
 
-def test_unguarded_keys_and_routes_pass_untouched(backend: tuple[JobBackend, ThreadedServer]) -> None:
+def test_unguarded_keys_and_routes_pass_untouched(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
     """A key that fails key_pattern is forwarded unguarded: the upstream's 202 and Retry-After as sent."""
     jobs, server = backend
     jobs.retry_after = "3600"
@@ -175,7 +193,9 @@ def test_unguarded_keys_and_routes_pass_untouched(backend: tuple[JobBackend, Thr
     assert "cache-control" not in response.headers
 
 
-def test_shadow_mode_changes_nothing_and_logs_decisions(backend: tuple[JobBackend, ThreadedServer]) -> None:
+def test_shadow_mode_changes_nothing_and_logs_decisions(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
     """Shadow mode passes every upstream answer through, fires no re-prepare, and logs what it would do."""
     jobs, server = backend
     jobs.behaviour[CALL] = "never"
@@ -263,7 +283,9 @@ def redis_script_calls(redis_server: RedisServer) -> int:
 
     with redis.Redis(port=redis_server.port) as client:
         stats = client.info("commandstats")
-    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+    return sum(
+        int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval")
+    )
 
 
 def test_polls_far_from_stuck_spare_redis_round_trips(
@@ -272,7 +294,9 @@ def test_polls_far_from_stuck_spare_redis_round_trips(
     """A replica decides a not-stuck poll from the record it last read: after the first poll, no Redis round trip."""
     jobs, server = backend
     jobs.behaviour[CALL] = "never"
-    with running_proxy(guard_config(server.url, redis_url=redis_server.url, stuck_after="1m", max_wait="5m")) as proxy:
+    with running_proxy(
+        guard_config(server.url, redis_url=redis_server.url, stuck_after="1m", max_wait="5m")
+    ) as proxy:
         url = f"{proxy.url}/api/recordings/file/{CALL}"
         first = httpx.get(url).status_code
         after_first = redis_script_calls(redis_server)

@@ -196,8 +196,19 @@ def test_after_reprepare(succeeded: bool) -> None:
 
 @pytest.mark.parametrize(
     ("status", "ends"),
-    [(200, True), (204, True), (299, True), (404, True), (410, True), (199, False),
-     (300, False), (304, False), (400, False), (500, False), (503, False)],
+    [
+        (200, True),
+        (204, True),
+        (299, True),
+        (404, True),
+        (410, True),
+        (199, False),
+        (300, False),
+        (304, False),
+        (400, False),
+        (500, False),
+        (503, False),
+    ],
 )
 def test_ends_episode(status: int, ends: bool) -> None:
     """2xx, 404 and 410 end an episode; anything else leaves it alone."""
@@ -215,8 +226,15 @@ def test_record_ttl_outlives_window_wait_and_lock() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        (None, None), ("", None), ("  12 ", 12.0), ("1.5", None), ("-1", None), ("abc", None),
-        ("١٢", None), ("9" * 5000, None), ("0", 0.0),
+        (None, None),
+        ("", None),
+        ("  12 ", 12.0),
+        ("1.5", None),
+        ("-1", None),
+        ("abc", None),
+        ("١٢", None),
+        ("9" * 5000, None),
+        ("0", 0.0),
         (http_date(T0 + 90), 90.0),
         ("Tuesday, 14-Nov-23 22:13:50 GMT", 30.0),
         ("Tue Nov 14 22:13:50 2023", 30.0),
@@ -232,9 +250,15 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
 @pytest.mark.parametrize(
     ("requested", "default", "cap", "left", "expected"),
     [
-        (None, 5.0, 30.0, 100.0, 5), (2.2, 5.0, 30.0, 100.0, 3), (50.0, 5.0, 30.0, 100.0, 30),
-        (50.0, 5.0, 30.5, 100.0, 30), (50.0, 5.0, 30.0, 12.7, 12), (0.0, 5.0, 30.0, 100.0, 1),
-        (9.0, 5.0, 30.0, -4.0, 1), (9.0, 5.0, 30.0, 0.3, 1), (9.0, 5.0, float("inf"), 1e9, 9),
+        (None, 5.0, 30.0, 100.0, 5),
+        (2.2, 5.0, 30.0, 100.0, 3),
+        (50.0, 5.0, 30.0, 100.0, 30),
+        (50.0, 5.0, 30.5, 100.0, 30),
+        (50.0, 5.0, 30.0, 12.7, 12),
+        (0.0, 5.0, 30.0, 100.0, 1),
+        (9.0, 5.0, 30.0, -4.0, 1),
+        (9.0, 5.0, 30.0, 0.3, 1),
+        (9.0, 5.0, float("inf"), 1e9, 9),
     ],
 )
 def test_retry_after_seconds(
@@ -273,9 +297,22 @@ def test_timeline_of_a_job_that_stays_stuck() -> None:
     """stuck → rep1 → rep2 → job-stuck until the window ends → again → wait-exceeded."""
     pass_, rep, stuck = Verdict.PASS, Verdict.REPREPARE, Verdict.JOB_STUCK
     assert runs(simulate(LIMITS, True, 5.0, 1900.0)) == [
-        (0, pass_), (60, rep), (65, pass_), (120, rep), (125, pass_), (180, stuck),
-        (660, rep), (665, pass_), (720, rep), (725, pass_), (780, stuck),
-        (1260, rep), (1265, pass_), (1320, rep), (1325, pass_), (1380, stuck),
+        (0, pass_),
+        (60, rep),
+        (65, pass_),
+        (120, rep),
+        (125, pass_),
+        (180, stuck),
+        (660, rep),
+        (665, pass_),
+        (720, rep),
+        (725, pass_),
+        (780, stuck),
+        (1260, rep),
+        (1265, pass_),
+        (1320, rep),
+        (1325, pass_),
+        (1380, stuck),
         (1800, Verdict.WAIT_EXCEEDED),
     ]
 
@@ -286,6 +323,9 @@ def test_timeline_failed_reprepares_still_count() -> None:
     reprepares = [offset for offset, verdict in verdicts if verdict is Verdict.REPREPARE]
     assert reprepares == [60, 65, 660, 665]
     assert runs(verdicts) == [
-        (0, Verdict.PASS), (60, Verdict.REPREPARE), (70, Verdict.JOB_STUCK),
-        (660, Verdict.REPREPARE), (670, Verdict.JOB_STUCK),
+        (0, Verdict.PASS),
+        (60, Verdict.REPREPARE),
+        (70, Verdict.JOB_STUCK),
+        (660, Verdict.REPREPARE),
+        (670, Verdict.JOB_STUCK),
     ]

@@ -12,10 +12,18 @@ from proxy.recent import RecentRecords, trust_seconds
 from proxy.stores.base import JobState
 
 LIMITS = GuardLimits(
-    stuck_after=10.0, max_reprepares=2, reprepare_window=60.0, max_wait=40.0,
-    retry_after=2.0, retry_after_max=30.0, retry_after_reprepared=3.0, reprepare_timeout=5.0,
+    stuck_after=10.0,
+    max_reprepares=2,
+    reprepare_window=60.0,
+    max_wait=40.0,
+    retry_after=2.0,
+    retry_after_max=30.0,
+    retry_after_reprepared=3.0,
+    reprepare_timeout=5.0,
 )
-RECORD = JobState(episode_start=100.0, clock_start=100.0, window_start=0.0, attempts=0, lock_until=0.0, version=1)
+RECORD = JobState(
+    episode_start=100.0, clock_start=100.0, window_start=0.0, attempts=0, lock_until=0.0, version=1
+)
 
 
 def test_get_returns_a_record_only_while_trusted() -> None:
@@ -59,7 +67,9 @@ def newer_versions(record: JobState, now: float) -> list[JobState]:
         after_reprepare(replace(record, lock_until=now + 5), now, succeeded=True),
         after_reprepare(replace(record, lock_until=now + 5), now, succeeded=False),
         JobState(now, now, 0.0, 0, 0.0, 1),
-        replace(record, lock_until=now + 15, attempts=record.attempts + 1, version=record.version + 1),
+        replace(
+            record, lock_until=now + 15, attempts=record.attempts + 1, version=record.version + 1
+        ),
         replace(record, window_start=now, attempts=1, version=record.version + 1),
     ]
     return [replace(state, version=record.version + 1) for state in moved]
@@ -73,10 +83,20 @@ def test_pass_from_an_older_record_is_pass_for_every_newer_one(
     episode_start: float, clock_start: float, attempts: int, lock_until: float
 ) -> None:
     """Records only move forward in time, so a PASS decided from a remembered record holds for the real one."""
-    old = JobState(episode_start, max(clock_start, episode_start), 50.0 if attempts else 0.0, attempts, lock_until, 3)
+    old = JobState(
+        episode_start,
+        max(clock_start, episode_start),
+        50.0 if attempts else 0.0,
+        attempts,
+        lock_until,
+        3,
+    )
     for now in (100.0, 104.0, 108.0):
         if decide(old, LIMITS, now, None).verdict is not Verdict.PASS:
             continue
         for newer in newer_versions(old, now):
             assert decide(newer, LIMITS, now, None).verdict is Verdict.PASS
-            assert decide(newer, LIMITS, now, None).retry_after >= decide(old, LIMITS, now, None).retry_after  # type: ignore[operator]
+            assert (
+                decide(newer, LIMITS, now, None).retry_after
+                >= decide(old, LIMITS, now, None).retry_after
+            )  # type: ignore[operator]

@@ -17,12 +17,20 @@ SPEC = ReprepareRequest(
     forward_headers=("authorization", "cookie"),
     timeout=0.5,
 )
-CLIENT_HEADERS = [(b"authorization", b"Bearer alice"), (b"cookie", b"session=a"), (b"x-other", b"no")]
+CLIENT_HEADERS = [
+    (b"authorization", b"Bearer alice"),
+    (b"cookie", b"session=a"),
+    (b"x-other", b"no"),
+]
 
 
 async def fire(repreparer: Repreparer, sid: str = "CA1") -> object:
     return await repreparer.fire(
-        SPEC, params={"call_sid": sid}, client_headers=CLIENT_HEADERS, idempotency="idem-1", request_id="rid-1"
+        SPEC,
+        params={"call_sid": sid},
+        client_headers=CLIENT_HEADERS,
+        idempotency="idem-1",
+        request_id="rid-1",
     )
 
 
@@ -71,10 +79,16 @@ async def test_failures_are_reported_not_raised(side_effect: object, expected: s
 async def test_cookies_from_one_reprepare_never_reach_the_next() -> None:
     """The re-prepare client keeps no cookie jar: a Set-Cookie is not replayed."""
     async with respx.mock(base_url=BASE) as mock:
-        route = mock.post(url__regex=r"/api/recordings/.*/prepare").respond(200, headers={"set-cookie": "stolen=1; Path=/"})
+        route = mock.post(url__regex=r"/api/recordings/.*/prepare").respond(
+            200, headers={"set-cookie": "stolen=1; Path=/"}
+        )
         repreparer = Repreparer(BASE, connect_timeout=1)
-        await repreparer.fire(SPEC, params={"call_sid": "CA1"}, client_headers=[], idempotency="i", request_id="r")
-        await repreparer.fire(SPEC, params={"call_sid": "CA2"}, client_headers=[], idempotency="i", request_id="r")
+        await repreparer.fire(
+            SPEC, params={"call_sid": "CA1"}, client_headers=[], idempotency="i", request_id="r"
+        )
+        await repreparer.fire(
+            SPEC, params={"call_sid": "CA2"}, client_headers=[], idempotency="i", request_id="r"
+        )
         await repreparer.close()
     assert "cookie" not in route.calls.last.request.headers
 

@@ -46,8 +46,9 @@ def stack() -> Iterator[Stack]:
         yield started
 
 
-def start(stack: Stack, mode: WorkerMode = WorkerMode.OK, download_seconds: float = 0.3
-          ) -> tuple[Simulator, httpx.Client]:
+def start(
+    stack: Stack, mode: WorkerMode = WorkerMode.OK, download_seconds: float = 0.3
+) -> tuple[Simulator, httpx.Client]:
     simulator, server = stack.simulator(sim_settings(mode, download_seconds=download_seconds))
     return simulator, stack.client(server.url)
 
@@ -128,8 +129,11 @@ def test_stall_first_hangs_job_one_and_forced_prepare_recovers(stack: Stack) -> 
     simulator, client = start(stack, WorkerMode.STALL_FIRST)
     run_id = client.get(FILE, headers=AUTH).json()["run_id"]
     status_url = f"/api/recordings/runs/{run_id}/status"
-    wait_until(lambda: client.get(status_url, headers=AUTH).json()["status"] == "running", 5,
-               "job 1 to be picked up")
+    wait_until(
+        lambda: client.get(status_url, headers=AUTH).json()["status"] == "running",
+        5,
+        "job 1 to be picked up",
+    )
     forced = client.post(PREPARE, params={"force": "1"}, headers=AUTH)
     assert forced.status_code == 202 and forced.json()["run_id"] != run_id
     assert client.get(status_url, headers=AUTH).json()["status"] == "failed"
@@ -143,8 +147,10 @@ def test_crash_mid_job_leaves_job_running_forever(stack: Stack) -> None:
     _, client = start(stack, WorkerMode.CRASH_MID_JOB, download_seconds=0.2)
     run_id = client.get(FILE, headers=AUTH).json()["run_id"]
     time.sleep(0.5)  # past the whole download time: the crash must have happened
-    assert client.get(f"/api/recordings/runs/{run_id}/status", headers=AUTH).json()["status"] \
+    assert (
+        client.get(f"/api/recordings/runs/{run_id}/status", headers=AUTH).json()["status"]
         == "running"
+    )
     assert client.get(FILE, headers=AUTH).status_code == 202
 
 
@@ -237,8 +243,11 @@ def test_demo_parser_defaults_and_scenario_selection() -> None:
     assert options.scenarios == ("stuck-once", "worker-offline")
     assert options.paths == (Path.POLLGUARD, Path.DIRECT) and options.speed == 1.0
     one = demo_options(parser.parse_args(["demo", "--scenario", "healthy", "--speed", "2"]))
-    assert (one.scenarios, one.paths, one.timings.stuck_after) == (("healthy",),
-                                                                   (Path.POLLGUARD,), 1.5)
+    assert (one.scenarios, one.paths, one.timings.stuck_after) == (
+        ("healthy",),
+        (Path.POLLGUARD,),
+        1.5,
+    )
     every = demo_options(parser.parse_args(["demo", "--scenario", "all", "--direct"]))
     assert (every.scenarios, every.paths) == (tuple(SCENARIOS), (Path.DIRECT,))
     with pytest.raises(SystemExit):
@@ -252,8 +261,19 @@ def test_simulate_backend_command_serves_as_its_own_process() -> None:
     """`python -m proxy simulate-backend --port P --worker-mode offline` serves the stuck API."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "simulate-backend", "--port", str(port),
-         "--worker-mode", "offline"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "simulate-backend",
+            "--port",
+            str(port),
+            "--worker-mode",
+            "offline",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for_port(port)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:

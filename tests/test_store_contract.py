@@ -49,9 +49,7 @@ async def poll_until(
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(
-    request: pytest.FixtureRequest, anyio_backend: str
-) -> AsyncIterator[JobStore]:
+async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIterator[JobStore]:
     if request.param == "memory":
         created: JobStore = MemoryJobStore()
     else:

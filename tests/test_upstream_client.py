@@ -51,7 +51,9 @@ class RawServer:
 
 
 def client(url: str, read_timeout: float = 2.0) -> Upstream:
-    return Upstream(UpstreamSettings(url=url, connect_timeout=1.0, read_timeout=read_timeout, pool_size=4))
+    return Upstream(
+        UpstreamSettings(url=url, connect_timeout=1.0, read_timeout=read_timeout, pool_size=4)
+    )
 
 
 async def body_of(response: UpstreamResponse) -> bytes:
@@ -63,6 +65,7 @@ async def body_of(response: UpstreamResponse) -> bytes:
 @pytest.mark.anyio
 async def test_keep_alive_connection_is_reused() -> None:
     """Three sequential requests travel on one pooled connection."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(3):
             await server.read_request(reader)
@@ -80,6 +83,7 @@ async def test_keep_alive_connection_is_reused() -> None:
 @pytest.mark.anyio
 async def test_stale_keep_alive_connection_is_retried_once_for_get() -> None:
     """A GET on a kept-alive connection the server has since closed is sent again on a new one."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         if server.connections == 1:
@@ -102,6 +106,7 @@ async def test_stale_keep_alive_connection_is_retried_once_for_get() -> None:
 @pytest.mark.anyio
 async def test_post_on_stale_connection_is_not_retried() -> None:
     """A POST is never sent twice: a stale connection becomes an UpstreamUnavailable."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -124,6 +129,7 @@ async def test_post_on_stale_connection_is_not_retried() -> None:
 @pytest.mark.anyio
 async def test_head_response_with_content_length_leaves_connection_reusable() -> None:
     """HEAD's answer has no body despite its Content-Length; the next GET on that connection works."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
@@ -146,9 +152,12 @@ async def test_head_response_with_content_length_leaves_connection_reusable() ->
 @pytest.mark.anyio
 async def test_interim_100_continue_is_skipped() -> None:
     """A 100 Continue before the real answer is not mistaken for it."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade")
+        writer.write(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\nmade"
+        )
 
     async with RawServer(handler) as server:
         upstream = client(server.url)
@@ -162,6 +171,7 @@ async def test_interim_100_continue_is_skipped() -> None:
 @pytest.mark.anyio
 async def test_body_delimited_by_connection_close() -> None:
     """A response with neither Content-Length nor chunking ends when the server closes."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end")
@@ -178,9 +188,12 @@ async def test_body_delimited_by_connection_close() -> None:
 @pytest.mark.anyio
 async def test_chunked_response_is_dechunked() -> None:
     """Transfer-Encoding: chunked arrives as the payload bytes."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+        )
 
     async with RawServer(handler) as server:
         upstream = client(server.url)
@@ -193,6 +206,7 @@ async def test_chunked_response_is_dechunked() -> None:
 @pytest.mark.anyio
 async def test_garbage_response_is_unavailable() -> None:
     """Something that is not HTTP becomes UpstreamUnavailable."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
@@ -208,6 +222,7 @@ async def test_garbage_response_is_unavailable() -> None:
 @pytest.mark.anyio
 async def test_no_head_within_read_timeout() -> None:
     """A server that never answers gives UpstreamTimeout after read_timeout."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         await asyncio.sleep(5)
@@ -227,6 +242,7 @@ async def test_no_head_within_read_timeout() -> None:
 @pytest.mark.anyio
 async def test_body_stall_is_a_timeout() -> None:
     """A body that stops flowing for read_timeout raises UpstreamTimeout from chunks()."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
@@ -274,6 +290,7 @@ async def test_slow_reader_pauses_the_upstream_socket() -> None:
 @pytest.mark.anyio
 async def test_chunked_upload_is_framed() -> None:
     """A body without Content-Length is sent with chunked framing the server can read back."""
+
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await server.read_request(reader)
         assert b"transfer-encoding: chunked" in head

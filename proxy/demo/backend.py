@@ -68,8 +68,12 @@ class Job:
     created_at: float = field(default_factory=time.monotonic)
 
     def as_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "call_sid": self.call_sid, "job_number": self.number,
-                "status": str(self.status)}
+        return {
+            "run_id": self.run_id,
+            "call_sid": self.call_sid,
+            "job_number": self.number,
+            "status": str(self.status),
+        }
 
 
 class Backend:
@@ -106,13 +110,17 @@ class Backend:
         endpoint and status, and every job."""
         with self._lock:
             return {
-                "faults": {"worker_mode": str(self.faults.worker_mode),
-                           "prepare_fails": self.faults.prepare_fails,
-                           "latency_ms": round(self.faults.latency_seconds * 1000)},
+                "faults": {
+                    "worker_mode": str(self.faults.worker_mode),
+                    "prepare_fails": self.faults.prepare_fails,
+                    "latency_ms": round(self.faults.latency_seconds * 1000),
+                },
                 "jobs_created": dict(self._jobs_created),
                 "forced_prepares": dict(self._forced_prepares),
-                "requests": {endpoint: {str(status): n for status, n in by_status.items()}
-                             for endpoint, by_status in self._requests.items()},
+                "requests": {
+                    endpoint: {str(status): n for status, n in by_status.items()}
+                    for endpoint, by_status in self._requests.items()
+                },
                 "jobs": [job.as_json() for job in self._jobs.values()],
                 "ready": sorted(self._ready),
             }
@@ -121,8 +129,11 @@ class Backend:
     def set_faults(self, faults: Faults) -> None:
         with self._lock:
             self.faults = faults
-        self._emit("-", f"faults now worker={faults.worker_mode} prepare_fails="
-                        f"{faults.prepare_fails} latency={faults.latency_seconds:g}s")
+        self._emit(
+            "-",
+            f"faults now worker={faults.worker_mode} prepare_fails="
+            f"{faults.prepare_fails} latency={faults.latency_seconds:g}s",
+        )
 
     def update_faults(self, **changes: Any) -> Faults:
         self.set_faults(replace(self.faults, **changes))
@@ -135,8 +146,11 @@ class Backend:
     def enqueue(self, call_sid: str) -> Job:
         with self._lock:
             self._jobs_created[call_sid] += 1
-            job = Job(run_id=f"run-{next(self._run_ids)}", call_sid=call_sid,
-                      number=self._jobs_created[call_sid])
+            job = Job(
+                run_id=f"run-{next(self._run_ids)}",
+                call_sid=call_sid,
+                number=self._jobs_created[call_sid],
+            )
             self._jobs[job.run_id] = job
             self._active_by_call[call_sid] = job.run_id
         self._emit(call_sid, f"backend: job #{job.number} queued ({job.run_id})")

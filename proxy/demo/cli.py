@@ -43,22 +43,38 @@ def _positive_float(text: str) -> float:
 def add_demo_parser(subparsers: Subparsers) -> None:
     """Register `demo`."""
     parser = subparsers.add_parser(
-        "demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run pollguard in front of a simulated stuck backend and show the difference",
         description="Start the bundled legacy-backend simulator and pollguard (memory store, "
-                    "minutes compressed to seconds) on free loopback ports, run a polling "
-                    "client, print a timeline and a summary table. With no options: "
-                    f"{' and '.join(SIDE_BY_SIDE_SCENARIOS)}, with and without pollguard, side "
-                    "by side. Exit 0 when every run ended as promised.")
-    parser.add_argument("--scenario", choices=[*SCENARIOS, ALL_SCENARIOS], default=None,
-                        help="run one scenario (or all) through pollguard only; default: the "
-                             "side-by-side comparison")
-    parser.add_argument("--direct", action="store_true",
-                        help="run the scenario(s) with no proxy, showing the original bug")
-    parser.add_argument("--speed", type=_positive_float, default=1.0,
-                        help="divide every guard duration by this (Retry-After stays >= 1s)")
-    parser.add_argument("--old-client", action="store_true",
-                        help="use the old client: fixed delay between polls, Retry-After ignored")
+        "minutes compressed to seconds) on free loopback ports, run a polling "
+        "client, print a timeline and a summary table. With no options: "
+        f"{' and '.join(SIDE_BY_SIDE_SCENARIOS)}, with and without pollguard, side "
+        "by side. Exit 0 when every run ended as promised.",
+    )
+    parser.add_argument(
+        "--scenario",
+        choices=[*SCENARIOS, ALL_SCENARIOS],
+        default=None,
+        help="run one scenario (or all) through pollguard only; default: the "
+        "side-by-side comparison",
+    )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="run the scenario(s) with no proxy, showing the original bug",
+    )
+    parser.add_argument(
+        "--speed",
+        type=_positive_float,
+        default=1.0,
+        help="divide every guard duration by this (Retry-After stays >= 1s)",
+    )
+    parser.add_argument(
+        "--old-client",
+        action="store_true",
+        help="use the old client: fixed delay between polls, Retry-After ignored",
+    )
     parser.set_defaults(func=run_demo_command)
 
 
@@ -71,8 +87,9 @@ def demo_options(args: argparse.Namespace) -> DemoOptions:
     else:
         scenarios = tuple(SCENARIOS) if args.scenario == ALL_SCENARIOS else (args.scenario,)
         paths = (Path.DIRECT,) if args.direct else (Path.POLLGUARD,)
-    return DemoOptions(scenarios=scenarios, paths=paths, speed=args.speed,
-                       old_client=args.old_client)
+    return DemoOptions(
+        scenarios=scenarios, paths=paths, speed=args.speed, old_client=args.old_client
+    )
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
@@ -84,36 +101,61 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def add_simulate_backend_parser(subparsers: Subparsers) -> None:
     """Register `simulate-backend`."""
     parser = subparsers.add_parser(
-        "simulate-backend", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "simulate-backend",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run the legacy recordings backend simulator (for trying configs by hand)",
         description="Serve a simulated legacy recordings API, stuck-queue bug included. "
-                    "Counters: GET /_sim/counters; switch faults at run time: POST /_sim/faults "
-                    '{"worker_mode": "ok", "prepare_fails": false, "latency_ms": 0}.')
+        "Counters: GET /_sim/counters; switch faults at run time: POST /_sim/faults "
+        '{"worker_mode": "ok", "prepare_fails": false, "latency_ms": 0}.',
+    )
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     parser.add_argument("--port", type=int, default=DEFAULT_SIMULATOR_PORT, help="port")
-    parser.add_argument("--worker-mode", choices=[m.value for m in WorkerMode],
-                        default=WorkerMode.OK.value, help="how the download worker behaves")
-    parser.add_argument("--download-seconds", type=_positive_float,
-                        default=STANDALONE_DOWNLOAD_SECONDS, help="how long a good job takes")
-    parser.add_argument("--retry-after", type=int, default=STANDALONE_RETRY_AFTER_SECONDS,
-                        help="Retry-After seconds on the backend's 202")
-    parser.add_argument("--prepare-fails", action="store_true",
-                        help="the prepare endpoint answers 500")
+    parser.add_argument(
+        "--worker-mode",
+        choices=[m.value for m in WorkerMode],
+        default=WorkerMode.OK.value,
+        help="how the download worker behaves",
+    )
+    parser.add_argument(
+        "--download-seconds",
+        type=_positive_float,
+        default=STANDALONE_DOWNLOAD_SECONDS,
+        help="how long a good job takes",
+    )
+    parser.add_argument(
+        "--retry-after",
+        type=int,
+        default=STANDALONE_RETRY_AFTER_SECONDS,
+        help="Retry-After seconds on the backend's 202",
+    )
+    parser.add_argument(
+        "--prepare-fails", action="store_true", help="the prepare endpoint answers 500"
+    )
     parser.add_argument("--latency-ms", type=int, default=0, help="added to every request")
-    parser.add_argument("--recording-size", type=int, default=DEFAULT_RECORDING_SIZE,
-                        help="bytes per recording")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["critical", "error", "warning", "info", "debug"],
-                        help="uvicorn log level")
+    parser.add_argument(
+        "--recording-size", type=int, default=DEFAULT_RECORDING_SIZE, help="bytes per recording"
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level",
+    )
     parser.set_defaults(func=run_simulate_backend_command)
 
 
 def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
-    faults = Faults(worker_mode=WorkerMode(args.worker_mode), prepare_fails=args.prepare_fails,
-                    latency_seconds=args.latency_ms / 1000)
-    return SimulatorSettings(faults=faults, download_seconds=args.download_seconds,
-                             retry_after_seconds=args.retry_after,
-                             recording_size=args.recording_size)
+    faults = Faults(
+        worker_mode=WorkerMode(args.worker_mode),
+        prepare_fails=args.prepare_fails,
+        latency_seconds=args.latency_ms / 1000,
+    )
+    return SimulatorSettings(
+        faults=faults,
+        download_seconds=args.download_seconds,
+        retry_after_seconds=args.retry_after,
+        recording_size=args.recording_size,
+    )
 
 
 def run_simulate_backend_command(args: argparse.Namespace) -> int:
@@ -121,11 +163,14 @@ def run_simulate_backend_command(args: argparse.Namespace) -> int:
 
     from proxy.demo.simulator import create_simulator
 
-    simulator = create_simulator(simulator_settings(args),
-                                 on_event=lambda sid, message: print(f"{sid} {message}",
-                                                                     flush=True))
-    print(f"legacy recordings backend simulator on http://{args.host}:{args.port} "
-          f"(worker {args.worker_mode})")
+    simulator = create_simulator(
+        simulator_settings(args),
+        on_event=lambda sid, message: print(f"{sid} {message}", flush=True),
+    )
+    print(
+        f"legacy recordings backend simulator on http://{args.host}:{args.port} "
+        f"(worker {args.worker_mode})"
+    )
     for token, tenant in TENANT_TOKENS.items():
         sids = ", ".join(call_sid_for(tenant, i) for i in range(CALLS_LISTED_PER_TENANT))
         print(f"  tenant {tenant}: Authorization: Bearer {token} (or Cookie: session={token})")

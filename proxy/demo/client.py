@@ -51,8 +51,9 @@ class ClientSettings:
     max_duration: float = MAX_DURATION_SECONDS
 
 
-def old_client_settings(delay: float = OLD_CLIENT_DELAY_SECONDS,
-                        max_polls: int = OLD_CLIENT_MAX_POLLS) -> ClientSettings:
+def old_client_settings(
+    delay: float = OLD_CLIENT_DELAY_SECONDS, max_polls: int = OLD_CLIENT_MAX_POLLS
+) -> ClientSettings:
     """The old frontend: fixed delay between polls, Retry-After ignored."""
     return ClientSettings(fixed_delay=delay, max_polls=max_polls)
 
@@ -103,9 +104,16 @@ class _Run:
         return time.monotonic() - self.started
 
     def result(self, outcome: Outcome, **extra: Any) -> ClientResult:
-        return ClientResult(outcome=outcome, polls=self.polls, requests=len(self.statuses),
-                            elapsed=self.elapsed(), statuses=tuple(self.statuses),
-                            events=tuple(self.events), reprepares_seen=self.reprepares, **extra)
+        return ClientResult(
+            outcome=outcome,
+            polls=self.polls,
+            requests=len(self.statuses),
+            elapsed=self.elapsed(),
+            statuses=tuple(self.statuses),
+            events=tuple(self.events),
+            reprepares_seen=self.reprepares,
+            **extra,
+        )
 
 
 def describe(response: httpx.Response) -> str:
@@ -113,8 +121,9 @@ def describe(response: httpx.Response) -> str:
     body = _json_body(response)
     if response.status_code == 202:
         if body.get("reprepared"):
-            return f"pollguard re-prepared the job ({body.get('attempt')}/" \
-                   f"{body.get('max_attempts')})"
+            return (
+                f"pollguard re-prepared the job ({body.get('attempt')}/{body.get('max_attempts')})"
+            )
         return "pending"
     if PROBLEM_CONTENT_TYPE in response.headers.get("content-type", ""):
         return f"pollguard: {body.get('code', '?')} - {body.get('detail', '')}"
@@ -143,25 +152,41 @@ def _wait_seconds(response: httpx.Response, settings: ClientSettings) -> float:
     return min(max(seconds, 0.0), settings.retry_after_cap)
 
 
-async def play(base_url: str, call_sid: str, token: str,
-               settings: ClientSettings = ClientSettings(),
-               on_event: EventCallback | None = None) -> ClientResult:
+async def play(
+    base_url: str,
+    call_sid: str,
+    token: str,
+    settings: ClientSettings = ClientSettings(),
+    on_event: EventCallback | None = None,
+) -> ClientResult:
     """Poll `call_sid`'s recording until it plays or something ends the loop."""
     url = f"{base_url}/api/recordings/file/{call_sid}"
-    headers, cookies = ({}, {"session": token}) if settings.use_cookie else (
-        {"Authorization": f"Bearer {token}"}, {})
+    headers, cookies = (
+        ({}, {"session": token})
+        if settings.use_cookie
+        else ({"Authorization": f"Bearer {token}"}, {})
+    )
     run = _Run()
-    async with httpx.AsyncClient(headers=headers, cookies=cookies,
-                                 timeout=settings.request_timeout) as client:
+    async with httpx.AsyncClient(
+        headers=headers, cookies=cookies, timeout=settings.request_timeout
+    ) as client:
 
         async def send(method: str, **kwargs: Any) -> httpx.Response:
             response = await client.request(method, url, **kwargs)
             run.statuses.append(response.status_code)
-            if response.request.method == "GET" and response.status_code == 202 and \
-                    _json_body(response).get("reprepared"):
+            if (
+                response.request.method == "GET"
+                and response.status_code == 202
+                and _json_body(response).get("reprepared")
+            ):
                 run.reprepares += 1
-            event = PollEvent(run.elapsed(), method, response.status_code,
-                              response.headers.get("retry-after"), describe(response))
+            event = PollEvent(
+                run.elapsed(),
+                method,
+                response.status_code,
+                response.headers.get("retry-after"),
+                describe(response),
+            )
             run.events.append(event)
             if on_event is not None:
                 on_event(event)
@@ -177,8 +202,9 @@ async def play(base_url: str, call_sid: str, token: str,
             return run.result(Outcome.UNREACHABLE, error=f"{type(error).__name__}: {error}")
 
 
-async def _poll(send: Callable[..., Any], run: _Run, call_sid: str,
-                settings: ClientSettings) -> ClientResult:
+async def _poll(
+    send: Callable[..., Any], run: _Run, call_sid: str, settings: ClientSettings
+) -> ClientResult:
     while True:
         run.polls += 1
         response: httpx.Response = await send(settings.poll_method)
@@ -201,17 +227,27 @@ async def _poll(send: Callable[..., Any], run: _Run, call_sid: str,
         return run.result(Outcome.REFUSED)
 
 
-async def _download_and_verify(send: Callable[..., Any], run: _Run, call_sid: str,
-                               settings: ClientSettings, ready: httpx.Response) -> ClientResult:
+async def _download_and_verify(
+    send: Callable[..., Any],
+    run: _Run,
+    call_sid: str,
+    settings: ClientSettings,
+    ready: httpx.Response,
+) -> ClientResult:
     full: httpx.Response = ready if ready.request.method == "GET" else await send("GET")
     body = full.content
-    bytes_ok = (full.status_code == 200 and len(body) > 0
-                and full.headers.get("content-length") == str(len(body))
-                and body == recording_bytes(call_sid, len(body)))
+    bytes_ok = (
+        full.status_code == 200
+        and len(body) > 0
+        and full.headers.get("content-length") == str(len(body))
+        and body == recording_bytes(call_sid, len(body))
+    )
     first, last = settings.byte_range
     sliced: httpx.Response = await send("GET", headers={"Range": f"bytes={first}-{last}"})
-    range_ok = (sliced.status_code == 206
-                and sliced.headers.get("content-range") == f"bytes {first}-{last}/{len(body)}"
-                and sliced.content == body[first:last + 1])
+    range_ok = (
+        sliced.status_code == 206
+        and sliced.headers.get("content-range") == f"bytes {first}-{last}/{len(body)}"
+        and sliced.content == body[first : last + 1]
+    )
     outcome = Outcome.PLAYED if bytes_ok and range_ok else Outcome.CORRUPT
     return run.result(outcome, bytes_verified=bytes_ok, range_verified=range_ok)

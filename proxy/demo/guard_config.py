@@ -27,18 +27,22 @@ class GuardTimings:
 
     def scaled(self, speed: float) -> GuardTimings:
         """Every duration divided by `speed`; Retry-After values never below one second."""
+
         def fast(seconds: float) -> float:
             return seconds / speed
 
         def fast_retry(seconds: float) -> float:
             return max(MIN_RETRY_AFTER_SECONDS, math.ceil(seconds / speed))
 
-        return replace(self, stuck_after=fast(self.stuck_after),
-                       reprepare_window=fast(self.reprepare_window),
-                       max_wait=fast(self.max_wait), retry_after=fast_retry(self.retry_after),
-                       retry_after_max=max(fast_retry(self.retry_after_max),
-                                           fast_retry(self.retry_after)),
-                       retry_after_reprepared=fast_retry(self.retry_after_reprepared))
+        return replace(
+            self,
+            stuck_after=fast(self.stuck_after),
+            reprepare_window=fast(self.reprepare_window),
+            max_wait=fast(self.max_wait),
+            retry_after=fast_retry(self.retry_after),
+            retry_after_max=max(fast_retry(self.retry_after_max), fast_retry(self.retry_after)),
+            retry_after_reprepared=fast_retry(self.retry_after_reprepared),
+        )
 
 
 def duration(seconds: float) -> str:
@@ -46,8 +50,14 @@ def duration(seconds: float) -> str:
     return f"{round(seconds * 1000)}ms"
 
 
-def pollguard_config(upstream_url: str, timings: GuardTimings, *, redis_url: str = "",
-                     on_error: str = "pass", mode: str = "enforce") -> dict[str, Any]:
+def pollguard_config(
+    upstream_url: str,
+    timings: GuardTimings,
+    *,
+    redis_url: str = "",
+    on_error: str = "pass",
+    mode: str = "enforce",
+) -> dict[str, Any]:
     """A complete config (issue 2/3 format) guarding the simulator's recordings routes."""
     return {
         "upstream": {"url": upstream_url, "connect_timeout": "1s", "read_timeout": "10s"},
@@ -74,8 +84,12 @@ def pollguard_config(upstream_url: str, timings: GuardTimings, *, redis_url: str
             },
         },
         "routes": [
-            {"path": FILE_ROUTE, "methods": ["GET", "HEAD"], "job": "recording",
-             "key": "{call_sid}"},
+            {
+                "path": FILE_ROUTE,
+                "methods": ["GET", "HEAD"],
+                "job": "recording",
+                "key": "{call_sid}",
+            },
             {"path": PREPARE_ROUTE, "methods": ["POST"], "job": "recording"},
         ],
     }

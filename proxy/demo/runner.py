@@ -46,8 +46,9 @@ class DemoOptions:
 
     def client_settings(self) -> ClientSettings:
         if self.old_client:
-            return old_client_settings(DEMO_OLD_CLIENT_DELAY_SECONDS / self.speed,
-                                       DEMO_OLD_CLIENT_MAX_POLLS)
+            return old_client_settings(
+                DEMO_OLD_CLIENT_DELAY_SECONDS / self.speed, DEMO_OLD_CLIENT_MAX_POLLS
+            )
         return ClientSettings(poll_method="GET", max_polls=DEMO_CLIENT_MAX_POLLS)
 
 
@@ -72,8 +73,11 @@ class Timeline:
 
     def line(self, label: str, text: str) -> None:
         with self._lock:
-            print(f"{time.monotonic() - self.started:6.2f}s  {label:<26} {text}", file=self.out,
-                  flush=True)
+            print(
+                f"{time.monotonic() - self.started:6.2f}s  {label:<26} {text}",
+                file=self.out,
+                flush=True,
+            )
 
     def start_clock_once(self) -> None:
         """Zero the clock when the first client starts; later calls change nothing."""
@@ -88,14 +92,21 @@ class Timeline:
         self.line(label, f"{event.method:<4} -> {status} {retry_after:<15} {event.note}")
 
 
-async def run_one(scenario: Scenario, path: Path, options: DemoOptions, timeline: Timeline,
-                  all_started: asyncio.Barrier) -> RunReport:
+async def run_one(
+    scenario: Scenario,
+    path: Path,
+    options: DemoOptions,
+    timeline: Timeline,
+    all_started: asyncio.Barrier,
+) -> RunReport:
     """One scenario on one path, with its own simulator (and pollguard), cleaned up always.
     Clients start together once every run's servers are up, so timelines line up."""
     label = f"{scenario.name} / {path}"
-    settings = SimulatorSettings(faults=Faults(worker_mode=scenario.worker_mode),
-                                 download_seconds=DEFAULT_DOWNLOAD_SECONDS / options.speed,
-                                 retry_after_seconds=DEMO_BACKEND_RETRY_AFTER_SECONDS)
+    settings = SimulatorSettings(
+        faults=Faults(worker_mode=scenario.worker_mode),
+        download_seconds=DEFAULT_DOWNLOAD_SECONDS / options.speed,
+        retry_after_seconds=DEMO_BACKEND_RETRY_AFTER_SECONDS,
+    )
     simulator = create_simulator(settings, on_event=lambda _sid, msg: timeline.line(label, msg))
     server = ThreadedServer(simulator.app)
     guard: PollguardProcess | None = None
@@ -114,15 +125,21 @@ async def run_one(scenario: Scenario, path: Path, options: DemoOptions, timeline
         timeline.start_clock_once()
         timeline.line(label, f"client starts polling {base_url} ({scenario.story})")
         call_sid = call_sid_for(DEMO_TENANT, 0)
-        result = await play(base_url, call_sid, token_for(DEMO_TENANT),
-                            options.client_settings(),
-                            on_event=lambda event: timeline.client_event(label, event))
+        result = await play(
+            base_url,
+            call_sid,
+            token_for(DEMO_TENANT),
+            options.client_settings(),
+            on_event=lambda event: timeline.client_event(label, event),
+        )
         counters = simulator.backend.snapshot()
         jobs = int(counters["jobs_created"].get(call_sid, 0))
         forced = int(counters["forced_prepares"].get(call_sid, 0))
         verdict = judge(scenario, path, result, jobs, options.timings)
-        timeline.line(label, f"=> {outcome_text(result)}: "
-                             f"{'as promised' if verdict.ok else 'NOT as promised'}")
+        timeline.line(
+            label,
+            f"=> {outcome_text(result)}: {'as promised' if verdict.ok else 'NOT as promised'}",
+        )
         return RunReport(scenario, path, result, jobs, forced, verdict)
     finally:
         if guard is not None:
@@ -131,17 +148,36 @@ async def run_one(scenario: Scenario, path: Path, options: DemoOptions, timeline
 
 
 def format_summary(reports: list[RunReport]) -> str:
-    header = ("scenario", "path", "outcome", "polls", "jobs", "re-prepares", "time",
-              "expected", "ok")
+    header = (
+        "scenario",
+        "path",
+        "outcome",
+        "polls",
+        "jobs",
+        "re-prepares",
+        "time",
+        "expected",
+        "ok",
+    )
     rows = [header] + [
-        (r.scenario.name, str(r.path), outcome_text(r.result), str(r.result.polls),
-         str(r.jobs_created), str(r.forced_prepares), f"{r.result.elapsed:.1f}s",
-         r.verdict.expected, "yes" if r.verdict.ok else "NO")
+        (
+            r.scenario.name,
+            str(r.path),
+            outcome_text(r.result),
+            str(r.result.polls),
+            str(r.jobs_created),
+            str(r.forced_prepares),
+            f"{r.result.elapsed:.1f}s",
+            r.verdict.expected,
+            "yes" if r.verdict.ok else "NO",
+        )
         for r in reports
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
+    lines = [
+        " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -149,23 +185,24 @@ def format_summary(reports: list[RunReport]) -> str:
 async def _run_all(options: DemoOptions, timeline: Timeline) -> list[RunReport | BaseException]:
     pairs = [(name, path) for name in options.scenarios for path in options.paths]
     all_started = asyncio.Barrier(len(pairs))
-    runs = [run_one(SCENARIOS[name], path, options, timeline, all_started)
-            for name, path in pairs]
+    runs = [run_one(SCENARIOS[name], path, options, timeline, all_started) for name, path in pairs]
     return list(await asyncio.gather(*runs, return_exceptions=True))
 
 
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
     """Run the demo; 0 when every run ended as promised, 1 otherwise."""
     timings = options.timings
-    print(f"pollguard demo: stuck_after {timings.stuck_after:g}s, max_reprepares "
-          f"{timings.max_reprepares}, retry_after_reprepared {timings.retry_after_reprepared:g}s,"
-          f" max_wait {timings.max_wait:g}s (minutes compressed to seconds)", file=out)
+    print(
+        f"pollguard demo: stuck_after {timings.stuck_after:g}s, max_reprepares "
+        f"{timings.max_reprepares}, retry_after_reprepared {timings.retry_after_reprepared:g}s,"
+        f" max_wait {timings.max_wait:g}s (minutes compressed to seconds)",
+        file=out,
+    )
     timeline = Timeline(out)
     outcomes = asyncio.run(_run_all(options, timeline))
     reports = [o for o in outcomes if isinstance(o, RunReport)]
     # A run released by another run's startup failure reports only that consequence; skip it.
-    failures = [o for o in outcomes
-                if not isinstance(o, RunReport | asyncio.BrokenBarrierError)]
+    failures = [o for o in outcomes if not isinstance(o, RunReport | asyncio.BrokenBarrierError)]
     print("", file=out)
     if reports:
         print(format_summary(reports), file=out)
@@ -174,7 +211,10 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         print(f"error{hint}: {failure}", file=out)
     all_ok = not failures and all(r.verdict.ok for r in reports)
     played = sum(r.result.outcome is Outcome.PLAYED for r in reports)
-    print(f"\n{len(reports)} runs, {played} played, "
-          f"{'all as promised' if all_ok else 'SOME NOT AS PROMISED'} "
-          f"({time.monotonic() - timeline.started:.1f}s)", file=out)
+    print(
+        f"\n{len(reports)} runs, {played} played, "
+        f"{'all as promised' if all_ok else 'SOME NOT AS PROMISED'} "
+        f"({time.monotonic() - timeline.started:.1f}s)",
+        file=out,
+    )
     return 0 if all_ok else 1

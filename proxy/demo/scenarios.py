@@ -21,10 +21,14 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (
+    s.name: s
+    for s in (
         Scenario("healthy", WorkerMode.OK, "the worker is fine: the recording plays"),
-        Scenario("stuck-once", WorkerMode.STALL_FIRST,
-                 "the first download job hangs forever; a fresh job would succeed"),
+        Scenario(
+            "stuck-once",
+            WorkerMode.STALL_FIRST,
+            "the first download job hangs forever; a fresh job would succeed",
+        ),
         Scenario("worker-offline", WorkerMode.OFFLINE, "no worker picks up any job, ever"),
     )
 }

@@ -44,11 +44,13 @@ class ThreadedServer:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port if port is not None else free_port()
-        config = uvicorn.Config(app, host=LOOPBACK, port=self.port, log_level="warning",
-                                access_log=False, lifespan="on")
+        config = uvicorn.Config(
+            app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False, lifespan="on"
+        )
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, name=f"sim-{self.port}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, name=f"sim-{self.port}", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -77,16 +79,24 @@ class ThreadedServer:
             raise
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.stop()
 
 
 class PollguardProcess:
     """`python -m proxy serve` with a generated config file, on a free loopback port."""
 
-    def __init__(self, config: dict[str, Any], port: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.port = port if port is not None else free_port()
         self._extra_env = extra_env or {}
@@ -100,8 +110,20 @@ class PollguardProcess:
         return f"http://{LOOPBACK}:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path),
-                "--host", LOOPBACK, "--port", str(self.port), "--log-level", "warning"]
+        return [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--config",
+            str(self.config_path),
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT_SECONDS) -> None:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
@@ -110,8 +132,9 @@ class PollguardProcess:
         source_root = str(Path(proxy.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log,
-                                            stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=env
+            )
         self._wait_until_healthy(timeout)
 
     def _wait_until_healthy(self, timeout: float) -> None:
@@ -119,8 +142,9 @@ class PollguardProcess:
         with httpx.Client(timeout=0.5) as client:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise ServerStartError(f"pollguard exited with {self.process.returncode}:\n"
-                                           f"{self.log_tail()}")
+                    raise ServerStartError(
+                        f"pollguard exited with {self.process.returncode}:\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(f"{self.url}/-/health").status_code == 200:
                         return
@@ -155,6 +179,10 @@ class PollguardProcess:
             raise
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
-                 trace: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
         self.close()

@@ -66,7 +66,9 @@ def create_simulator(
                 response = await handler(request)
                 backend.record_request(f"{request.method} {endpoint}", response.status_code)
                 return response
+
             return counted_handler
+
         return wrap
 
     def owned_call(request: Request) -> tuple[Call | None, Response | None]:
@@ -79,8 +81,12 @@ def create_simulator(
         return call, None
 
     def pending(request: Request, run_id: str) -> Response:
-        return _json({"status": "processing", "run_id": run_id}, 202, request,
-                     **{"Retry-After": str(settings.retry_after_seconds)})
+        return _json(
+            {"status": "processing", "run_id": run_id},
+            202,
+            request,
+            **{"Retry-After": str(settings.retry_after_seconds)},
+        )
 
     @counted("file")
     async def recording_file(request: Request) -> Response:
@@ -88,8 +94,9 @@ def create_simulator(
         if call is None:
             return refusal or _json({"error": "not_found"}, 404, request)
         if not call.has_recording_url:
-            return _json({"error": "not_found", "message": "no recording for this call"}, 404,
-                         request)
+            return _json(
+                {"error": "not_found", "message": "no recording for this call"}, 404, request
+            )
         if request.method == "OPTIONS":
             return _with_cors(Response(status_code=204, headers={"Allow": FILE_METHODS}), request)
         if backend.is_ready(call.call_sid):
@@ -105,17 +112,19 @@ def create_simulator(
         try:
             byte_range = parse_single_range(request.headers.get("range"), size)
         except RangeNotSatisfiable:
-            return _with_cors(Response(status_code=416,
-                                       headers={"Content-Range": f"bytes */{size}"}), request)
+            return _with_cors(
+                Response(status_code=416, headers={"Content-Range": f"bytes */{size}"}), request
+            )
         if byte_range is not None:
             first, last = byte_range
-            data = data[first:last + 1]
+            data = data[first : last + 1]
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
             status = 206
         headers["Content-Length"] = str(len(data))
         body = b"" if request.method == "HEAD" else data
-        return _with_cors(Response(body, status_code=status, headers=headers,
-                                   media_type="audio/mpeg"), request)
+        return _with_cors(
+            Response(body, status_code=status, headers=headers, media_type="audio/mpeg"), request
+        )
 
     @counted("prepare")
     async def prepare(request: Request) -> Response:
@@ -123,11 +132,13 @@ def create_simulator(
         if call is None:
             return refusal or _json({"error": "not_found"}, 404, request)
         if not call.has_recording_url:
-            return _json({"error": "not_found", "message": "no recording for this call"}, 404,
-                         request)
+            return _json(
+                {"error": "not_found", "message": "no recording for this call"}, 404, request
+            )
         if backend.faults.prepare_fails:
-            return _json({"error": "enqueue_failed", "message": "could not enqueue job"}, 500,
-                         request)
+            return _json(
+                {"error": "enqueue_failed", "message": "could not enqueue job"}, 500, request
+            )
         if request.query_params.get("force") == "1":
             job = backend.force_replace(call.call_sid)
         elif backend.is_ready(call.call_sid):
@@ -175,14 +186,25 @@ def create_simulator(
         except (ValueError, TypeError) as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         faults: Faults = backend.update_faults(**changes)
-        return JSONResponse({"worker_mode": str(faults.worker_mode),
-                             "prepare_fails": faults.prepare_fails,
-                             "latency_ms": round(faults.latency_seconds * 1000)})
+        return JSONResponse(
+            {
+                "worker_mode": str(faults.worker_mode),
+                "prepare_fails": faults.prepare_fails,
+                "latency_ms": round(faults.latency_seconds * 1000),
+            }
+        )
 
     async def list_calls(request: Request) -> Response:
-        return JSONResponse([{"call_sid": c.call_sid, "tenant": c.tenant,
-                              "has_recording_url": c.has_recording_url}
-                             for c in calls.values()])
+        return JSONResponse(
+            [
+                {
+                    "call_sid": c.call_sid,
+                    "tenant": c.tenant,
+                    "has_recording_url": c.has_recording_url,
+                }
+                for c in calls.values()
+            ]
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -195,8 +217,9 @@ def create_simulator(
                 await worker
 
     routes = [
-        Route("/api/recordings/file/{call_sid}", recording_file,
-              methods=["GET", "HEAD", "OPTIONS"]),
+        Route(
+            "/api/recordings/file/{call_sid}", recording_file, methods=["GET", "HEAD", "OPTIONS"]
+        ),
         Route("/api/recordings/runs/{run_id}/status", run_status, methods=["GET"]),
         Route("/api/recordings/runs/{run_id}/cancel", run_cancel, methods=["POST"]),
         Route("/api/recordings/{call_sid}/prepare", prepare, methods=["POST"]),
