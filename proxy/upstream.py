@@ -243,9 +243,13 @@ class UpstreamResponse:
         connection = self._connection
         while True:
             if connection.buffer:
-                chunk = connection.buffer.popleft()
-                connection.buffered -= len(chunk)
-                if connection.reading_paused and connection.buffered < READ_LOW_WATER:
+                # Everything buffered goes out as one chunk (at most READ_HIGH_WATER and a
+                # read): fewer, larger writes to the client cost less per byte.
+                buffer = connection.buffer
+                chunk = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
+                buffer.clear()
+                connection.buffered = 0
+                if connection.reading_paused:
                     connection.reading_paused = False
                     if connection.transport is not None:
                         connection.transport.resume_reading()
