@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,6 +75,18 @@ async def test_observe_creates_a_fresh_episode_once(store: JobStore) -> None:
     assert other.episode_start == T0 + 30
     other_job = await store.observe("export", "K1", T0 + 40, LONG_TTL)
     assert other_job.episode_start == T0 + 40
+
+
+@pytest.mark.anyio
+async def test_concurrent_observes_each_get_their_own_record(store: JobStore) -> None:
+    """200 observes at once (batched into pipelines on Redis): each key gets its record, one key one episode."""
+    keys = [f"K{index % 100}" for index in range(200)]
+    states = await asyncio.gather(
+        *(store.observe("rec", key, T0 + index % 100, LONG_TTL) for index, key in enumerate(keys))
+    )
+    for index, state in enumerate(states):
+        assert state.episode_start == T0 + index % 100
+    assert states[:100] == states[100:]
 
 
 @pytest.mark.anyio
@@ -261,6 +274,28 @@ async def test_redis_concurrent_swaps_across_replicas(redis_server: RedisServer)
     finally:
         for replica in replicas:
             await replica.close()
+
+
+@pytest.mark.anyio
+async def test_redis_batch_with_one_bad_record_fails_only_that_observe(
+    redis_server: RedisServer,
+) -> None:
+    """In a pipelined batch, a garbage record fails its own observe; the others succeed."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await raw.set(record_key(PREFIX, "rec", "bad"), "not a hash")
+        outcomes = await asyncio.gather(
+            *(store.observe("rec", key, T0, LONG_TTL) for key in ("a", "bad", "b", "c")),
+            return_exceptions=True,
+        )
+    finally:
+        await raw.aclose()
+        await store.close()
+    assert isinstance(outcomes[1], StoreUnavailable)
+    assert all(
+        isinstance(outcome, JobState) for index, outcome in enumerate(outcomes) if index != 1
+    )
 
 
 @pytest.mark.anyio
