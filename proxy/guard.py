@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
@@ -75,6 +77,8 @@ class JobGuard:
         self._clock = clock
         self._last_store_error_log = -math.inf
         self._background: set[asyncio.Task[None]] = set()
+        # prometheus_client's labels() costs a lock and a dict build per call: keep the children.
+        self._decision_counters: dict[tuple[str, str, str], Counter] = {}
         # Only worth it in front of a shared store: the memory store is already local.
         self._recent = RecentRecords() if remember_records else None
 
@@ -322,7 +326,13 @@ class JobGuard:
         self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
     ) -> None:
         mode = "shadow" if target.job.shadow else "enforce"
-        DECISIONS.labels(target.job.name, decision_name, mode).inc()
+        counter = self._decision_counters.get((target.job.name, decision_name, mode))
+        if counter is None:
+            counter = DECISIONS.labels(target.job.name, decision_name, mode)
+            self._decision_counters[(target.job.name, decision_name, mode)] = counter
+        counter.inc()
+        if not logger.isEnabledFor(logging.INFO):
+            return
         logger.info(
             "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
             target.job.name,
