@@ -1,0 +1,286 @@
+"""Benchmark pollguard against nginx and the Python proxies, in one run, on one machine.
+
+Usage (normally through bench/run, which installs everything first):
+    python bench/bench.py [--quick] [--rounds N] [--peers a,b] [--report-only]
+Peers are measured in alternating order, round after round, so machine drift hits all of
+them equally; the report shows medians with min–max.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import checks
+import load
+import peers
+import procs
+import report
+import upstream
+
+REPO = peers.BENCH_DIR.parent
+WORK = peers.BENCH_DIR / ".work"
+RESULTS_JSON = WORK / "results.json"
+REDIS_REPLY_LIMIT = 1024 * 1024
+FULL = {"rounds": 3, "seconds": 10, "warmup": 2, "downloads": 10}
+QUICK = {"rounds": 1, "seconds": 2, "warmup": 1, "downloads": 10}
+
+
+@dataclass
+class Sample:
+    """Everything measured for one peer in one round."""
+
+    startup_ms: float | None = None
+    small_rps: float | None = None
+    small_p50_ms: float | None = None
+    small_p99_ms: float | None = None
+    small_cpu_us: float | None = None
+    small_bad: int = 0
+    pending_rps: float | None = None
+    pending_p99_ms: float | None = None
+    pending_cpu_us: float | None = None
+    pending_bad: int = 0
+    foreign_cores: float | None = None
+    redis_per_get: float | None = None  # Redis commands per unguarded GET (should be 0)
+    redis_per_202: float | None = None  # Redis commands per guarded pending answer
+    download_s: float | None = None
+    peak_rss_mib: float | None = None
+    rss_growth_mib: float | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _redis_command(port: int, command: bytes) -> bytes:
+    """One inline command, reply read until it is complete (bounded by size and timeout)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(command + b"\r\n")
+        reply = sock.recv(65536)
+        if reply.startswith(b"$"):
+            header, _, body = reply.partition(b"\r\n")
+            while len(body) < int(header[1:]) and len(reply) < REDIS_REPLY_LIMIT:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                body += chunk
+            return body
+        return reply
+
+
+def _redis_calls(port: int | None) -> int | None:
+    """Commands Redis has executed so far, not counting our own INFO/FLUSHALL."""
+    if port is None:
+        return None
+    stats = _redis_command(port, b"INFO commandstats").decode()
+    total = 0
+    for line in stats.splitlines():
+        name, _, fields = line.partition(":")
+        if name.startswith("cmdstat_") and name not in ("cmdstat_info", "cmdstat_flushall"):
+            total += int(fields.split("calls=", 1)[1].split(",", 1)[0])
+    return total
+
+
+def _per_request(before: int | None, after: int | None, requests: int) -> float | None:
+    if before is None or after is None or not requests:
+        return None
+    return (after - before) / requests
+
+
+def measure(
+    peer: peers.Peer, ctx: peers.Context, ref: checks.Reference, opts: dict[str, int]
+) -> Sample:
+    sample = Sample()
+    if peer.needs_redis and ctx.redis_port:
+        _redis_command(ctx.redis_port, b"FLUSHALL")
+    started = time.perf_counter()
+    running = peer.start(ctx)
+    try:
+        startup = load.time_to_first_response(running.port, started)
+        if running.proc is not None:
+            sample.startup_ms = startup * 1000
+        sample.checks = [asdict(result) for result in checks.run_checks(running.port, ref)]
+        pids = running.measured_pids()
+        load.run_wrk(running.port, "/small", opts["warmup"], [])
+        redis_port = ctx.redis_port if peer.needs_redis else None
+        calls_before = _redis_calls(redis_port)
+        small = load.run_wrk(running.port, "/small", opts["seconds"], pids, ctx.background_pids)
+        calls_between = _redis_calls(redis_port)
+        sample.redis_per_get = _per_request(calls_before, calls_between, small.requests)
+        sample.small_rps, sample.small_p50_ms, sample.small_p99_ms = (
+            small.req_per_s,
+            small.p50_ms,
+            small.p99_ms,
+        )
+        sample.small_cpu_us, sample.small_bad = (
+            small.cpu_us_per_request,
+            small.non_2xx + small.socket_errors,
+        )
+        pending = load.run_wrk(
+            running.port,
+            peers.PENDING_PATH,
+            opts["seconds"],
+            pids,
+            ctx.background_pids,
+            script=peers.PENDING_SCRIPT,
+            script_env={"BENCH_PENDING_KEYS": str(peers.PENDING_KEYS)},
+        )
+        sample.foreign_cores = max(small.foreign_cores, pending.foreign_cores)
+        sample.redis_per_202 = _per_request(
+            calls_between, _redis_calls(redis_port), pending.requests
+        )
+        sample.pending_rps, sample.pending_p99_ms = pending.req_per_s, pending.p99_ms
+        sample.pending_cpu_us = pending.cpu_us_per_request
+        sample.pending_bad = pending.non_2xx + pending.socket_errors
+        with load.PeakRss(pids) as during_50:
+            sample.download_s = load.timed_downloads(
+                running.port, "/files/50m.bin", upstream.SMALL_FILE_BYTES, opts["downloads"]
+            )
+        with load.PeakRss(pids) as during_500:
+            load.download(running.port, "/files/500m.bin", upstream.LARGE_FILE_BYTES)
+        if pids:
+            sample.peak_rss_mib = during_50.peak_mib()
+            sample.rss_growth_mib = during_500.peak_mib() - during_50.peak_mib()
+    except Exception as exc:  # one peer failing must not end the run; it is reported
+        sample.error = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        if running.proc is not None:
+            procs.stop(running.proc)
+    return sample
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    opts = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        opts["rounds"] = args.rounds
+    if args.seconds:
+        opts["seconds"] = args.seconds
+    selected = [p for p in peers.PEERS if not args.peers or p.name in args.peers.split(",")]
+    WORK.mkdir(parents=True, exist_ok=True)
+    procs.install_cleanup()
+    pinning = (
+        f"proxy pinned to core {procs.PROXY_CORE}; wrk, nginx upstream, redis and curl on core "
+        f"{procs.LOAD_CORE} (taskset)"
+        if procs.pinning_available()
+        else f"NOT pinned ({procs.cpu_count()} core(s) or no taskset): all processes share the CPU"
+    )
+    _log(pinning)
+    meta = report.collect_meta(REPO, pinning, opts, quick=args.quick)
+    _log("generating upstream files (50 MiB, 500 MiB) in bench/.work")
+    files = upstream.prepare_files(WORK)
+    upstream_proc, upstream_port = upstream.start_upstream(WORK, files)
+    redis_port = None
+    redis_proc = None
+    if any(p.needs_redis for p in selected):
+        try:
+            redis_proc, redis_port = upstream.start_redis(WORK)
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            _log(f"redis-server could not start: {exc}")
+    background = procs.children(upstream_proc.pid) + ([redis_proc.pid] if redis_proc else [])
+    ctx = peers.Context(
+        work=WORK,
+        upstream_port=upstream_port,
+        redis_port=redis_port,
+        background_pids=tuple(background),
+    )
+    ref = checks.Reference(files=files, upstream_port=upstream_port)
+
+    unavailable: dict[str, str] = {}
+    for peer in selected:
+        ok, why = peers.importable(peer.import_check)
+        if peer.needs_redis and redis_port is None:
+            ok, why = False, "redis-server unavailable"
+        if not ok:
+            unavailable[peer.name] = why or "not installed"
+            _log(f"{peer.name}: n/a ({unavailable[peer.name]})")
+    runnable = [p for p in selected if p.name not in unavailable]
+
+    samples: dict[str, list[dict[str, Any]]] = {p.name: [] for p in runnable}
+    for round_number in range(1, opts["rounds"] + 1):
+        order = runnable[round_number - 1 :] + runnable[: round_number - 1]  # rotate the start
+        for peer in order:
+            _log(f"round {round_number}/{opts['rounds']}: {peer.name}")
+            sample = measure(peer, ctx, ref, opts)
+            failed = [c["name"] for c in sample.checks if not c["passed"]]
+            _log(
+                f"  {peer.name}: small {sample.small_rps} req/s, p99 {sample.small_p99_ms} ms, "
+                f"202 {sample.pending_rps} req/s, downloads {sample.download_s} s, "
+                f"peak RSS {sample.peak_rss_mib} MiB, checks failed {failed}, error {sample.error}"
+            )
+            samples[peer.name].append(asdict(sample))
+    procs.stop(upstream_proc)
+
+    results = {
+        "meta": meta,
+        "peers": [
+            {
+                "name": p.name,
+                "description": p.description,
+                "is_pollguard": p.is_pollguard,
+                "unavailable": unavailable.get(p.name),
+                "samples": samples.get(p.name, []),
+            }
+            for p in selected
+        ],
+    }
+    RESULTS_JSON.write_text(json.dumps(results, indent=2))
+    # A --quick smoke run (CI) must not overwrite the committed full-run report.
+    out = RESULTS_JSON.parent if args.quick else REPO / "docs"
+    report.write(results, out / "benchmarks.md", out / "benchmarks.png")
+    _log(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.png'}")
+    return _exit_code(results)
+
+
+def _exit_code(results: dict[str, Any]) -> int:
+    """Non-zero only when pollguard itself could not be benchmarked; other peers may be n/a."""
+    broken = []
+    for peer in results["peers"]:
+        if not peer["is_pollguard"]:
+            continue
+        if peer["unavailable"] or not peer["samples"] or any(s["error"] for s in peer["samples"]):
+            broken.append(peer["name"])
+    if broken:
+        _log(f"FAILED: pollguard could not be benchmarked: {', '.join(broken)}")
+        return 1
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 round, seconds per measurement (CI smoke)"
+    )
+    parser.add_argument("--rounds", type=int, help="rounds of all peers (default 3; quick 1)")
+    parser.add_argument(
+        "--seconds", type=int, help="wrk duration per measurement (default 10; quick 2)"
+    )
+    parser.add_argument(
+        "--peers", help="comma-separated subset of: " + ", ".join(p.name for p in peers.PEERS)
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="re-render docs/ from bench/.work/results.json"
+    )
+    args = parser.parse_args()
+    if args.report_only:
+        results = json.loads(RESULTS_JSON.read_text())
+        report.write(results, REPO / "docs" / "benchmarks.md", REPO / "docs" / "benchmarks.png")
+        return _exit_code(results)
+    try:
+        return run(args)
+    finally:
+        procs.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

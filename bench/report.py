@@ -1,0 +1,359 @@
+"""Render benchmark results: a Markdown table (docs/benchmarks.md) and a bar chart (PNG)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import peers as peers_module
+import upstream
+
+PACKAGES = [
+    "pollguard",
+    "asgiproxy",
+    "fastapi-proxy-lib",
+    "fastapi",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "aiohttp",
+    "httpx",
+    "starlette",
+    "redis",
+]
+TARGET_VS_ASGIPROXY = 1.2
+TARGET_GUARDED_RATIO = 0.7
+TARGET_PEAK_RSS_MIB = 60.0
+TARGET_RSS_GROWTH_MIB = 10.0
+TARGET_STARTUP_MS = 1000.0
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def collect_meta(repo: Path, pinning: str, opts: dict[str, int], quick: bool) -> dict[str, Any]:
+    tools = {
+        "python": sys.version.split()[0],
+        "nginx": upstream.tool_version(["nginx", "-v"]).replace("nginx version: nginx/", ""),
+        "wrk": upstream.tool_version(["wrk", "-v"]).split(" [")[0].removeprefix("wrk "),
+        "redis": upstream.tool_version(["redis-server", "--version"])
+        .split(" sha=")[0]
+        .split("v=")[-1],
+        "curl": upstream.tool_version(["curl", "--version"]).split(" (")[0].removeprefix("curl "),
+    }
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+        "loadavg_at_start": os.getloadavg()[0],  # others' work on the machine skews every peer
+        "pinning": pinning,
+        "opts": opts,
+        "quick": quick,
+        "tools": tools,
+        "packages": {name: _version(name) for name in PACKAGES},
+    }
+
+
+def _values(peer: dict[str, Any], key: str) -> list[float]:
+    return [s[key] for s in peer["samples"] if s.get(key) is not None and not s.get("error")]
+
+
+def median(peer: dict[str, Any], key: str) -> float | None:
+    values = _values(peer, key)
+    return statistics.median(values) if values else None
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def cell(peer: dict[str, Any], key: str, digits: int = 0) -> str:
+    values = _values(peer, key)
+    if not values:
+        return "n/a"
+    middle = _fmt(statistics.median(values), digits)
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({_fmt(min(values), digits)}–{_fmt(max(values), digits)})"
+
+
+def failed_checks(peer: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for sample in peer["samples"]:
+        for check in sample["checks"]:
+            if not check["passed"] and check["name"] not in names:
+                names.append(check["name"])
+    return names
+
+
+def _checks_cell(peer: dict[str, Any]) -> str:
+    if not peer["samples"]:
+        return "n/a"
+    if any(s.get("error") for s in peer["samples"]):
+        return "**error**"
+    failed = failed_checks(peer)
+    return "all pass" if not failed else "**FAIL**: " + ", ".join(failed)
+
+
+def _label(peer: dict[str, Any]) -> str:
+    name = f"**{peer['name']}**" if peer["is_pollguard"] else peer["name"]
+    return name + (" ✗" if failed_checks(peer) else "")
+
+
+def _target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
+    def get(name: str, key: str) -> float | None:
+        return median(by_name[name], key) if name in by_name else None
+
+    lines: list[str] = []
+
+    def verdict(label: str, ok: bool | None, detail: str) -> None:
+        mark = "n/a" if ok is None else ("met" if ok else "**missed**")
+        lines.append(f"| {label} | {detail} | {mark} |")
+
+    pg_small, ap_small = get("pollguard", "small_rps"), get("asgiproxy", "small_rps")
+    ratio = pg_small / ap_small if pg_small and ap_small else None
+    verdict(
+        f"small GET ≥ {TARGET_VS_ASGIPROXY} × asgiproxy req/s",
+        None if ratio is None else ratio >= TARGET_VS_ASGIPROXY,
+        "n/a" if ratio is None else f"{ratio:.2f} ×",
+    )
+    pg_p99, ap_p99 = get("pollguard", "small_p99_ms"), get("asgiproxy", "small_p99_ms")
+    verdict(
+        "small GET p99 ≤ asgiproxy's",
+        None if pg_p99 is None or ap_p99 is None else pg_p99 <= ap_p99,
+        "n/a" if pg_p99 is None or ap_p99 is None else f"{pg_p99:.1f} ms vs {ap_p99:.1f} ms",
+    )
+    guarded, unguarded = get("pollguard+redis", "pending_rps"), get("pollguard+redis", "small_rps")
+    g_ratio = guarded / unguarded if guarded and unguarded else None
+    verdict(
+        f"guarded 202 with Redis ≥ {TARGET_GUARDED_RATIO} × own unguarded",
+        None if g_ratio is None else g_ratio >= TARGET_GUARDED_RATIO,
+        "n/a" if g_ratio is None else f"{g_ratio:.2f} ×",
+    )
+    per_202 = get("pollguard+redis", "redis_per_202")
+    verdict(
+        "Redis calls per guarded 202 ≤ 1 (commandstats: upper bound on round trips)",
+        None if per_202 is None else per_202 <= 1.0,
+        "n/a" if per_202 is None else f"{per_202:.3f}",
+    )
+    per_get = get("pollguard+redis", "redis_per_get")
+    verdict(
+        "Redis calls per unguarded GET = 0",
+        None if per_get is None else per_get == 0,
+        "n/a" if per_get is None else f"{per_get:.3f}",
+    )
+    pg_dl, ap_dl = get("pollguard", "download_s"), get("asgiproxy", "download_s")
+    verdict(
+        "10 × 50 MiB time ≤ asgiproxy's",
+        None if pg_dl is None or ap_dl is None else pg_dl <= ap_dl,
+        "n/a" if pg_dl is None or ap_dl is None else f"{pg_dl:.2f} s vs {ap_dl:.2f} s",
+    )
+    rss = get("pollguard", "peak_rss_mib")
+    verdict(
+        f"peak RSS during downloads ≤ {TARGET_PEAK_RSS_MIB:.0f} MiB",
+        None if rss is None else rss <= TARGET_PEAK_RSS_MIB,
+        "n/a" if rss is None else f"{rss:.1f} MiB",
+    )
+    growth = get("pollguard", "rss_growth_mib")
+    verdict(
+        f"RSS growth 500 MiB vs 50 MiB ≤ {TARGET_RSS_GROWTH_MIB:.0f} MiB",
+        None if growth is None else growth <= TARGET_RSS_GROWTH_MIB,
+        "n/a" if growth is None else f"{growth:.1f} MiB",
+    )
+    startup = get("pollguard", "startup_ms")
+    verdict(
+        f"startup to first served request ≤ {TARGET_STARTUP_MS / 1000:.0f} s",
+        None if startup is None else startup <= TARGET_STARTUP_MS,
+        "n/a" if startup is None else f"{startup:.0f} ms",
+    )
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    opts = meta["opts"]
+    peers = results["peers"]
+    by_name = {p["name"]: p for p in peers if p["samples"]}
+    packages = ", ".join(f"{k} {v}" for k, v in meta["packages"].items())
+    tools = ", ".join(f"{k} {v}" for k, v in meta["tools"].items())
+    out = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/run"
+        + (" --quick" if meta["quick"] else "")
+        + "`; do not edit by hand.",
+        "",
+        f"- **Date:** {meta['date']}",
+        f"- **CPU:** {meta['cpu']}, {meta['cores']} cores; Linux {meta['kernel']}",
+        f"- **Pinning:** {meta['pinning']}",
+        f"- **Load average (1 min) when the run started:** {meta.get('loadavg_at_start', 0):.2f} "
+        "(anything else running on the machine skews all peers; rounds rotate to spread it)",
+        f"- **Method:** {opts['rounds']} round(s), peers in rotating order each round; "
+        f"wrk `-t1 -c32 -d{opts['seconds']}s --latency` after a {opts['warmup']} s warm-up; "
+        f"cells are median (min–max) over rounds. Python peers run under uvicorn "
+        "`--loop uvloop --http httptools --no-access-log --log-level warning`, 1 worker.",
+        f"- **Tools:** {tools}",
+        f"- **Packages:** {packages}",
+        "",
+        "## Throughput and latency",
+        "",
+        "| peer | small GET req/s | p50 ms | p99 ms | 202 req/s | 202 p99 ms | CPU µs/req (GET) | CPU µs/req (202) | foreign load (cores) | checks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for peer in peers:
+        if not peer["samples"]:
+            out.append(
+                f"| {peer['name']} | n/a | | | | | | | | {peer['unavailable'] or 'no samples'} |"
+            )
+            continue
+        out.append(
+            f"| {_label(peer)} | {cell(peer, 'small_rps')} | {cell(peer, 'small_p50_ms', 2)} | "
+            f"{cell(peer, 'small_p99_ms', 2)} | {cell(peer, 'pending_rps')} | "
+            f"{cell(peer, 'pending_p99_ms', 2)} | {cell(peer, 'small_cpu_us')} | "
+            f"{cell(peer, 'pending_cpu_us')} | {cell(peer, 'foreign_cores', 2)} | "
+            f"{_checks_cell(peer)} |"
+        )
+    out += [
+        "",
+        f"## Streaming and resources ({opts['downloads']} × 50 MiB sequential downloads with curl, then one 500 MiB)",
+        "",
+        "| peer | 10 × 50 MiB s | proxy peak RSS MiB | RSS growth 500 vs 50 MiB | startup ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for peer in peers:
+        if not peer["samples"]:
+            continue
+        out.append(
+            f"| {_label(peer)} | {cell(peer, 'download_s', 2)} | {cell(peer, 'peak_rss_mib', 1)} | "
+            f"{cell(peer, 'rss_growth_mib', 1)} | {cell(peer, 'startup_ms')} |"
+        )
+    out += [
+        "",
+        "## Targets (issue 5; medians of this run)",
+        "",
+        "| target | measured | |",
+        "|---|---:|---|",
+    ]
+    out += _target_lines(by_name)
+    out += ["", "## Peers", ""]
+    out += [f"- **{p['name']}**: {p['description']}" for p in peers]
+    out += [
+        "",
+        "Small GET: `/small` (~200 B, unguarded). 202: `/pending/job<n>` over "
+        f"{peers_module.PENDING_KEYS} job keys in turn (bench/pending_keys.lua), nginx answers `202` + "
+        "`Retry-After: 2`; on pollguard this route is guarded (job state in memory or Redis). "
+        "CPU µs/req: the proxy process's utime+stime over the wrk run ÷ requests (nginx: its worker). "
+        "Peak RSS: VmHWM reset before the downloads (and sampled VmRSS). "
+        "RSS growth: peak during one 500 MiB download minus peak during the 50 MiB ones — a streaming proxy stays flat. "
+        "Startup: from process start to the first `200` on `/small`. "
+        "Foreign load: CPU used during the wrk runs by processes that are not the benchmark's "
+        "(machine busy time incl. steal, minus proxy, upstream, redis, wrk and the harness) — "
+        "well above 0 means something else on the machine was competing and the row is suspect. "
+        "Redis calls: `INFO commandstats` deltas over each wrk run ÷ requests; commands run "
+        "inside a Lua script count too, so this is an upper bound on round trips.",
+        "",
+        "Correctness spot checks (per peer, every round, compared with nginx served directly): Range → `206` "
+        "with the right bytes and Content-Range; HEAD → no body, upstream Content-Length; gzip asked → the "
+        "upstream's gzip bytes untouched; gzip not asked → no Content-Encoding; two Set-Cookie kept; `302` "
+        "not followed; a Set-Cookie seen by one client is never replayed to the next; `202` keeps Retry-After. "
+        "A peer marked ✗ failed one — a fast peer that is wrong does not count.",
+    ]
+    details = []
+    for peer in peers:
+        for sample in peer["samples"][:1]:
+            details += [
+                f"- {peer['name']} / {c['name']}: {c['detail']}"
+                for c in sample["checks"]
+                if not c["passed"]
+            ]
+        errors = {s["error"] for s in peer["samples"] if s.get("error")}
+        details += [f"- {peer['name']}: error: {e}" for e in sorted(errors)]
+        bad = sum(s.get("small_bad", 0) + s.get("pending_bad", 0) for s in peer["samples"])
+        if bad:
+            details.append(
+                f"- {peer['name']}: {bad} non-2xx/3xx answers or socket errors under wrk"
+            )
+    if details:
+        out += ["", "## Failures", "", *details]
+    return "\n".join(out) + "\n"
+
+
+def render_chart(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = [p for p in results["peers"] if p["samples"]]
+    names = [p["name"] + (" ✗" if failed_checks(p) else "") for p in peers]
+    panels: list[tuple[str, str, bool, Callable[[float], str]]] = [
+        ("small_rps", "small GET req/s (log)", True, lambda v: f"{v:,.0f}"),
+        ("small_p99_ms", "small GET p99 ms (log; lower is better)", True, lambda v: f"{v:.1f}"),
+        ("pending_rps", "202 /pending req/s (log)", True, lambda v: f"{v:,.0f}"),
+        ("download_s", "10 × 50 MiB seconds (lower is better)", False, lambda v: f"{v:.2f}"),
+        ("peak_rss_mib", "proxy peak RSS MiB during downloads", False, lambda v: f"{v:.0f}"),
+        ("small_cpu_us", "CPU µs per small GET (lower is better)", True, lambda v: f"{v:.0f}"),
+    ]
+    fig, axes = plt.subplots(3, 2, figsize=(13, 12))
+    for axis, (key, title, log, fmt) in zip(axes.flat, panels, strict=True):
+        medians, lows, highs, colors = [], [], [], []
+        for peer in peers:
+            values = _values(peer, key)
+            mid = statistics.median(values) if values else 0.0
+            medians.append(mid)
+            lows.append(mid - min(values) if values else 0.0)
+            highs.append(max(values) - mid if values else 0.0)
+            colors.append(
+                "#d95f02"
+                if peer["is_pollguard"]
+                else ("#bbbbbb" if failed_checks(peer) else "#1b9e77")
+            )
+        bars = axis.barh(names, medians, xerr=[lows, highs], color=colors, capsize=3)
+        span = max((m + h for m, h in zip(medians, highs, strict=True)), default=0.0)
+        for bar, value, high in zip(bars, medians, highs, strict=True):
+            if value:
+                # Past the error bar's end, so the label never sits on the whisker.
+                x = (value + high) * 1.1 if log else value + high + span * 0.02
+                axis.text(
+                    x, bar.get_y() + bar.get_height() / 2, fmt(value), va="center", fontsize=8
+                )
+        if log and any(medians):
+            axis.set_xscale("log")
+        axis.set_title(title, fontsize=10)
+        axis.invert_yaxis()
+        axis.tick_params(labelsize=8)
+        axis.margins(x=0.25)
+    meta = results["meta"]
+    fig.suptitle(
+        f"pollguard benchmark — {meta['date']}, {meta['cpu']} ({meta['cores']} cores)\n"
+        f"{meta['pinning']}; medians, bars = min–max; ✗ = failed a correctness check",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], markdown_path: Path, chart_path: Path) -> None:
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.write_text(render_markdown(results))
+    render_chart(results, chart_path)
