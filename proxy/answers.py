@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from proxy.headers import RawHeaders, expose_header, replace_header
+from proxy.headers import RawHeaders, header_value
 from proxy.problems import Problem
 
 # Response headers copied from the upstream's pending answer onto an answer pollguard writes,
@@ -37,10 +37,40 @@ class ProblemContext:
 
 
 def pending(status: int, upstream_headers: RawHeaders, retry_after: float) -> GuardAnswer:
-    """The upstream's pending answer and body, with an honest Retry-After and no caching."""
-    headers = replace_header(upstream_headers, b"retry-after", _seconds(retry_after))
-    headers = replace_header(headers, b"cache-control", b"no-store")
-    return GuardAnswer(status, expose_header(headers, _RETRY_AFTER_NAME), None)
+    """The upstream's pending answer and body, with an honest Retry-After and no caching.
+
+    One pass over the headers: this runs on every poll of every guarded job.
+    """
+    headers: RawHeaders = []
+    cors = False
+    exposed: bytes | None = None
+    for name, value in upstream_headers:
+        if name == b"retry-after" or name == b"cache-control":
+            continue
+        if name == b"access-control-expose-headers":
+            exposed = value
+            continue
+        if name == b"access-control-allow-origin":
+            cors = True
+        headers.append((name, value))
+    headers.append((b"retry-after", _seconds(retry_after)))
+    headers.append((b"cache-control", b"no-store"))
+    if cors:
+        headers.append((b"access-control-expose-headers", _with_retry_after(exposed)))
+    elif exposed is not None:
+        headers.append((b"access-control-expose-headers", exposed))
+    return GuardAnswer(status, headers, None)
+
+
+def _with_retry_after(exposed: bytes | None) -> bytes:
+    """Browsers hide non-safelisted headers from scripts: a player that can't read Retry-After
+    falls back to its own fixed delay."""
+    if exposed is None:
+        return _RETRY_AFTER_NAME
+    names = {token.strip().lower() for token in exposed.split(b",")}
+    if b"retry-after" in names or b"*" in names:
+        return exposed
+    return exposed + b", " + _RETRY_AFTER_NAME
 
 
 def reprepared(
@@ -61,14 +91,14 @@ def reprepared(
         separators=(",", ":"),
     ).encode()
     headers = [
-        *cors_headers(upstream_headers),
+        *_cors_exposing_retry_after(upstream_headers),
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
         (b"retry-after", _seconds(retry_after)),
         (b"x-request-id", request_id),
     ]
-    return GuardAnswer(202, expose_header(headers, _RETRY_AFTER_NAME), body)
+    return GuardAnswer(202, headers, body)
 
 
 def job_problem(
@@ -111,6 +141,15 @@ def cors_headers(upstream_headers: RawHeaders) -> RawHeaders:
         for name, value in upstream_headers
         if name.startswith(_CORS_PREFIX) or name == b"vary"
     ]
+
+
+def _cors_exposing_retry_after(upstream_headers: RawHeaders) -> RawHeaders:
+    cors = cors_headers(upstream_headers)
+    if header_value(cors, b"access-control-allow-origin") is None:
+        return cors
+    exposed = header_value(cors, b"access-control-expose-headers")
+    kept = [header for header in cors if header[0] != b"access-control-expose-headers"]
+    return [*kept, (b"access-control-expose-headers", _with_retry_after(exposed))]
 
 
 def _problem_answer(

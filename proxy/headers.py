@@ -171,25 +171,3 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
         if key == name:
             return value
     return None
-
-
-def replace_header(headers: RawHeaders, name: bytes, value: bytes) -> RawHeaders:
-    """Every occurrence of name removed, then one name: value appended."""
-    return [(key, old) for key, old in headers if key != name] + [(name, value)]
-
-
-def expose_header(headers: RawHeaders, exposed: bytes) -> RawHeaders:
-    """Add a name to Access-Control-Expose-Headers when the response is CORS-enabled.
-
-    Browsers hide every non-safelisted response header from scripts; a player that cannot read
-    Retry-After falls back to its own fixed delay.
-    """
-    if header_value(headers, b"access-control-allow-origin") is None:
-        return headers
-    current = header_value(headers, b"access-control-expose-headers")
-    if current is None:
-        return [*headers, (b"access-control-expose-headers", exposed)]
-    names = {token.strip().lower() for token in current.split(b",")}
-    if exposed.lower() in names or b"*" in names:
-        return headers
-    return replace_header(headers, b"access-control-expose-headers", current + b", " + exposed)
