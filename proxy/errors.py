@@ -24,3 +24,7 @@ class UpstreamTimeout(UpstreamError):
 
 class StoreUnavailable(PollguardError):
     """The job-state store (Redis) could not be reached or answered garbage."""
+
+
+class ClientDisconnected(PollguardError):
+    """The client went away while pollguard was still reading its request body."""

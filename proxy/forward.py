@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.answers import GuardAnswer
-from proxy.errors import UpstreamError, UpstreamTimeout
+from proxy.errors import ClientDisconnected, UpstreamError, UpstreamTimeout
 from proxy.guard import GuardTarget, JobGuard
 from proxy.headers import TrustedNetworks, forwarded_request_headers, response_headers
 from proxy.metrics import UPSTREAM_ERRORS
@@ -29,10 +29,6 @@ Send = Any  # ASGI send callable
 
 UNAVAILABLE_RETRY_AFTER = 5  # seconds; what a 502 tells the client to wait
 DRAIN_LIMIT = 64 * 1024  # read at most this much of a replaced body to keep its connection
-
-
-class ClientDisconnected(Exception):
-    """The client went away while we were still reading its request body."""
 
 
 class Forwarder:
@@ -71,10 +67,13 @@ class Forwarder:
         target_job = self.guard.target(method, scope["path"]) if self.guard else None
         try:
             response = await self.upstream.send(method, target, headers, body)
+        except ClientDisconnected:
+            logger.info(
+                "client went away during its upload (request_id=%s)", request_id.decode("latin-1")
+            )
+            return  # nobody to answer
         except UpstreamError as exc:
             await self._upstream_failed(exc, method, request_id, send)
-            return
-        except ClientDisconnected:
             return
         answer: GuardAnswer | None = None
         if target_job is not None and self.guard is not None:
@@ -205,9 +204,9 @@ async def _stream(
                 watcher = asyncio.ensure_future(_close_on_disconnect(receive, response))
         await send({"type": "http.response.body", "body": b""})
         response.release()
-    except UpstreamError as exc:
+    except (UpstreamError, ClientDisconnected) as exc:
         response.abort()
-        logger.info("response body from upstream ended early: %s", exc)
+        logger.info("response body ended early: %s", exc)
     except BaseException:
         response.abort()
         raise

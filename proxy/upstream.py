@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from proxy.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.errors import PollguardError, UpstreamTimeout, UpstreamUnavailable
 
 # Buffer at most this much of a response body before we stop reading from the upstream
 # socket; the client's pace then sets the upstream's pace (no body is ever held whole).
@@ -66,7 +66,7 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.message_done = False
         self.bytes_seen = False
-        self.error: UpstreamError | None = None
+        self.error: PollguardError | None = None
         self.is_head = False
         self.reading_paused = False
         self.last_data = 0.0
@@ -160,7 +160,7 @@ class _Connection(asyncio.Protocol):
                 return True
         return False
 
-    def _fail(self, error: UpstreamError) -> None:
+    def _fail(self, error: PollguardError) -> None:
         if self.error is None:
             self.error = error
         _wake(self.head_waiter)
@@ -485,7 +485,7 @@ def _surface_writer_error(connection: _Connection) -> Callable[[asyncio.Task[Non
         # exchange can't complete, so close it and wake whoever waits on it.
         error = (
             exc
-            if isinstance(exc, UpstreamError)
+            if isinstance(exc, PollguardError)  # ClientDisconnected among them
             else UpstreamUnavailable(f"request body not sent: {exc!r}")
         )
         connection._fail(error)

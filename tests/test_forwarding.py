@@ -393,3 +393,18 @@ def test_ready_is_503_when_upstream_is_down() -> None:
     assert response.status_code == 503
     assert response.headers["content-type"] == "application/problem+json"
     assert "upstream" in response.json()["detail"]
+
+
+def test_client_leaving_mid_upload_is_not_an_upstream_error(proxy: ProxyProcess) -> None:
+    """A client that disconnects half-way through its upload is not counted or logged as an upstream failure."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000
+        )
+    deadline = time.monotonic() + 5
+    while "client went away during its upload" not in proxy.logs() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "client went away during its upload" in proxy.logs()
+    metrics = httpx.get(proxy.url + "/-/metrics").text
+    assert 'pollguard_upstream_errors_total{code="upstream-unavailable"}' not in metrics
+    assert "Traceback" not in proxy.logs()
