@@ -6,6 +6,7 @@ non-empty path segment. The job key defaults to the parameters joined with ":" i
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -145,7 +146,8 @@ def _route_key(route: _CompiledRoute, params: Mapping[str, str]) -> str:
     return fill_template(route.spec.key, params)
 
 
-def _split_template(template: str) -> list[tuple[str, str | None]]:
+@functools.lru_cache(maxsize=256)  # templates come from config: few, and filled per request
+def _split_template(template: str) -> tuple[tuple[str, str | None], ...]:
     """Alternating (literal, None) and ("", name) parts of `template`."""
     parts: list[tuple[str, str | None]] = []
     position = 0
@@ -156,7 +158,7 @@ def _split_template(template: str) -> list[tuple[str, str | None]]:
         position = found.end()
     if position < len(template):
         parts.append((template[position:], None))
-    return parts
+    return tuple(parts)
 
 
 def _fill(template: str, params: Mapping[str, str], *, encode: bool) -> str:
