@@ -106,10 +106,17 @@ def test_decision_modules_import_no_io_library() -> None:
 
 @pytest.mark.parametrize(
     ("exposed", "expected"),
-    [(b"X-Trace", b"X-Trace, Retry-After"), (b"retry-after, X-Trace", b"retry-after, X-Trace"), (b"*", b"*")],
+    [
+        (b"X-Trace", b"X-Trace, Retry-After"),
+        (b"retry-after, X-Trace", b"retry-after, X-Trace"),
+        (b"*", b"*"),
+    ],
 )
 def test_existing_expose_list_is_extended_once(exposed: bytes, expected: bytes) -> None:
     """An upstream Access-Control-Expose-Headers gains Retry-After once, on pending and re-prepared answers."""
     upstream = [*UPSTREAM, (b"access-control-expose-headers", exposed)]
-    for answer in (answers.pending(202, upstream, 2), answers.reprepared(upstream, 1, 3, 3, b"rid")):
+    for answer in (
+        answers.pending(202, upstream, 2),
+        answers.reprepared(upstream, 1, 3, 3, b"rid"),
+    ):
         assert values(answer.headers, b"access-control-expose-headers") == [expected]
