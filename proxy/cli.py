@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from proxy import __version__
-from proxy.config import check_workers, config_warnings, load_config, render_config
+from proxy.config import load_config
+from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 

@@ -12,9 +12,8 @@ from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -34,6 +33,7 @@ from proxy.config_loading import (
     format_duration,
     interpolate_env,
     load_yaml_mapping,
+    mask_redis_url,
     parse_duration,
     template_params,
     translate_validation_error,
@@ -48,12 +48,9 @@ __all__ = [
     "RouteConfig",
     "StateConfig",
     "UpstreamConfig",
-    "check_workers",
-    "config_warnings",
     "format_duration",
     "load_config",
     "parse_config",
-    "render_config",
 ]
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -76,11 +73,9 @@ DEFAULT_REPREPARE_TIMEOUT = 10.0
 DEFAULT_ROUTE_METHODS = frozenset({"GET", "HEAD"})
 UPSTREAM_SCHEMES = ("http", "https")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
-MASK = "***"
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: methods, header names
-_REDIS_QUERY_PASSWORD_RE = re.compile(r"(^|&)(password=)[^&]*")
 
 
 def _blank_to_none(value: object) -> object:
@@ -194,7 +189,7 @@ class StateConfig(_Section):
     def _check_redis_url(cls, url: str | None) -> str | None:
         if url is not None and urlsplit(url).scheme not in REDIS_SCHEMES:
             raise ValueError(
-                f"unsupported Redis URL {_mask_redis_url(url)!r} — use redis://, rediss:// or "
+                f"unsupported Redis URL {mask_redis_url(url)!r} — use redis://, rediss:// or "
                 "unix://, e.g. redis://127.0.0.1:6379/0, or leave it empty for the in-memory store"
             )
         return url
@@ -386,116 +381,3 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{source}: cannot read the config file — {exc}") from None
     return parse_config(text, env, source)
-
-
-def config_warnings(cfg: Config) -> list[str]:
-    """Legal but probably unintended settings, one human sentence each."""
-    warnings: list[str] = []
-    used_jobs = {route.job for route in cfg.routes}
-    for name, job in cfg.jobs.items():
-        stuck, window = format_duration(job.stuck_after), format_duration(job.reprepare_window)
-        if job.max_wait <= job.stuck_after:
-            warnings.append(
-                f"jobs.{name}: max_wait ({format_duration(job.max_wait)}) <= stuck_after "
-                f"({stuck}) — a pure wait cap that never re-prepares; raise max_wait above "
-                "stuck_after if stuck jobs should be re-prepared"
-            )
-        needed = job.stuck_after * job.max_reprepares
-        if job.reprepare_window < needed:
-            warnings.append(
-                f"jobs.{name}: reprepare_window ({window}) < stuck_after x max_reprepares "
-                f"({format_duration(needed)}) — the window rolls over before {job.max_reprepares} "
-                "re-prepares can accumulate, so job-stuck can never be answered; raise "
-                f"reprepare_window to at least {format_duration(needed)}"
-            )
-        if name not in used_jobs:
-            warnings.append(
-                f"jobs.{name}: no route uses this job — add a route with job: {name} or remove it"
-            )
-    return warnings
-
-
-def check_workers(cfg: Config, workers: int) -> None:
-    """Several worker processes need a shared store; memory state would silently split."""
-    if workers > 1 and cfg.state.redis_url is None:
-        raise ConfigError(
-            f"state.redis_url: not set, but {workers} workers were requested — job state would "
-            f"split between the {workers} processes (each keeps its own in-memory store); set "
-            "state.redis_url, e.g. redis://127.0.0.1:6379/0, or run 1 worker"
-        )
-
-
-def render_config(cfg: Config) -> str:
-    """The effective config as YAML that loads back to the same values; secrets masked."""
-    upstream, state, admin = cfg.upstream, cfg.state, cfg.admin
-    plain: dict[str, Any] = {
-        "upstream": {
-            "url": upstream.url,
-            "connect_timeout": format_duration(upstream.connect_timeout),
-            "read_timeout": format_duration(upstream.read_timeout),
-            "pool_size": upstream.pool_size,
-            "preserve_host": upstream.preserve_host,
-            "trusted_proxies": [str(network) for network in upstream.trusted_proxies],
-        },
-        "state": {
-            "redis_url": None if state.redis_url is None else _mask_redis_url(state.redis_url),
-            "key_prefix": state.key_prefix,
-            "on_error": state.on_error,
-            "timeout": format_duration(state.timeout),
-        },
-        "admin": {"prefix": admin.prefix, "token": None if admin.token is None else MASK},
-        "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
-        "routes": [
-            {"path": r.path, "methods": sorted(r.methods), "job": r.job, "key": r.key}
-            for r in cfg.routes
-        ],
-    }
-    return yaml.safe_dump(_escape_env_refs(plain), sort_keys=False, allow_unicode=True)
-
-
-def _plain_job(job: JobConfig) -> dict[str, Any]:
-    reprepare = job.reprepare
-    return {
-        "mode": job.mode,
-        "pending_status": sorted(job.pending_status),
-        "stuck_after": format_duration(job.stuck_after),
-        "max_reprepares": job.max_reprepares,
-        "reprepare_window": format_duration(job.reprepare_window),
-        "max_wait": format_duration(job.max_wait),
-        "retry_after": format_duration(job.retry_after),
-        "retry_after_max": format_duration(job.retry_after_max),
-        "retry_after_reprepared": format_duration(job.retry_after_reprepared),
-        "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
-        "reprepare": {
-            "method": reprepare.method,
-            "path": reprepare.path,
-            "query": dict(reprepare.query),
-            "headers": {name: _mask_if_secret(name, v) for name, v in reprepare.headers.items()},
-            "forward_headers": list(reprepare.forward_headers),
-            "timeout": format_duration(reprepare.timeout),
-        },
-    }
-
-
-def _mask_if_secret(header: str, value: str) -> str:
-    # Static credentials for the re-prepare call are as secret as the admin token.
-    return MASK if header.lower() in ("authorization", "cookie", "proxy-authorization") else value
-
-
-def _mask_redis_url(url: str) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostinfo = netloc.rpartition("@")
-        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostinfo}"
-    query = _REDIS_QUERY_PASSWORD_RE.sub(rf"\1\2{MASK}", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _escape_env_refs(data: Any) -> Any:
-    # Rendered text is loadable config, so a literal `${` must not be read back as a reference.
-    if isinstance(data, dict):
-        return {key: _escape_env_refs(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [_escape_env_refs(item) for item in data]
-    return data.replace("${", "$${") if isinstance(data, str) else data

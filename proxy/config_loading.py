@@ -8,6 +8,7 @@ import math
 import re
 from collections.abc import Mapping
 from typing import Any, TypeGuard, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -303,3 +304,18 @@ def _model_at(root: type[BaseModel], loc: Path) -> type[BaseModel] | None:
 
 def _is_model(candidate: Any) -> TypeGuard[type[BaseModel]]:
     return isinstance(candidate, type) and issubclass(candidate, BaseModel)
+
+
+MASK = "***"
+_REDIS_QUERY_PASSWORD_RE = re.compile(r"(^|&)(password=)[^&]*")
+
+
+def mask_redis_url(url: str) -> str:
+    """`url` with any password replaced by MASK (for messages and rendered config)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostinfo = netloc.rpartition("@")
+        netloc = f"{userinfo.partition(':')[0]}:{MASK}@{hostinfo}"
+    query = _REDIS_QUERY_PASSWORD_RE.sub(rf"\1\2{MASK}", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -11,16 +11,8 @@ import pytest
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from proxy.config import (
-    Config,
-    RouteConfig,
-    check_workers,
-    config_warnings,
-    format_duration,
-    load_config,
-    parse_config,
-    render_config,
-)
+from proxy.config import Config, RouteConfig, format_duration, load_config, parse_config
+from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.errors import ConfigError
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"

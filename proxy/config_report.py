@@ -1,0 +1,115 @@
+"""What `check-config` and `serve` say about a valid config: warnings, the worker check, and
+the effective config rendered as YAML with secrets masked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from proxy.config import Config, JobConfig
+from proxy.config_loading import MASK, format_duration, mask_redis_url
+from proxy.errors import ConfigError
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Legal but probably unintended settings, one human sentence each."""
+    warnings: list[str] = []
+    used_jobs = {route.job for route in cfg.routes}
+    for name, job in cfg.jobs.items():
+        stuck, window = format_duration(job.stuck_after), format_duration(job.reprepare_window)
+        if job.max_wait <= job.stuck_after:
+            warnings.append(
+                f"jobs.{name}: max_wait ({format_duration(job.max_wait)}) <= stuck_after "
+                f"({stuck}) — a pure wait cap that never re-prepares; raise max_wait above "
+                "stuck_after if stuck jobs should be re-prepared"
+            )
+        needed = job.stuck_after * job.max_reprepares
+        if job.reprepare_window < needed:
+            warnings.append(
+                f"jobs.{name}: reprepare_window ({window}) < stuck_after x max_reprepares "
+                f"({format_duration(needed)}) — the window rolls over before {job.max_reprepares} "
+                "re-prepares can accumulate, so job-stuck can never be answered; raise "
+                f"reprepare_window to at least {format_duration(needed)}"
+            )
+        if name not in used_jobs:
+            warnings.append(
+                f"jobs.{name}: no route uses this job — add a route with job: {name} or remove it"
+            )
+    return warnings
+
+
+def check_workers(cfg: Config, workers: int) -> None:
+    """Several worker processes need a shared store; memory state would silently split."""
+    if workers > 1 and cfg.state.redis_url is None:
+        raise ConfigError(
+            f"state.redis_url: not set, but {workers} workers were requested — job state would "
+            f"split between the {workers} processes (each keeps its own in-memory store); set "
+            "state.redis_url, e.g. redis://127.0.0.1:6379/0, or run 1 worker"
+        )
+
+
+def render_config(cfg: Config) -> str:
+    """The effective config as YAML that loads back to the same values; secrets masked."""
+    upstream, state, admin = cfg.upstream, cfg.state, cfg.admin
+    plain: dict[str, Any] = {
+        "upstream": {
+            "url": upstream.url,
+            "connect_timeout": format_duration(upstream.connect_timeout),
+            "read_timeout": format_duration(upstream.read_timeout),
+            "pool_size": upstream.pool_size,
+            "preserve_host": upstream.preserve_host,
+            "trusted_proxies": [str(network) for network in upstream.trusted_proxies],
+        },
+        "state": {
+            "redis_url": None if state.redis_url is None else mask_redis_url(state.redis_url),
+            "key_prefix": state.key_prefix,
+            "on_error": state.on_error,
+            "timeout": format_duration(state.timeout),
+        },
+        "admin": {"prefix": admin.prefix, "token": None if admin.token is None else MASK},
+        "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
+        "routes": [
+            {"path": r.path, "methods": sorted(r.methods), "job": r.job, "key": r.key}
+            for r in cfg.routes
+        ],
+    }
+    return yaml.safe_dump(_escape_env_refs(plain), sort_keys=False, allow_unicode=True)
+
+
+def _plain_job(job: JobConfig) -> dict[str, Any]:
+    reprepare = job.reprepare
+    return {
+        "mode": job.mode,
+        "pending_status": sorted(job.pending_status),
+        "stuck_after": format_duration(job.stuck_after),
+        "max_reprepares": job.max_reprepares,
+        "reprepare_window": format_duration(job.reprepare_window),
+        "max_wait": format_duration(job.max_wait),
+        "retry_after": format_duration(job.retry_after),
+        "retry_after_max": format_duration(job.retry_after_max),
+        "retry_after_reprepared": format_duration(job.retry_after_reprepared),
+        "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
+        "reprepare": {
+            "method": reprepare.method,
+            "path": reprepare.path,
+            "query": dict(reprepare.query),
+            "headers": {name: _mask_if_secret(name, v) for name, v in reprepare.headers.items()},
+            "forward_headers": list(reprepare.forward_headers),
+            "timeout": format_duration(reprepare.timeout),
+        },
+    }
+
+
+def _mask_if_secret(header: str, value: str) -> str:
+    # Static credentials for the re-prepare call are as secret as the admin token.
+    return MASK if header.lower() in ("authorization", "cookie", "proxy-authorization") else value
+
+
+def _escape_env_refs(data: Any) -> Any:
+    # Rendered text is loadable config, so a literal `${` must not be read back as a reference.
+    if isinstance(data, dict):
+        return {key: _escape_env_refs(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_escape_env_refs(item) for item in data]
+    return data.replace("${", "$${") if isinstance(data, str) else data
