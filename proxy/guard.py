@@ -112,28 +112,17 @@ class JobGuard:
         now = self._clock()
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
-        remembered = self._recent.get(job.name, key, now) if self._recent is not None else None
-        if remembered is not None:
-            decision = decide(remembered, job.limits, now, retry_after)
-            if decision.verdict is Verdict.PASS:  # true of any newer record too: no round trip
-                if job.shadow:
-                    await self._shadow(target, remembered, decision, now, request_id)
-                    return None
-                return await self._enforce(
-                    target,
-                    status,
-                    remembered,
-                    decision,
-                    upstream_headers,
-                    client_headers,
-                    request_id,
-                )
-        try:
-            state = await self.store.observe(job.name, key, now, record_ttl(job.limits))
-        except StoreUnavailable as exc:
-            return self._store_failed(job, exc, upstream_headers, request_id)
-        self._remember(job, key, state, now)
-        decision = decide(state, job.limits, now, retry_after)
+        state = self._recent.get(job.name, key, now) if self._recent is not None else None
+        decision = decide(state, job.limits, now, retry_after) if state is not None else None
+        if state is None or decision is None or decision.verdict is not Verdict.PASS:
+            # Only PASS may be decided from a remembered record (true of any newer one too);
+            # everything else reads the shared record.
+            try:
+                state = await self.store.observe(job.name, key, now, record_ttl(job.limits))
+            except StoreUnavailable as exc:
+                return self._store_failed(job, exc, upstream_headers, request_id)
+            self._remember(job, key, state, now)
+            decision = decide(state, job.limits, now, retry_after)
         if job.shadow:
             await self._shadow(target, state, decision, now, request_id)
             return None

@@ -43,19 +43,6 @@ def connection_named(value: bytes) -> frozenset[bytes]:
     return frozenset(token.strip().lower() for token in value.split(b",") if token.strip())
 
 
-def strip_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> RawHeaders:
-    """Drop hop-by-hop headers and every header the Connection header names."""
-    out: RawHeaders = []
-    named: frozenset[bytes] = frozenset()
-    for name, value in headers:
-        if name in HOP_BY_HOP:
-            if name == b"connection":
-                named |= connection_named(value)
-            continue
-        out.append((name, value))
-    return [header for header in out if header[0] not in named] if named else out
-
-
 def is_trusted(peer: str | None, trusted: TrustedNetworks) -> bool:
     if peer is None or not trusted:
         return False

@@ -313,11 +313,6 @@ class Upstream:
         assert self._loop is not None, "Upstream.start() was not awaited"
         return self._loop
 
-    @property
-    def open_connections(self) -> int:
-        """Connections carrying a request right now (for tests and diagnostics)."""
-        return len(self._busy)
-
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
@@ -381,19 +376,18 @@ class Upstream:
         pollguard and the backend always mean the same resource. A request without a body that
         finds its kept-alive connection closed by the server is retried once on a new one.
         """
-        head = self._request_head(
-            method, target, headers, chunked=body is not None and not _has_length(headers)
-        )
+        chunked = body is not None and not _has_length(headers)
+        head = self._request_head(method, target, headers, chunked=chunked)
         connection = self._checkout()
         retry_on_stale = body is None and method in IDEMPOTENT
         try:
             return await self._exchange(
-                connection or await self._connect(), method, head, body, headers
+                connection or await self._connect(), method, head, body, chunked
             )
         except _StaleConnection:
             if not retry_on_stale:
                 raise
-        return await self._exchange(await self._connect(), method, head, body, headers)
+        return await self._exchange(await self._connect(), method, head, body, chunked)
 
     async def _exchange(
         self,
@@ -401,7 +395,7 @@ class Upstream:
         method: str,
         head: bytes,
         body: AsyncIterable[bytes] | None,
-        headers: list[tuple[bytes, bytes]],
+        chunked: bool,
     ) -> UpstreamResponse:
         self._busy.add(connection)
         connection.head_waiter = self.loop.create_future()
@@ -411,7 +405,6 @@ class Upstream:
         connection.arm_timer()
         writer = None
         if body is not None:
-            chunked = not _has_length(headers)
             writer = asyncio.ensure_future(_write_body(connection, body, chunked))
             writer.add_done_callback(_surface_writer_error(connection))
         try:
