@@ -31,10 +31,12 @@ from proxy.config_loading import (
     Path,
     dotted_path,
     format_duration,
+    format_size,
     interpolate_env,
     load_yaml_mapping,
     mask_redis_url,
     parse_duration,
+    parse_size,
     template_params,
     translate_validation_error,
 )
@@ -46,9 +48,11 @@ __all__ = [
     "JobConfig",
     "ReprepareConfig",
     "RouteConfig",
+    "ServerConfig",
     "StateConfig",
     "UpstreamConfig",
     "format_duration",
+    "format_size",
     "load_config",
     "parse_config",
 ]
@@ -56,10 +60,21 @@ __all__ = [
 DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_READ_TIMEOUT = 60.0
 DEFAULT_POOL_SIZE = 100
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_POOL_TIMEOUT = 5.0
+DEFAULT_MAX_HEAD_SIZE = 64 * 1024
+DEFAULT_MAX_HEADER_FIELDS = 200
+DEFAULT_SEND_TIMEOUT = 60.0
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_BREAKER_COOLDOWN = 2.0
+DEFAULT_MEMORY_MAX_RECORDS = 100_000
 DEFAULT_KEY_PREFIX = "pollguard:"
 DEFAULT_STORE_TIMEOUT = 0.25
 DEFAULT_ADMIN_PREFIX = "/-/"
 DEFAULT_PENDING_STATUS = frozenset({202})
+# Only answers that mean "the result is there" end an episode by default: a 404/401/403 may be
+# another tenant's answer about the same key, and must not switch the guard off for its owner.
+DEFAULT_END_STATUS = frozenset({200, 203, 204, 206, 304})
 DEFAULT_STUCK_AFTER = 300.0
 DEFAULT_MAX_REPREPARES = 3
 DEFAULT_REPREPARE_WINDOW = 600.0
@@ -134,6 +149,7 @@ def _path_template(value: str) -> str:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
 HttpMethod = Annotated[str, AfterValidator(str.upper), _http_token("HTTP method")]
 HeaderName = Annotated[str, AfterValidator(str.lower), _http_token("header name")]
 TrustedProxy = Annotated[IPv4Network | IPv6Network, BeforeValidator(_to_network)]
@@ -157,8 +173,27 @@ class UpstreamConfig(_Section):
     connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
     read_timeout: Duration = DEFAULT_READ_TIMEOUT
     pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1)
+    max_connections: int = Field(default=DEFAULT_MAX_CONNECTIONS, ge=1)
+    pool_timeout: Duration = DEFAULT_POOL_TIMEOUT
+    max_head_size: ByteSize = DEFAULT_MAX_HEAD_SIZE
+    max_header_fields: int = Field(default=DEFAULT_MAX_HEADER_FIELDS, ge=1)
     preserve_host: bool = False
     trusted_proxies: tuple[TrustedProxy, ...] = ()
+
+    @model_validator(mode="after")
+    def _idle_pool_within_max(self) -> UpstreamConfig:
+        if self.pool_size > self.max_connections:
+            raise FieldProblems(
+                [
+                    (
+                        ("pool_size",),
+                        f"{self.pool_size} idle connections can't be kept when at most "
+                        f"{self.max_connections} may be open (max_connections) — lower "
+                        "pool_size or raise max_connections",
+                    )
+                ]
+            )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -183,6 +218,8 @@ class StateConfig(_Section):
     key_prefix: str = DEFAULT_KEY_PREFIX
     on_error: Literal["pass", "fail"] = "pass"
     timeout: Duration = DEFAULT_STORE_TIMEOUT
+    breaker_cooldown: Duration = DEFAULT_BREAKER_COOLDOWN
+    memory_max_records: int = Field(default=DEFAULT_MEMORY_MAX_RECORDS, ge=1)
 
     @field_validator("redis_url")
     @classmethod
@@ -193,6 +230,11 @@ class StateConfig(_Section):
                 "unix://, e.g. redis://127.0.0.1:6379/0, or leave it empty for the in-memory store"
             )
         return url
+
+
+class ServerConfig(_Section):
+    send_timeout: Duration = DEFAULT_SEND_TIMEOUT
+    shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT
 
 
 class AdminConfig(_Section):
@@ -222,6 +264,7 @@ class ReprepareConfig(_Section):
 class JobConfig(_Section):
     mode: Literal["enforce", "shadow"] = "enforce"
     pending_status: frozenset[StatusCode] = Field(default=DEFAULT_PENDING_STATUS, min_length=1)
+    end_status: frozenset[StatusCode] = DEFAULT_END_STATUS
     stuck_after: Duration = DEFAULT_STUCK_AFTER
     max_reprepares: int = Field(default=DEFAULT_MAX_REPREPARES, ge=0)
     reprepare_window: Duration = DEFAULT_REPREPARE_WINDOW
@@ -235,6 +278,17 @@ class JobConfig(_Section):
     @model_validator(mode="after")
     def _retry_after_within_max(self) -> JobConfig:
         problems: list[tuple[Path, str]] = []
+        # A pending status is checked first; overlapping the *default* end_status is fine
+        # (pending_status: [202, 204] means 204 is pending), naming it in both lists is not.
+        both = sorted(self.pending_status & self.end_status)
+        if both and "end_status" in self.model_fields_set:
+            problems.append(
+                (
+                    ("end_status",),
+                    f"{both} also in pending_status — a status is either pending or ends the "
+                    "episode; remove it from one list",
+                )
+            )
         for name in ("retry_after", "retry_after_reprepared"):
             seconds: float = getattr(self, name)
             if seconds > self.retry_after_max:
@@ -288,6 +342,7 @@ def _not_a_param(name: str, route: RouteConfig) -> str:
 
 class Config(_Section):
     upstream: UpstreamConfig
+    server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     jobs: Mapping[str, JobConfig] = Field(default_factory=dict)

@@ -78,6 +78,39 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
+SIZE_HINT = "use a number of bytes or a value like 512B, 64KiB, 16MiB, 1GiB"
+_BYTES_PER_UNIT: dict[str, int] = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+_SIZE_RE = re.compile(r"^\s*(?P<number>[0-9]+)\s*(?P<unit>B|KiB|MiB|GiB)?\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Bytes as an int from `512B`/`64KiB`/`16MiB`/`1GiB` or a whole number; > 0.
+
+    Binary units only, spelt as IEC writes them: `64KB` is ambiguous (1000 or 1024?) and is
+    refused rather than guessed.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"invalid size {short_repr(value)} — {SIZE_HINT}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE_RE.match(value)
+        if match is None:
+            raise ValueError(f"invalid size {short_repr(value)} — {SIZE_HINT}")
+        size = int(match["number"]) * _BYTES_PER_UNIT[match["unit"] or "B"]
+    if size <= 0:
+        raise ValueError(f"size must be greater than 0, got {short_repr(value)} — {SIZE_HINT}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """The largest exact unit: 65536 -> `64KiB`, 1000 -> `1000B`."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size % _BYTES_PER_UNIT[unit] == 0:
+            return f"{size // _BYTES_PER_UNIT[unit]}{unit}"
+    return f"{size}B"
+
+
 def format_duration(seconds: float) -> str:
     """The shortest exact spelling: 3600 -> `1h`, 300 -> `5m`, 2 -> `2s`, 0.25 -> `250ms`."""
     for unit in ("h", "m", "s", "ms"):

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from proxy.config import Config, JobConfig
-from proxy.config_loading import MASK, format_duration, mask_redis_url
+from proxy.config_loading import MASK, format_duration, format_size, mask_redis_url
 from proxy.errors import ConfigError
 
 
@@ -51,21 +51,31 @@ def check_workers(cfg: Config, workers: int) -> None:
 
 def render_config(cfg: Config) -> str:
     """The effective config as YAML that loads back to the same values; secrets masked."""
-    upstream, state, admin = cfg.upstream, cfg.state, cfg.admin
+    upstream, server, state, admin = cfg.upstream, cfg.server, cfg.state, cfg.admin
     plain: dict[str, Any] = {
         "upstream": {
             "url": upstream.url,
             "connect_timeout": format_duration(upstream.connect_timeout),
             "read_timeout": format_duration(upstream.read_timeout),
             "pool_size": upstream.pool_size,
+            "max_connections": upstream.max_connections,
+            "pool_timeout": format_duration(upstream.pool_timeout),
+            "max_head_size": format_size(upstream.max_head_size),
+            "max_header_fields": upstream.max_header_fields,
             "preserve_host": upstream.preserve_host,
             "trusted_proxies": [str(network) for network in upstream.trusted_proxies],
+        },
+        "server": {
+            "send_timeout": format_duration(server.send_timeout),
+            "shutdown_timeout": format_duration(server.shutdown_timeout),
         },
         "state": {
             "redis_url": None if state.redis_url is None else mask_redis_url(state.redis_url),
             "key_prefix": state.key_prefix,
             "on_error": state.on_error,
             "timeout": format_duration(state.timeout),
+            "breaker_cooldown": format_duration(state.breaker_cooldown),
+            "memory_max_records": state.memory_max_records,
         },
         "admin": {"prefix": admin.prefix, "token": None if admin.token is None else MASK},
         "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
@@ -82,6 +92,7 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
     return {
         "mode": job.mode,
         "pending_status": sorted(job.pending_status),
+        "end_status": sorted(job.end_status),
         "stuck_after": format_duration(job.stuck_after),
         "max_reprepares": job.max_reprepares,
         "reprepare_window": format_duration(job.reprepare_window),

@@ -22,9 +22,21 @@ class UpstreamTimeout(UpstreamError):
     """No response head within upstream.read_timeout."""
 
 
+class UpstreamInvalid(UpstreamError):
+    """The upstream's response broke HTTP/1.1 or a bound (head size, header count, upgrade)."""
+
+
+class UpstreamBusy(UpstreamError):
+    """upstream.max_connections were all in use for longer than upstream.pool_timeout."""
+
+
 class StoreUnavailable(PollguardError):
     """The job-state store (Redis) could not be reached or answered garbage."""
 
 
 class ClientDisconnected(PollguardError):
     """The client went away while pollguard was still reading its request body."""
+
+
+class ClientTimeout(PollguardError):
+    """The client sent no byte of its request body for upstream.read_timeout."""

@@ -12,6 +12,9 @@ PROBLEM_TYPE_PREFIX = "urn:pollguard:problem:"
 TITLES: Mapping[str, str] = {
     "upstream-unavailable": "Upstream unavailable",
     "upstream-timeout": "Upstream timed out",
+    "upstream-invalid": "Invalid upstream response",
+    "upstream-busy": "Upstream connections exhausted",
+    "client-timeout": "Request body not received in time",
     "job-stuck": "Job is stuck",
     "wait-exceeded": "Waited too long for the job",
     "reprepare-failed": "Re-preparing the job failed",

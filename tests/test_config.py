@@ -11,7 +11,15 @@ import pytest
 import yaml
 from pydantic import SecretStr, ValidationError
 
-from proxy.config import Config, RouteConfig, format_duration, load_config, parse_config
+from proxy.config import (
+    Config,
+    RouteConfig,
+    format_duration,
+    format_size,
+    load_config,
+    parse_config,
+)
+from proxy.config_loading import parse_size
 from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.errors import ConfigError
 
@@ -19,7 +27,10 @@ SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 SOURCE = "config.yaml"
 DELETE = object()
 DURATION_FIX = "use a number of seconds or a value like 250ms, 2s, 5m, 1h"
-UPSTREAM_KEYS = "url, connect_timeout, read_timeout, pool_size, preserve_host, trusted_proxies"
+UPSTREAM_KEYS = (
+    "url, connect_timeout, read_timeout, pool_size, max_connections, pool_timeout, "
+    "max_head_size, max_header_fields, preserve_host, trusted_proxies"
+)
 
 
 def _valid() -> dict[str, Any]:
@@ -113,8 +124,8 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
     (
         "unknown top-level key",
         {"colour": "red"},
-        "colour: unknown key — remove it or check the spelling (valid keys: upstream, state, "
-        "admin, jobs, routes)",
+        "colour: unknown key — remove it or check the spelling (valid keys: upstream, server, "
+        "state, admin, jobs, routes)",
     ),
     (
         "unknown nested key",
@@ -445,6 +456,42 @@ def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [("512B", 512), ("64KiB", 65536), ("16MiB", 16 * 1024**2), ("1GiB", 1024**3), (4096, 4096)],
+)
+def test_size_forms(written: object, size: int) -> None:
+    """Sizes take B/KiB/MiB/GiB units or a plain number of bytes, and print back the same."""
+    cfg = _parse(_with({"upstream.max_head_size": written}))
+    assert cfg.upstream.max_head_size == size
+    assert parse_size(format_size(size)) == size
+
+
+@pytest.mark.parametrize("written", ["64KB", "1.5MiB", "-1", 0, "lots", True, 2.5])
+def test_bad_sizes_name_the_field(written: object) -> None:
+    """Decimal or fractional units, zero and non-numbers are refused, naming the field."""
+    (line,) = _error_lines(_with({"upstream.max_head_size": written}))
+    assert line.startswith(f"{SOURCE}: upstream.max_head_size: ")
+    assert "64KiB" in line
+
+
+def test_idle_pool_larger_than_connection_cap_is_an_error() -> None:
+    """pool_size above max_connections could never be used: the error names pool_size."""
+    (line,) = _error_lines(_with({"upstream.pool_size": 300, "upstream.max_connections": 10}))
+    assert line.startswith(f"{SOURCE}: upstream.pool_size: 300 idle connections")
+
+
+def test_status_both_pending_and_ending_is_an_error_only_when_written() -> None:
+    """Naming a status in pending_status and end_status is an error; overlapping the default
+    end_status is not (pending is checked first)."""
+    (line,) = _error_lines(
+        _with({"jobs.recording.pending_status": [202], "jobs.recording.end_status": [200, 202]})
+    )
+    assert line.startswith(f"{SOURCE}: jobs.recording.end_status: [202] also in pending_status")
+    cfg = _parse(_with({"jobs.recording.pending_status": [202, 204]}))
+    assert 204 in cfg.jobs["recording"].end_status
+
+
 def test_defaults() -> None:
     """Omitted settings take the documented defaults."""
     cfg = parse_config(
@@ -471,6 +518,15 @@ def test_defaults() -> None:
         0.25,
     )
     assert (admin.prefix, admin.token) == ("/-/", None)
+    assert (
+        upstream.max_connections,
+        upstream.pool_timeout,
+        upstream.max_head_size,
+        upstream.max_header_fields,
+    ) == (256, 5.0, 65536, 200)
+    assert (cfg.server.send_timeout, cfg.server.shutdown_timeout) == (60.0, 30.0)
+    assert (state.breaker_cooldown, state.memory_max_records) == (2.0, 100_000)
+    assert job.end_status == frozenset({200, 203, 204, 206, 304})
     assert (job.mode, job.pending_status, job.stuck_after, job.max_reprepares) == (
         "enforce",
         frozenset({202}),
