@@ -19,7 +19,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
-DEFAULT_EXAMPLES = 200
+DEFAULT_EXAMPLES = 600
 LONG_EXAMPLES = 20_000
 DATABASE = (
     None

@@ -13,7 +13,8 @@ from typing import Any
 from proxy.errors import UpstreamError
 from proxy.upstream import Upstream, UpstreamSettings
 from tests.conformance.oracle import Expected, Headers, allowed_readings, comparable
-from tests.conformance.replay import Answer, ReplayUpstream
+from tests.conformance.replay import PAUSE_SECONDS, Answer, ReplayUpstream
+from tests.conformance.strategies import Exchange
 
 READ_TIMEOUT = 0.5  # pollguard's read_timeout: a stall we failed to close on costs this much
 EXCHANGE_BOUND = 4.0  # no exchange may take longer, whatever the upstream does
@@ -34,22 +35,29 @@ SETTINGS = {
 
 @dataclass(frozen=True)
 class Step:
-    """One request, what the upstream answers, and h11's readings of that answer."""
+    """One exchange as generated, and h11's readings of the upstream's answer."""
 
     method: str
     answer: Answer
+    slow_reader: bool
     readings: list[Expected]  # h11's first; then the allowed alternatives
 
+    @property
+    def sends_unasked(self) -> bool:
+        """The answer carries bytes beyond its message (the next request must not see them)."""
+        return any(r.unsolicited for r in self.readings)
 
-def plan(scenario: list[tuple[str, Answer]]) -> list[Step]:
+
+def plan(scenario: list[Exchange]) -> list[Step]:
     """Close after any answer h11 can't finish without EOF: a stall would only burn the read
     timeout, while a close still tests the same bytes (and EOF-delimited bodies need it)."""
     steps = []
-    for method, answer in scenario:
+    for exchange in scenario:
+        method, answer = exchange.method, exchange.answer
         if answer.keep_open and not allowed_readings(method, answer.data, closed=False)[0].complete:
             answer = dataclasses.replace(answer, keep_open=False)
         readings = allowed_readings(method, answer.data, closed=not answer.keep_open)
-        steps.append(Step(method, answer, readings))
+        steps.append(Step(method, answer, exchange.slow_reader, readings))
     return steps
 
 
@@ -92,7 +100,8 @@ async def drive(steps: list[Step]) -> Run:
     outcomes = []
     try:
         for index, step in enumerate(steps):
-            outcomes.append(await exchange(upstream, step.method, b"/exchange-%d" % index))
+            target = b"/exchange-%d" % index
+            outcomes.append(await exchange(upstream, step.method, target, step.slow_reader))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SERVED_BOUND):
                     await server.served(index)
@@ -104,7 +113,7 @@ async def drive(steps: list[Step]) -> Run:
     return Run(outcomes, dict(server.served_on), loop_errors)
 
 
-async def exchange(upstream: Upstream, method: str, target: bytes) -> Outcome:
+async def exchange(upstream: Upstream, method: str, target: bytes, slow: bool) -> Outcome:
     outcome = Outcome()
     response = None
     try:
@@ -119,6 +128,8 @@ async def exchange(upstream: Upstream, method: str, target: bytes) -> Outcome:
             try:
                 async for chunk in response.chunks():
                     outcome.body += chunk
+                    if slow:  # what forward.py does: await the client between chunks
+                        await asyncio.sleep(PAUSE_SECONDS)
             except UpstreamError as exc:
                 outcome.aborted = repr(exc)
                 response.abort()

@@ -1,10 +1,10 @@
 """A raw-socket upstream that replays generated answers byte for byte.
 
-Per connection it reads a request head, takes the next scripted answer (answers go out in the
-order requests arrive, whichever connection they came on), writes its bytes in the scripted
-pieces with the scripted pauses, then keeps the connection open for the next request or closes
-it. It records which connection read which request, so a test can tell whether the client
-reused a connection it should have dropped.
+Per connection it reads a request head, picks the scripted answer its target names (`/…-N` gets
+answer N, so a request the client retries on a new connection gets the same answer again),
+writes its bytes in the scripted pieces with the scripted pauses, then keeps the connection open
+for the next request or closes it. It records which connection read which request, so a test can
+tell whether the client reused a connection it should have dropped.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import socket
 from dataclasses import dataclass
 
 PAUSE_SECONDS = 0.002  # long enough for the reader's event loop to take a separate read
 REQUEST_HEAD_TIMEOUT = 2.0  # a client that says nothing on an open connection for this long
-MAX_REQUEST_HEAD = 64 * 1024
+TARGET_INDEX = re.compile(rb"^[A-Z]+ \S*-(\d+) HTTP/1\.1\r\n")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class ReplayUpstream:
 
     def __init__(self, answers: list[Answer]) -> None:
         self.answers = answers
-        self.served_on: dict[int, int] = {}  # answer index -> connection number
+        self.served_on: dict[int, int] = {}  # answer index -> connection that last asked for it
         self.requests: list[bytes] = []
         self.connections = 0
         self._done = [asyncio.Event() for _ in answers]
@@ -105,10 +106,11 @@ class ReplayUpstream:
         while True:
             async with asyncio.timeout(REQUEST_HEAD_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-            index = len(self.requests)
             self.requests.append(head)
+            match = TARGET_INDEX.match(head)
+            index = int(match.group(1)) if match else len(self.answers)
             if index >= len(self.answers):
-                return  # more requests than the script has answers: hang up
+                return  # a request the script has no answer for: hang up
             self.served_on[index] = number
             answer = self.answers[index]
             try:

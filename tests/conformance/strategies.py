@@ -271,12 +271,22 @@ def answers(draw: st.DrawFn, method: str, wild: bool = True) -> Answer:
     return Answer(data=data, cuts=cuts, pauses=pauses, dribble=dribble, keep_open=keep_open)
 
 
+@dataclass(frozen=True)
+class Exchange:
+    """One request, what the upstream answers to it, and how the client reads the body."""
+
+    method: str
+    answer: Answer
+    slow_reader: bool = False  # pause after each chunk, as forward.py does while it sends
+
+
 @st.composite
-def scenarios(draw: st.DrawFn, wild: bool = True, exchanges: int = 3) -> list[tuple[str, Answer]]:
-    """1 to `exchanges` sequential requests (method, what the upstream answers to it)."""
-    count = draw(st.integers(1, exchanges))
-    steps = []
-    for _ in range(count):
+def scenarios(
+    draw: st.DrawFn, wild: bool = True, exchanges: tuple[int, int] = (1, 3)
+) -> list[Exchange]:
+    """exchanges[0] to exchanges[1] sequential requests."""
+    out = []
+    for _ in range(draw(st.integers(*exchanges))):
         method = draw(st.sampled_from(["GET", "GET", "GET", "HEAD"]))
-        steps.append((method, draw(answers(method, wild))))
-    return steps
+        out.append(Exchange(method, draw(answers(method, wild)), draw(st.booleans())))
+    return out

@@ -12,12 +12,11 @@ import asyncio
 from hypothesis import given, settings
 
 from tests.conformance.exchanges import drive, judge, plan
-from tests.conformance.replay import Answer
-from tests.conformance.strategies import scenarios
+from tests.conformance.strategies import Exchange, scenarios
 
 
 @given(scenarios())
-def test_client_reads_what_h11_reads_or_fails_closed(scenario: list[tuple[str, Answer]]) -> None:
+def test_client_reads_what_h11_reads_or_fails_closed(scenario: list[Exchange]) -> None:
     """Each exchange: h11's status, headers and body exactly, or an UpstreamError; bytes beyond a
     message reach no one, and a connection that saw them is never reused."""
     steps = plan(scenario)
@@ -26,7 +25,7 @@ def test_client_reads_what_h11_reads_or_fails_closed(scenario: list[tuple[str, A
 
 @settings(max_examples=max(20, settings().max_examples // 4))
 @given(scenarios(wild=False))
-def test_well_formed_answers_are_delivered(scenario: list[tuple[str, Answer]]) -> None:
+def test_well_formed_answers_are_delivered(scenario: list[Exchange]) -> None:
     """A well-formed, well-framed answer is delivered as h11 reads it; failing closed is no
     excuse here."""
     steps = plan(scenario)
