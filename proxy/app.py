@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from proxy.admin import create_admin_app
 from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
+from proxy.fdlimit import raise_open_files_limit
 from proxy.forward import Forwarder, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
 from proxy.headers import new_request_id
@@ -63,6 +63,10 @@ class PollguardApp:
                 connect_timeout=config.upstream.connect_timeout,
                 read_timeout=config.upstream.read_timeout,
                 pool_size=config.upstream.pool_size,
+                max_connections=config.upstream.max_connections,
+                pool_timeout=config.upstream.pool_timeout,
+                max_head_size=config.upstream.max_head_size,
+                max_header_fields=config.upstream.max_header_fields,
             )
         )
         self.store: JobStore | None = None
@@ -72,11 +76,13 @@ class PollguardApp:
             None,
             trusted_proxies=config.upstream.trusted_proxies,
             preserve_host=config.upstream.preserve_host,
+            send_timeout=config.server.send_timeout,
         )
         self.admin = create_admin_app(self._prefix, self.upstream, None)
 
     async def startup(self) -> None:
         config = self.config
+        raise_open_files_limit()
         await self.upstream.start()
         if config.routes:
             self.store = create_store(
@@ -138,7 +144,7 @@ class PollguardApp:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
-            message: dict[str, Any] = await receive()
+            message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
+from proxy.errors import BadRequest
+
 RawHeaders = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
@@ -79,6 +81,7 @@ def forwarded_request_headers(
     preserve_host: bool,
 ) -> tuple[RawHeaders, bytes]:
     """The headers to send upstream and the request id; Host is dropped unless preserved.
+    BadRequest when the request carries two Host headers.
 
     X-Forwarded-For is extended only when the immediate peer is a trusted proxy; otherwise a
     client could forge its address, so every X-Forwarded-* it sent is replaced. One pass over
@@ -97,6 +100,10 @@ def forwarded_request_headers(
                 named |= connection_named(value)
         elif name in _REWRITTEN:
             if name == b"host":
+                if client_host is not None:
+                    # RFC 9112 §3.2: a server MUST answer 400; the backend and pollguard could
+                    # otherwise each pick a different one.
+                    raise BadRequest("more than one Host header")
                 client_host = value
                 if preserve_host:
                     out.append((name, value))
