@@ -211,7 +211,7 @@ def test_repeated_cookie_headers_reach_the_reprepare_as_one(backend: RawBackend)
 
 
 def test_a_failing_reprepare_is_reprepare_failed_naming_why(backend: RawBackend) -> None:
-    """Sends a plain stuck poll to a backend that closes the connection on the prepare: 500 reprepare-failed whose detail names the error, and the lock is released."""
+    """Sends `GET /api/recordings/file/CA1` until stuck, to a backend that hangs up on the prepare: 500 reprepare-failed naming the error, and the very next poll may re-prepare again (lock released)."""
 
     def hang_up_on_prepare(request: Received) -> Answer:
         return None if request.method == b"POST" else job_answers(request)
@@ -232,7 +232,7 @@ def test_a_failing_reprepare_is_reprepare_failed_naming_why(backend: RawBackend)
 
 
 def test_other_tenants_404_401_403_leave_the_owners_episode_alone(backend: RawBackend) -> None:
-    """Alice (`Authorization: Bearer alice`) polls; Bob, Carol, Dave poll the same key and get 404, 401, 403: Alice's second poll still finds the job stuck and re-prepares it."""
+    """Sends `GET /api/recordings/file/CA1` with `Authorization: Bearer alice`, then bob/carol/dave (answered 404/401/403), then alice again: her second poll still finds the job stuck and re-prepares it."""
     refusals = {b"Bearer bob": 404, b"Bearer carol": 401, b"Bearer dave": 403}
 
     def tenants(request: Received) -> Answer:
