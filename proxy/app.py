@@ -12,6 +12,7 @@ from proxy.fdlimit import raise_open_files_limit
 from proxy.forward import Forwarder, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
 from proxy.headers import new_request_id
+from proxy.logtext import log_safe
 from proxy.policy import GuardLimits
 from proxy.problems import Problem
 from proxy.reprepare import Repreparer, ReprepareRequest
@@ -29,6 +30,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
         name=name,
         shadow=job.mode == "shadow",
         pending_status=frozenset(job.pending_status),
+        end_status=frozenset(job.end_status),
         key_pattern=job.key_pattern,
         limits=GuardLimits(
             stuck_after=job.stuck_after,
@@ -133,7 +135,9 @@ class PollguardApp:
                 await self.forwarder(scope, receive, send)
             except Exception:
                 logger.exception(
-                    "unexpected error while proxying %s %s", scope["method"], scope["path"]
+                    "unexpected error while proxying %s %s",
+                    log_safe(scope["method"]),
+                    log_safe(scope["path"]),
                 )
                 await _internal_error(send)
         elif kind == "lifespan":
