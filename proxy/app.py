@@ -72,6 +72,7 @@ class PollguardApp:
             )
         )
         self.store: JobStore | None = None
+        self.guard: JobGuard | None = None
         self.repreparer: Repreparer | None = None
         self.forwarder = Forwarder(
             self.upstream,
@@ -100,7 +101,7 @@ class PollguardApp:
                     for r in config.routes
                 ]
             )
-            self.forwarder.guard = JobGuard(
+            self.guard = JobGuard(
                 jobs,
                 routes,
                 self.store,
@@ -108,6 +109,7 @@ class PollguardApp:
                 fail_closed=config.state.on_error == "fail",
                 remember_records=config.state.redis_url is not None,
             )
+            self.forwarder.guard = self.guard
         redis_store = self.store if config.state.redis_url else None
         token = config.admin.token.get_secret_value() if config.admin.token else None
         self.admin = create_admin_app(self._prefix, self.upstream, redis_store, token)
@@ -119,6 +121,10 @@ class PollguardApp:
         )
 
     async def shutdown(self) -> None:
+        if self.guard is not None:
+            # Episodes that just ended are forgotten in the background: let those writes land
+            # (each is bounded by state.timeout) before the store closes.
+            await self.guard.settled()
         await self.upstream.close()
         if self.repreparer is not None:
             await self.repreparer.close()

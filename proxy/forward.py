@@ -30,6 +30,7 @@ from proxy.headers import (
     new_request_id,
     response_headers,
 )
+from proxy.logtext import log_safe
 from proxy.metrics import UPSTREAM_ERRORS
 from proxy.problems import Problem
 from proxy.upstream import Upstream, UpstreamResponse
@@ -100,7 +101,7 @@ class Forwarder:
         body = _request_body(client) if _has_body(client_headers) else None
         if body is None:
             client.body_consumed = True
-        target_job = self.guard.target(method, scope["path"]) if self.guard else None
+        target_job = self.guard.target(method, scope["path"], raw_path) if self.guard else None
         client.watch()
         try:
             response = await self.upstream.send(method, target, headers, body)
@@ -108,7 +109,9 @@ class Forwarder:
             logger.info("client went away during its upload (request_id=%s)", client.log_id)
             return  # nobody to answer
         except ClientTimeout as exc:
-            logger.info("client stalled its upload: %s (request_id=%s)", exc, client.log_id)
+            logger.info(
+                "client stalled its upload: %s (request_id=%s)", log_safe(str(exc)), client.log_id
+            )
             problem = Problem(408, "client-timeout", str(exc))
             await _send_problem(client, problem, request_id, method, close=True)
             return
@@ -253,7 +256,9 @@ async def _stream(
         response.release()
     except UpstreamError as exc:
         response.abort()
-        logger.info("response body ended early: %s (request_id=%s)", exc, client.log_id)
+        logger.info(
+            "response body ended early: %s (request_id=%s)", log_safe(str(exc)), client.log_id
+        )
     except BaseException:
         response.abort()
         raise

@@ -30,6 +30,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_ID = b"x-request-id"
+# Headers the re-prepare request frames or identifies itself with: copied from the client they
+# would misframe it (a Content-Length with no body) or forge its identity, so config refuses
+# them in forward_headers and the re-prepare never copies them.
+REPREPARE_OWN_HEADERS = frozenset({b"idempotency-key", REQUEST_ID})
+NEVER_FORWARDED_ON_REPREPARE = HOP_BY_HOP | {b"content-length", b"host"} | REPREPARE_OWN_HEADERS
 # Request headers pollguard rewrites rather than copies.
 _REWRITTEN = frozenset(
     {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID}

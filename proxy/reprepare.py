@@ -18,21 +18,15 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from proxy.headers import HOP_BY_HOP
+from proxy.headers import NEVER_FORWARDED_ON_REPREPARE, REPREPARE_OWN_HEADERS
 from proxy.routes import fill_path_template
 
 _COOKIE = b"cookie"
 # RFC 6265 §5.4: one Cookie header, pairs separated by "; " (RFC 9113 §8.2.3 joins HTTP/2's
 # split cookie fields the same way). A comma join (RFC 9110 §5.3) would corrupt cookie values.
 _COOKIE_SEPARATOR = b"; "
-# Headers that describe the client's own connection or message framing, not the request it
-# asked for: copied onto pollguard's request they would misframe it (a Content-Length with no
-# body), so they are never forwarded even when forward_headers names them.
-_NEVER_FORWARDED = HOP_BY_HOP | {b"content-length", b"host"}
 # RFC 3986 pchar delimiters plus "/" and "%": quote() adds the unreserved characters itself.
 _PATH_SAFE = "/%:@!$&'()*+,;="
-# Set by pollguard on every re-prepare; a client or fixed header of the same name is dropped.
-_OWN_HEADERS = frozenset({b"idempotency-key", b"x-request-id"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +81,11 @@ def reprepare_headers(
     accepted on the poll that found the job stuck, and at most one re-prepare per key is in
     flight.
     """
-    wanted = {name.encode("ascii") for name in spec.forward_headers} - _NEVER_FORWARDED
+    wanted = {name.encode("ascii") for name in spec.forward_headers} - NEVER_FORWARDED_ON_REPREPARE
     forwarded: list[tuple[bytes, bytes]] = []
     cookies: list[bytes] = []
     for name, value in client_headers:
-        if name not in wanted or name in _OWN_HEADERS:
+        if name not in wanted:
             continue
         if name == _COOKIE:
             if value:
@@ -100,7 +94,7 @@ def reprepare_headers(
             forwarded.append((name, value))
     if cookies:
         forwarded.append((_COOKIE, _COOKIE_SEPARATOR.join(cookies)))
-    replaced = {name for name, _ in forwarded} | _OWN_HEADERS
+    replaced = {name for name, _ in forwarded} | REPREPARE_OWN_HEADERS
     fixed = [(name.lower().encode("ascii"), value.encode()) for name, value in spec.headers.items()]
     return [
         *(header for header in fixed if header[0] not in replaced),
