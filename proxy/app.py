@@ -17,6 +17,7 @@ from proxy.policy import GuardLimits
 from proxy.problems import Problem
 from proxy.reprepare import Repreparer, ReprepareRequest
 from proxy.routes import RouteSpec, RouteTable
+from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
 from proxy.upstream import Upstream, UpstreamSettings
 
@@ -193,4 +194,6 @@ def create_app(config: Config | None = None) -> PollguardApp:
         if not path:
             raise ConfigError(f"{CONFIG_ENV} is not set — point it at a pollguard config.yaml")
         config = load_config(path)
+    # The server protocol of this process (pollguard serve's) bounds request heads by config.
+    configure_server_protocol(config.server.max_head_size, config.server.max_header_fields)
     return PollguardApp(config)

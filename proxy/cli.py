@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         # In-flight requests get this long after SIGTERM; then the rest are cancelled and
         # answered 503 shutting-down (when nothing was sent yet).
         timeout_graceful_shutdown=config.server.shutdown_timeout,  # type: ignore[arg-type]
-        # uvicorn's httptools protocol, without trailer fields turned into headers.
+        # uvicorn's httptools protocol with bounded request heads and no trailers as headers.
         http=PROTOCOL_PATH,
     )
     return 0

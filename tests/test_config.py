@@ -538,7 +538,9 @@ def test_defaults() -> None:
         upstream.max_head_size,
         upstream.max_header_fields,
     ) == (256, 5.0, 65536, 200)
-    assert (cfg.server.send_timeout, cfg.server.shutdown_timeout) == (60.0, 30.0)
+    server = cfg.server
+    assert (server.send_timeout, server.shutdown_timeout) == (60.0, 30.0)
+    assert (server.max_head_size, server.max_header_fields) == (65536, 200)
     assert (state.breaker_cooldown, state.memory_max_records) == (2.0, 100_000)
     assert job.end_status == frozenset({200, 203, 204, 206, 304})
     assert (job.mode, job.pending_status, job.stuck_after, job.max_reprepares) == (

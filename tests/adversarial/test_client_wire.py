@@ -65,6 +65,32 @@ def test_two_host_headers_are_a_400(preserve_host: bool) -> None:
     assert upstream.connections == 0
 
 
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + b"c" * (70 * 1024) + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"Cookie: k=v\r\n" * 201 + b"\r\n",
+        b"GET /" + b"p" * (70 * 1024) + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+        # A head that never ends: refused before its end ever arrives.
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"p" * (70 * 1024),
+    ],
+    ids=["70KiB-cookie", "201-fields", "70KiB-target", "endless-field"],
+)
+def test_oversized_request_head_is_431_and_never_forwarded(request_head: bytes) -> None:
+    """A request head over server.max_head_size (64KiB) or with more than 200 fields gets 431
+    request-head-too-large and reaches no upstream, while a 60 KiB Cookie is forwarded."""
+    with RawUpstream(echo_request) as upstream, running_proxy(config(upstream)) as proxy:
+        response, body = http_exchange(proxy.port, request_head)
+        assert response.status_code == 431
+        assert json.loads(body)["code"] == "request-head-too-large"
+        assert upstream.connections == 0
+        cookie = b"c" * (60 * 1024)
+        fine, _ = http_exchange(
+            proxy.port, b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + cookie + b"\r\n\r\n"
+        )
+        assert fine.status_code == 200
+
+
 def test_upload_slower_than_read_timeout_is_not_a_timeout() -> None:
     """An 80-byte body sent 10 bytes at a time, 0.2 s apart (1.6 s in all), through a proxy
     whose read_timeout is 0.5 s: the healthy upstream's answer arrives, not a 504."""
