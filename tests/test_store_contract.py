@@ -313,6 +313,22 @@ async def test_create_store_picks_the_backend() -> None:
         await redis_store.close()
 
 
+@pytest.mark.anyio
+async def test_create_store_wires_the_bounds() -> None:
+    """memory_max_records caps the memory store; timeout and breaker_cooldown reach the Redis store."""
+    memory = create_store(None, PREFIX, 0.25, memory_max_records=7)
+    redis_store = create_store(
+        "redis://127.0.0.1:1/0", PREFIX, 0.125, breaker_cooldown=3.5, memory_max_records=7
+    )
+    try:
+        assert isinstance(memory, MemoryJobStore) and memory.max_records == 7
+        assert isinstance(redis_store, RedisJobStore)
+        assert (redis_store.timeout, redis_store.breaker_cooldown) == (0.125, 3.5)
+    finally:
+        await memory.close()
+        await redis_store.close()
+
+
 # Redis-specific: layout, cross-replica atomicity, failure translation, recovery.
 
 

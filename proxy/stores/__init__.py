@@ -9,19 +9,34 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.stores.base import JobState, JobStore
-from proxy.stores.memory import MemoryJobStore
+from proxy.stores.memory import DEFAULT_MAX_RECORDS, MemoryJobStore
 
 if TYPE_CHECKING:
     from proxy.stores.redis import RedisJobStore
 
 
-def create_store(redis_url: str | None, key_prefix: str, timeout: float) -> JobStore:
-    """A RedisJobStore when a URL is configured, else a MemoryJobStore."""
+# The same value as proxy.config's default, repeated so the pure modules need not import config.
+DEFAULT_BREAKER_COOLDOWN = 2.0
+
+
+def create_store(
+    redis_url: str | None,
+    key_prefix: str,
+    timeout: float,
+    *,
+    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+    memory_max_records: int = DEFAULT_MAX_RECORDS,
+) -> JobStore:
+    """A RedisJobStore when a URL is configured, else a MemoryJobStore.
+
+    `timeout` bounds every Redis call; `breaker_cooldown` is how long Redis is skipped after a
+    failed call; `memory_max_records` caps the memory store.
+    """
     if redis_url is None:
-        return MemoryJobStore()
+        return MemoryJobStore(max_records=memory_max_records)
     from proxy.stores.redis import RedisJobStore
 
-    return RedisJobStore(redis_url, key_prefix, timeout)
+    return RedisJobStore(redis_url, key_prefix, timeout, breaker_cooldown=breaker_cooldown)
 
 
 def __getattr__(name: str) -> Any:
