@@ -13,6 +13,8 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from proxy.app import PollguardApp
+from proxy.config import parse_config
 from proxy.errors import StoreUnavailable
 from proxy.metrics import REGISTRY
 from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, create_store
@@ -327,6 +329,31 @@ async def test_create_store_wires_the_bounds() -> None:
     finally:
         await memory.close()
         await redis_store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_the_app_builds_its_store_from_the_state_section(backend: str) -> None:
+    """PollguardApp passes state.timeout, breaker_cooldown and memory_max_records to the store."""
+    redis_url = "redis://127.0.0.1:1/0" if backend == "redis" else ""
+    config = parse_config(
+        "upstream: {url: 'http://127.0.0.1:9'}\n"
+        f"state: {{redis_url: '{redis_url}', timeout: 125ms, breaker_cooldown: 3500ms, "
+        "memory_max_records: 7}\n"
+        "jobs: {recording: {reprepare: {path: '/p/{id}'}}}\n"
+        "routes: [{path: '/f/{id}', job: recording}]\n",
+        env={},
+    )
+    app = PollguardApp(config)
+    await app.startup()
+    try:
+        if backend == "memory":
+            assert isinstance(app.store, MemoryJobStore) and app.store.max_records == 7
+        else:
+            assert isinstance(app.store, RedisJobStore)
+            assert (app.store.timeout, app.store.breaker_cooldown) == (0.125, 3.5)
+    finally:
+        await app.shutdown()
 
 
 # Redis-specific: layout, cross-replica atomicity, failure translation, recovery.
