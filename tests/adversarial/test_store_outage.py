@@ -220,6 +220,7 @@ async def test_breaker_probes_once_per_cooldown_and_closes_when_redis_is_back(
     caplog.set_level(logging.WARNING, logger="pollguard.store")
     try:
         await store.observe("rec", "warm", T0, LONG_TTL)
+        before_freeze = await command_calls(raw)
         with frozen(redis_server):
             await fails_within(lambda: store.ping(), TIMEOUT + MARGIN)
             clock.advance(COOLDOWN - 0.01)
@@ -232,6 +233,10 @@ async def test_breaker_probes_once_per_cooldown_and_closes_when_redis_is_back(
             with pytest.raises(StoreUnavailable):
                 await probe
             assert store.breaker.phase.value == "open"
+        # Redis runs what reached its socket buffers once it gets SIGCONT: the PING, and the
+        # probe's first command, HELLO on a new connection (the deadline closed the PING's).
+        sent_while_frozen = await calls_once_settled(raw, before_freeze, at_least=2)
+        assert sent_while_frozen == {"ping": 1, "hello": 1}
         before = await command_calls(raw)
         await fails_within(lambda: store.ping(), 0.05)  # Redis is back, but the cooldown runs
         assert delta(await command_calls(raw), before) == {}
