@@ -9,14 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.stores.base import JobState, JobStore
+from proxy.stores.breaker import DEFAULT_COOLDOWN_SECONDS
 from proxy.stores.memory import DEFAULT_MAX_RECORDS, MemoryJobStore
 
 if TYPE_CHECKING:
     from proxy.stores.redis import RedisJobStore
-
-
-# The same value as proxy.config's default, repeated so the pure modules need not import config.
-DEFAULT_BREAKER_COOLDOWN = 2.0
 
 
 def create_store(
@@ -24,7 +21,7 @@ def create_store(
     key_prefix: str,
     timeout: float,
     *,
-    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+    breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
     memory_max_records: int = DEFAULT_MAX_RECORDS,
 ) -> JobStore:
     """A RedisJobStore when a URL is configured, else a MemoryJobStore.

@@ -19,6 +19,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+DEFAULT_COOLDOWN_SECONDS = 2.0  # state.breaker_cooldown's default
+
 
 class Phase(enum.Enum):
     CLOSED = "closed"  # calls go to Redis

@@ -27,9 +27,8 @@ from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
 from proxy.stores.base import JobState, fresh_state
-from proxy.stores.breaker import BreakerState
+from proxy.stores.breaker import DEFAULT_COOLDOWN_SECONDS, BreakerState
 from proxy.stores.redis_calls import (
-    DEFAULT_BREAKER_COOLDOWN_SECONDS,
     DEFAULT_REFUSED_RETRIES,
     DEFAULT_TIMEOUT_SECONDS,
     RedisCalls,
@@ -122,7 +121,7 @@ class RedisJobStore:
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         *,
-        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN_SECONDS,
+        breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
         refused_retries: int = DEFAULT_REFUSED_RETRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -28,12 +28,18 @@ from redis.exceptions import ResponseError
 
 from proxy.errors import StoreUnavailable
 from proxy.metrics import STORE_BREAKER_OPEN, STORE_BREAKER_OPENINGS, STORE_SKIPPED
-from proxy.stores.breaker import CLOSED, BreakerState, Phase, admit, settle
+from proxy.stores.breaker import (
+    CLOSED,
+    DEFAULT_COOLDOWN_SECONDS,
+    BreakerState,
+    Phase,
+    admit,
+    settle,
+)
 
 logger = logging.getLogger("pollguard.store")
 
 DEFAULT_TIMEOUT_SECONDS = 0.25
-DEFAULT_BREAKER_COOLDOWN_SECONDS = 2.0
 DEFAULT_REFUSED_RETRIES = 2
 # Redis restarting refuses connections for a moment; two quick retries (10 ms, then 20 ms) ride
 # out a blip without eating much of a 250 ms deadline.
@@ -66,7 +72,7 @@ class RedisCalls:
     def __init__(
         self,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN_SECONDS,
+        breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
         *,
         refused_retries: int = DEFAULT_REFUSED_RETRIES,
         clock: Callable[[], float] = time.monotonic,
