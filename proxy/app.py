@@ -90,7 +90,11 @@ class PollguardApp:
         await self.upstream.start()
         if config.routes:
             self.store = create_store(
-                config.state.redis_url, config.state.key_prefix, config.state.timeout
+                config.state.redis_url,
+                config.state.key_prefix,
+                config.state.timeout,
+                breaker_cooldown=config.state.breaker_cooldown,
+                memory_max_records=config.state.memory_max_records,
             )
             self.repreparer = Repreparer(
                 config.upstream.url, connect_timeout=config.upstream.connect_timeout
