@@ -312,7 +312,7 @@ class Upstream:
         chunked = body is not None and not _has_length(headers)
         head = self._request_head(method, target, headers, chunked=chunked)
         retry_on_stale = body is None and method in IDEMPOTENT
-        connection = await self._acquire()
+        connection = self._idle_connection() or await self._acquire()
         try:
             return await self._exchange(connection, method, head, body, chunked)
         except StaleConnection:

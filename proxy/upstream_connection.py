@@ -175,6 +175,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         exchange.bytes_seen = True
         self._last_data = self._loop.time()
         head_pending = not exchange.head_done
+        if head_pending:
+            # An upper bound of the head's size (interims included): httptools holds a partial
+            # head in memory, so this is checked after every read, not only at its end.
+            exchange.head_size += nbytes
         try:
             self._parser.feed_data(self._read_buffer[:nbytes])
         except httptools.HttpParserCallbackError as exc:
@@ -195,8 +199,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                 self.fail(UpstreamInvalid(f"invalid HTTP response from upstream: {exc}"))
             return
         if head_pending and not exchange.head_done:
-            # httptools holds a partial head in memory; bound it before the next read.
-            exchange.head_size += nbytes
             if exchange.head_size > self._limits.max_head_size:
                 self.fail(UpstreamInvalid(self._head_too_large()))
 
@@ -248,13 +250,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         headers = exchange.headers
         if exchange.done:
             raise _ExtraData()
-        exchange.head_size += len(name) + len(value) + 4
         if len(headers) >= self._limits.max_header_fields:
             raise _Refused(
                 f"upstream response head has more than {self._limits.max_header_fields} fields"
             )
-        if exchange.head_size > self._limits.max_head_size:
-            raise _Refused(self._head_too_large())
         headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
@@ -262,6 +261,12 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         assert exchange is not None
         if exchange.done:
             raise _ExtraData()
+        if exchange.head_size > self._limits.max_head_size and (
+            sum(len(name) + len(value) + 4 for name, value in exchange.headers)
+            > self._limits.max_head_size
+        ):
+            # The bytes read exceed the bound (the cheap test); the head itself does too.
+            raise _Refused(self._head_too_large())
         status = self._parser.get_status_code()
         if status == 101:
             raise _Refused("upstream switched protocols (101); not supported here")
