@@ -21,6 +21,8 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/-/health', timeout=2).status == 200 else 1)"]
 
 # Exec form: pollguard is PID 1 and receives SIGTERM itself; uvicorn stops accepting, lets
-# in-flight requests finish (30 s at most), then closes the upstream pool.
+# in-flight requests finish (server.shutdown_timeout, 30 s by default), then closes the upstream
+# pool. Give it longer than that before SIGKILL: `docker stop --time 35`, or
+# terminationGracePeriodSeconds: 35 in Kubernetes.
 STOPSIGNAL SIGTERM
 CMD ["pollguard", "serve", "--config", "/etc/pollguard/config.yaml", "--host", "0.0.0.0", "--port", "8080"]

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import checks
+import frozen_redis
 import load
 import peers
 import procs
@@ -28,8 +29,9 @@ REPO = peers.BENCH_DIR.parent
 WORK = peers.BENCH_DIR / ".work"
 RESULTS_JSON = WORK / "results.json"
 REDIS_REPLY_LIMIT = 1024 * 1024
-FULL = {"rounds": 3, "seconds": 10, "warmup": 2, "downloads": 10}
-QUICK = {"rounds": 1, "seconds": 2, "warmup": 1, "downloads": 10}
+# frozen: seconds Redis stays SIGSTOPped in the frozen-Redis scenario (the issue measured 10 s).
+FULL = {"rounds": 3, "seconds": 10, "warmup": 2, "downloads": 10, "frozen": 10}
+QUICK = {"rounds": 1, "seconds": 2, "warmup": 1, "downloads": 10, "frozen": 2}
 
 
 @dataclass
@@ -52,6 +54,22 @@ class Sample:
     download_s: float | None = None
     peak_rss_mib: float | None = None
     rss_growth_mib: float | None = None
+    # Redis peers only: guarded 202s on fresh keys, before / while / after Redis is SIGSTOPped
+    frozen_normal_rps: float | None = None
+    frozen_normal_p50_ms: float | None = None
+    frozen_normal_p99_ms: float | None = None
+    frozen_normal_evalsha_per_req: float | None = None
+    frozen_normal_bad: int = 0
+    frozen_frozen_rps: float | None = None
+    frozen_frozen_p50_ms: float | None = None
+    frozen_frozen_p99_ms: float | None = None
+    frozen_frozen_evalsha_per_req: float | None = None
+    frozen_frozen_bad: int = 0
+    frozen_after_rps: float | None = None
+    frozen_after_p50_ms: float | None = None
+    frozen_after_p99_ms: float | None = None
+    frozen_after_evalsha_per_req: float | None = None
+    frozen_after_bad: int = 0
     checks: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
 
@@ -81,6 +99,17 @@ def _redis_calls(port: int | None) -> int | None:
     for line in stats.splitlines():
         name, _, fields = line.partition(":")
         if name.startswith("cmdstat_") and name not in ("cmdstat_info", "cmdstat_flushall"):
+            total += int(fields.split("calls=", 1)[1].split(",", 1)[0])
+    return total
+
+
+def _redis_script_calls(port: int) -> int:
+    """EVAL/EVALSHA commands Redis has executed: one per guarded poll that reached it."""
+    stats = _redis_command(port, b"INFO commandstats").decode()
+    total = 0
+    for line in stats.splitlines():
+        name, _, fields = line.partition(":")
+        if name in ("cmdstat_evalsha", "cmdstat_eval"):
             total += int(fields.split("calls=", 1)[1].split(",", 1)[0])
     return total
 
@@ -145,6 +174,19 @@ def measure(
         if pids:
             sample.peak_rss_mib = during_50.peak_mib()
             sample.rss_growth_mib = during_500.peak_mib() - during_50.peak_mib()
+        if redis_port is not None and ctx.redis_pid is not None:
+            # Last: it leaves Redis full of fresh records and the breaker just closed.
+            frozen = frozen_redis.measure(
+                running.port,
+                ctx.redis_pid,
+                lambda: _redis_script_calls(redis_port),
+                opts["seconds"],
+                opts["frozen"],
+                pids,
+                ctx.background_pids,
+            )
+            for name, value in frozen.items():
+                setattr(sample, name, value)
     except Exception as exc:  # one peer failing must not end the run; it is reported
         sample.error = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
@@ -190,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
         work=WORK,
         upstream_port=upstream_port,
         redis_port=redis_port,
+        redis_pid=redis_proc.pid if redis_proc else None,
         background_pids=tuple(background),
     )
     ref = checks.Reference(files=files, upstream_port=upstream_port)
@@ -216,6 +259,14 @@ def run(args: argparse.Namespace) -> int:
                 f"202 {sample.pending_rps} req/s, downloads {sample.download_s} s, "
                 f"peak RSS {sample.peak_rss_mib} MiB, checks failed {failed}, error {sample.error}"
             )
+            if sample.frozen_frozen_rps is not None:
+                segments = ", ".join(
+                    f"{segment} {getattr(sample, f'frozen_{segment}_rps')} req/s "
+                    f"p50 {getattr(sample, f'frozen_{segment}_p50_ms')} ms "
+                    f"p99 {getattr(sample, f'frozen_{segment}_p99_ms')} ms"
+                    for segment in frozen_redis.SEGMENTS
+                )
+                _log(f"  {peer.name}: Redis frozen {opts['frozen']} s, guarded 202: {segments}")
             samples[peer.name].append(asdict(sample))
     procs.stop(upstream_proc)
 

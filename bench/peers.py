@@ -36,6 +36,7 @@ class Context:
     work: Path
     upstream_port: int
     redis_port: int | None
+    redis_pid: int | None = None  # the frozen-Redis scenario SIGSTOPs it
     background_pids: tuple[int, ...] = ()  # upstream workers and redis: ours, not foreign load
 
 

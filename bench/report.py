@@ -33,6 +33,14 @@ TARGET_GUARDED_RATIO = 0.7
 TARGET_PEAK_RSS_MIB = 60.0
 TARGET_RSS_GROWTH_MIB = 10.0
 TARGET_STARTUP_MS = 1000.0
+STORE_TIMEOUT_MS = 250.0  # state.timeout's default; the bench config leaves it
+TARGET_FROZEN_P99_MS = STORE_TIMEOUT_MS + 50.0
+TARGET_FROZEN_RATIO = 0.5
+FROZEN_SEGMENTS = [
+    ("normal", "normal"),
+    ("frozen", "Redis frozen (SIGSTOP)"),
+    ("after", "after SIGCONT"),
+]
 
 
 def _cpu_model() -> str:
@@ -179,6 +187,20 @@ def _target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
         None if growth is None else growth <= TARGET_RSS_GROWTH_MIB,
         "n/a" if growth is None else f"{growth:.1f} MiB",
     )
+    frozen_p99 = get("pollguard+redis", "frozen_frozen_p99_ms")
+    verdict(
+        f"guarded p99 with Redis frozen ≤ state.timeout + 50 ms = {TARGET_FROZEN_P99_MS:.0f} ms",
+        None if frozen_p99 is None else frozen_p99 <= TARGET_FROZEN_P99_MS,
+        "n/a" if frozen_p99 is None else f"{frozen_p99:.1f} ms",
+    )
+    frozen_rps = get("pollguard+redis", "frozen_frozen_rps")
+    normal_rps = get("pollguard+redis", "frozen_normal_rps")
+    f_ratio = frozen_rps / normal_rps if frozen_rps is not None and normal_rps else None
+    verdict(
+        f"guarded req/s with Redis frozen ≥ {TARGET_FROZEN_RATIO:.0%} of normal",
+        None if f_ratio is None else f_ratio >= TARGET_FROZEN_RATIO,
+        "n/a" if f_ratio is None else f"{f_ratio:.0%}",
+    )
     startup = get("pollguard", "startup_ms")
     verdict(
         f"startup to first served request ≤ {TARGET_STARTUP_MS / 1000:.0f} s",
@@ -186,6 +208,43 @@ def _target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
         "n/a" if startup is None else f"{startup:.0f} ms",
     )
     return lines
+
+
+def _frozen_section(peers: list[dict[str, Any]], opts: dict[str, int]) -> list[str]:
+    measured = [p for p in peers if _values(p, "frozen_frozen_rps")]
+    if not measured:
+        return []
+    out = [
+        "",
+        f"## Redis frozen ({opts.get('frozen', '?')} s SIGSTOP, guarded 202 polls on fresh keys)",
+        "",
+        "| peer | window | 202 req/s | p50 ms | p99 ms | EVALSHA/req | non-2xx or errors |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for peer in measured:
+        for segment, label in FROZEN_SEGMENTS:
+            prefix = f"frozen_{segment}_"
+            bad = sum(s.get(prefix + "bad", 0) for s in peer["samples"])
+            out.append(
+                f"| {_label(peer)} | {label} | {cell(peer, prefix + 'rps')} | "
+                f"{cell(peer, prefix + 'p50_ms', 2)} | {cell(peer, prefix + 'p99_ms', 2)} | "
+                f"{cell(peer, prefix + 'evalsha_per_req', 3)} | {bad} |"
+            )
+    out += [
+        "",
+        "Three wrk runs back to back on job keys never polled before (bench/fresh_keys.lua), so "
+        "each poll needs a Redis round trip: normal; with redis-server SIGSTOPped from just "
+        "before wrk starts until it ends (connections are accepted, nothing answers); and from "
+        "SIGCONT on. pollguard runs with the defaults `state.timeout: 250ms`, "
+        "`state.breaker_cooldown: 2s`, `state.on_error: pass`: while the breaker is open, polls "
+        "are answered unguarded without waiting for Redis. EVALSHA/req: the scripts Redis ran "
+        "(INFO commandstats; for the frozen window read after SIGCONT, so it counts what reached "
+        "Redis while it was stopped) ÷ requests. wrk corrects latency for coordinated omission "
+        "(`stats_correct`): while all 32 connections wait out the first `state.timeout` before "
+        "the breaker opens, it counts the requests they would have sent: in a 2 s window (`--quick`) "
+        "that one stall sets p99, in a 10 s window it weighs a fifth as much.",
+    ]
+    return out
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -246,6 +305,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"| {_label(peer)} | {cell(peer, 'download_s', 2)} | {cell(peer, 'peak_rss_mib', 1)} | "
             f"{cell(peer, 'rss_growth_mib', 1)} | {cell(peer, 'startup_ms')} |"
         )
+    out += _frozen_section(peers, opts)
     out += [
         "",
         "## Targets (issue 5; medians of this run)",

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 from proxy.admin import create_admin_app
 from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
+from proxy.fdlimit import raise_open_files_limit
 from proxy.forward import Forwarder, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
 from proxy.headers import new_request_id
+from proxy.logtext import log_safe
 from proxy.policy import GuardLimits
 from proxy.problems import Problem
 from proxy.reprepare import Repreparer, ReprepareRequest
 from proxy.routes import RouteSpec, RouteTable
+from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
 from proxy.upstream import Upstream, UpstreamSettings
 
@@ -29,6 +31,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
         name=name,
         shadow=job.mode == "shadow",
         pending_status=frozenset(job.pending_status),
+        end_status=frozenset(job.end_status),
         key_pattern=job.key_pattern,
         limits=GuardLimits(
             stuck_after=job.stuck_after,
@@ -63,24 +66,35 @@ class PollguardApp:
                 connect_timeout=config.upstream.connect_timeout,
                 read_timeout=config.upstream.read_timeout,
                 pool_size=config.upstream.pool_size,
+                max_connections=config.upstream.max_connections,
+                pool_timeout=config.upstream.pool_timeout,
+                max_head_size=config.upstream.max_head_size,
+                max_header_fields=config.upstream.max_header_fields,
             )
         )
         self.store: JobStore | None = None
+        self.guard: JobGuard | None = None
         self.repreparer: Repreparer | None = None
         self.forwarder = Forwarder(
             self.upstream,
             None,
             trusted_proxies=config.upstream.trusted_proxies,
             preserve_host=config.upstream.preserve_host,
+            send_timeout=config.server.send_timeout,
         )
         self.admin = create_admin_app(self._prefix, self.upstream, None)
 
     async def startup(self) -> None:
         config = self.config
+        raise_open_files_limit()
         await self.upstream.start()
         if config.routes:
             self.store = create_store(
-                config.state.redis_url, config.state.key_prefix, config.state.timeout
+                config.state.redis_url,
+                config.state.key_prefix,
+                config.state.timeout,
+                breaker_cooldown=config.state.breaker_cooldown,
+                memory_max_records=config.state.memory_max_records,
             )
             self.repreparer = Repreparer(
                 config.upstream.url, connect_timeout=config.upstream.connect_timeout
@@ -92,7 +106,7 @@ class PollguardApp:
                     for r in config.routes
                 ]
             )
-            self.forwarder.guard = JobGuard(
+            self.guard = JobGuard(
                 jobs,
                 routes,
                 self.store,
@@ -100,6 +114,7 @@ class PollguardApp:
                 fail_closed=config.state.on_error == "fail",
                 remember_records=config.state.redis_url is not None,
             )
+            self.forwarder.guard = self.guard
         redis_store = self.store if config.state.redis_url else None
         token = config.admin.token.get_secret_value() if config.admin.token else None
         self.admin = create_admin_app(self._prefix, self.upstream, redis_store, token)
@@ -111,6 +126,10 @@ class PollguardApp:
         )
 
     async def shutdown(self) -> None:
+        if self.guard is not None:
+            # Episodes that just ended are forgotten in the background: let those writes land
+            # (each is bounded by state.timeout) before the store closes.
+            await self.guard.settled()
         await self.upstream.close()
         if self.repreparer is not None:
             await self.repreparer.close()
@@ -127,7 +146,9 @@ class PollguardApp:
                 await self.forwarder(scope, receive, send)
             except Exception:
                 logger.exception(
-                    "unexpected error while proxying %s %s", scope["method"], scope["path"]
+                    "unexpected error while proxying %s %s",
+                    log_safe(scope["method"]),
+                    log_safe(scope["path"]),
                 )
                 await _internal_error(send)
         elif kind == "lifespan":
@@ -138,7 +159,7 @@ class PollguardApp:
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
-            message: dict[str, Any] = await receive()
+            message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
@@ -177,4 +198,6 @@ def create_app(config: Config | None = None) -> PollguardApp:
         if not path:
             raise ConfigError(f"{CONFIG_ENV} is not set — point it at a pollguard config.yaml")
         config = load_config(path)
+    # The server protocol of this process (pollguard serve's) bounds request heads by config.
+    configure_server_protocol(config.server.max_head_size, config.server.max_header_fields)
     return PollguardApp(config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -14,17 +15,28 @@ from proxy.config import load_config
 from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
+from proxy.server_http import PROTOCOL_PATH
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-GRACEFUL_SHUTDOWN_SECONDS = 30  # in-flight requests get this long after SIGTERM
+# What uvicorn logs (at ERROR) when an app returns with its response unfinished. pollguard does
+# that only on purpose — an upstream failing mid-body, a client that stopped reading — and logs
+# why itself, so the server's line would only read as a bug.
+_DELIBERATE_ABORT = "ASGI callable returned without completing response."
+
+
+class DeliberateAbortFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _DELIBERATE_ABORT
 
 
 def _log_config(level: str) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
+    config["filters"] = {"deliberate_abort": {"()": f"{__name__}.DeliberateAbortFilter"}}
+    config["handlers"]["default"]["filters"] = ["deliberate_abort"]
     config["loggers"]["pollguard"] = {
         "handlers": ["default"],
         "level": level.upper(),
@@ -68,7 +80,11 @@ def _serve(args: argparse.Namespace) -> int:
         # The upstream's Server and Date headers reach the client, not uvicorn's.
         server_header=False,
         date_header=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # In-flight requests get this long after SIGTERM; then the rest are cancelled and
+        # answered 503 shutting-down (when nothing was sent yet).
+        timeout_graceful_shutdown=config.server.shutdown_timeout,  # type: ignore[arg-type]
+        # uvicorn's httptools protocol with bounded request heads and no trailers as headers.
+        http=PROTOCOL_PATH,
     )
     return 0
 

@@ -41,6 +41,7 @@ from proxy.config_loading import (
     translate_validation_error,
 )
 from proxy.errors import ConfigError
+from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
 
 __all__ = [
     "AdminConfig",
@@ -65,6 +66,8 @@ DEFAULT_POOL_TIMEOUT = 5.0
 DEFAULT_MAX_HEAD_SIZE = 64 * 1024
 DEFAULT_MAX_HEADER_FIELDS = 200
 DEFAULT_SEND_TIMEOUT = 60.0
+DEFAULT_MAX_REQUEST_HEAD_SIZE = 64 * 1024
+DEFAULT_MAX_REQUEST_HEADER_FIELDS = 200
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 DEFAULT_BREAKER_COOLDOWN = 2.0
 DEFAULT_MEMORY_MAX_RECORDS = 100_000
@@ -234,6 +237,8 @@ class StateConfig(_Section):
 
 class ServerConfig(_Section):
     send_timeout: Duration = DEFAULT_SEND_TIMEOUT
+    max_head_size: ByteSize = DEFAULT_MAX_REQUEST_HEAD_SIZE
+    max_header_fields: int = Field(default=DEFAULT_MAX_REQUEST_HEADER_FIELDS, ge=1)
     shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT
 
 
@@ -252,12 +257,34 @@ class AdminConfig(_Section):
         return prefix
 
 
+def _no_dot_segments(path: str) -> str:
+    segments = path.split("?", 1)[0].split("/")
+    if any(segment in (".", "..") for segment in segments):
+        raise ValueError(
+            f"path {path!r} has a '.' or '..' segment — URL libraries remove those, so the "
+            "request would go elsewhere; write the path without them"
+        )
+    return path
+
+
+def _forwardable(names: tuple[str, ...]) -> tuple[str, ...]:
+    refused = [name for name in names if name.encode() in NEVER_FORWARDED_ON_REPREPARE]
+    if refused:
+        raise ValueError(
+            f"{refused[0]!r} can't be forwarded — it frames or identifies the re-prepare request "
+            "itself; remove it (forward e.g. authorization, cookie)"
+        )
+    return names
+
+
 class ReprepareConfig(_Section):
     method: HttpMethod = DEFAULT_REPREPARE_METHOD
-    path: PathTemplate
+    path: Annotated[PathTemplate, AfterValidator(_no_dot_segments)]
     query: StringMap = Field(default_factory=dict)
     headers: StringMap = Field(default_factory=dict)
-    forward_headers: tuple[HeaderName, ...] = DEFAULT_FORWARD_HEADERS
+    forward_headers: Annotated[tuple[HeaderName, ...], AfterValidator(_forwardable)] = (
+        DEFAULT_FORWARD_HEADERS
+    )
     timeout: Duration = DEFAULT_REPREPARE_TIMEOUT
 
 

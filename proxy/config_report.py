@@ -67,6 +67,8 @@ def render_config(cfg: Config) -> str:
         },
         "server": {
             "send_timeout": format_duration(server.send_timeout),
+            "max_head_size": format_size(server.max_head_size),
+            "max_header_fields": server.max_header_fields,
             "shutdown_timeout": format_duration(server.shutdown_timeout),
         },
         "state": {

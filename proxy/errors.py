@@ -34,6 +34,10 @@ class StoreUnavailable(PollguardError):
     """The job-state store (Redis) could not be reached or answered garbage."""
 
 
+class BadRequest(PollguardError):
+    """The client's request breaks HTTP in a way no backend should be asked to interpret."""
+
+
 class ClientDisconnected(PollguardError):
     """The client went away while pollguard was still reading its request body."""
 

@@ -13,9 +13,24 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.answers import GuardAnswer
-from proxy.errors import ClientDisconnected, UpstreamError, UpstreamTimeout
+from proxy.client import ClientLink, Message, Patrol, Receive, Send
+from proxy.errors import (
+    BadRequest,
+    ClientDisconnected,
+    ClientTimeout,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamTimeout,
+)
 from proxy.guard import GuardTarget, JobGuard
-from proxy.headers import TrustedNetworks, forwarded_request_headers, response_headers
+from proxy.headers import (
+    TrustedNetworks,
+    forwarded_request_headers,
+    new_request_id,
+    response_headers,
+)
+from proxy.logtext import log_safe
 from proxy.metrics import UPSTREAM_ERRORS
 from proxy.problems import Problem
 from proxy.upstream import Upstream, UpstreamResponse
@@ -23,12 +38,16 @@ from proxy.upstream import Upstream, UpstreamResponse
 logger = logging.getLogger("pollguard.forward")
 
 Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Any  # ASGI receive callable
-Send = Any  # ASGI send callable
 
-UNAVAILABLE_RETRY_AFTER = 5  # seconds; what a 502 tells the client to wait
+UNAVAILABLE_RETRY_AFTER = 5  # seconds; what a 502 upstream-unavailable tells the client to wait
+BUSY_RETRY_AFTER = 1  # seconds; connections free up as responses finish
 DRAIN_LIMIT = 64 * 1024  # read at most this much of a replaced body to keep its connection
+# Statuses whose responses never have a body (RFC 9110 §6.4.1); a Content-Length on them would
+# make the ASGI server wait for bytes that never come (uvicorn raises).
+_BODYLESS = frozenset({204, 304})
+_CLOSE = (b"connection", b"close")
+
+__all__ = ["Forwarder", "Message", "Receive", "Scope", "Send"]
 
 
 class Forwarder:
@@ -39,53 +58,86 @@ class Forwarder:
         *,
         trusted_proxies: TrustedNetworks,
         preserve_host: bool,
+        send_timeout: float,
     ) -> None:
         self.upstream = upstream
         self.guard = guard
         self._trusted = trusted_proxies
         self._preserve_host = preserve_host
+        self._patrol = Patrol(send_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method: str = scope["method"]
-        client = scope.get("client")
-        client_headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
-        headers, request_id = forwarded_request_headers(
-            client_headers,
-            peer=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            trusted=self._trusted,
-            preserve_host=self._preserve_host,
-        )
-        raw_path: bytes | None = scope.get("raw_path")
-        target = raw_path if raw_path else quote(scope["path"]).encode()
-        if query := scope.get("query_string"):
-            target += b"?" + query
-        body_state = _BodyState()
-        body = _request_body(receive, body_state) if _has_body(client_headers) else None
-        if body is None:
-            body_state.consumed = True
-        target_job = self.guard.target(method, scope["path"]) if self.guard else None
+        # One coroutine for the whole request, not a wrapper around a second one: each costs
+        # ~2k instructions on a path that runs for every request.
+        client = ClientLink(receive, send, self._patrol, self.upstream.loop)
         try:
-            response = await self.upstream.send(method, target, headers, body)
-        except ClientDisconnected:
-            logger.info(
-                "client went away during its upload (request_id=%s)", request_id.decode("latin-1")
-            )
-            return  # nobody to answer
-        except UpstreamError as exc:
-            await self._upstream_failed(exc, method, request_id, send)
-            return
-        answer: GuardAnswer | None = None
-        if target_job is not None and self.guard is not None:
-            answer = await self._review(target_job, response, client_headers, request_id)
-        if answer is not None and answer.body is not None:
-            await _send_whole(send, answer.status, answer.headers, answer.body, method == "HEAD")
-            return
-        if answer is not None:
-            status, out_headers = answer.status, answer.headers
-        else:
-            status, out_headers = response.status, response_headers(response.headers, request_id)
-        await _stream(response, status, out_headers, method == "HEAD", receive, send, body_state)
+            method: str = scope["method"]
+            peer = scope.get("client")
+            client_headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
+            try:
+                headers, request_id = forwarded_request_headers(
+                    client_headers,
+                    peer=peer[0] if peer else None,
+                    scheme=scope.get("scheme", "http"),
+                    trusted=self._trusted,
+                    preserve_host=self._preserve_host,
+                )
+            except BadRequest as exc:
+                problem = Problem(400, "bad-request", str(exc))
+                await _send_problem(client, problem, new_request_id(), method, close=True)
+                return
+            client.request_id = request_id
+            raw_path: bytes | None = scope.get("raw_path")
+            target = raw_path if raw_path else quote(scope["path"]).encode()
+            if query := scope.get("query_string"):
+                target += b"?" + query
+            body = _request_body(client) if _has_body(client_headers) else None
+            if body is None:
+                client.body_consumed = True
+            target_job = self.guard.target(method, scope["path"], raw_path) if self.guard else None
+            try:
+                response = await self.upstream.send(method, target, headers, body)
+            except ClientDisconnected:
+                logger.info("client went away during its upload (request_id=%s)", client.log_id)
+                return  # nobody to answer
+            except ClientTimeout as exc:
+                logger.info(
+                    "client stalled its upload: %s (request_id=%s)",
+                    log_safe(str(exc)),
+                    client.log_id,
+                )
+                problem = Problem(408, "client-timeout", str(exc))
+                await _send_problem(client, problem, request_id, method, close=True)
+                return
+            except UpstreamError as exc:
+                await _upstream_failed(exc, client, method)
+                return
+            answer: GuardAnswer | None = None
+            if target_job is not None and self.guard is not None:
+                try:
+                    answer = await self._review(target_job, response, client_headers, request_id)
+                except BaseException:
+                    response.abort()  # whatever went wrong, the upstream connection is not leaked
+                    raise
+            if answer is not None and answer.body is not None:
+                await client.send_whole(
+                    answer.status, answer.headers, answer.body, method == "HEAD"
+                )
+                return
+            if answer is not None:
+                status, out_headers = answer.status, answer.headers
+            else:
+                status, out_headers = (
+                    response.status,
+                    response_headers(response.headers, request_id),
+                )
+            await _stream(response, status, out_headers, method == "HEAD", client)
+        except asyncio.CancelledError:
+            # Ours (the client left, or stopped reading) or the server's (shutdown past its
+            # grace period): either way this request is over, and a traceback helps no one.
+            await client.end_cancelled()
+        finally:
+            client.stop()
 
     async def _review(
         self,
@@ -104,28 +156,33 @@ class Forwarder:
             await _drain(response)
         return answer
 
-    async def _upstream_failed(
-        self, exc: UpstreamError, method: str, request_id: bytes, send: Send
-    ) -> None:
-        if isinstance(exc, UpstreamTimeout):
-            problem = Problem(504, "upstream-timeout", str(exc))
-        else:
-            problem = Problem(
-                502, "upstream-unavailable", str(exc), retry_after=UNAVAILABLE_RETRY_AFTER
-            )
-        UPSTREAM_ERRORS.labels(problem.code).inc()
-        logger.warning("upstream error %s: %s", problem.code, exc)
-        body = problem.body(request_id.decode("latin-1"))
-        await _send_whole(
-            send, problem.status, problem.headers(body, request_id), body, method == "HEAD"
+
+async def _upstream_failed(exc: UpstreamError, client: ClientLink, method: str) -> None:
+    if isinstance(exc, UpstreamTimeout):
+        problem = Problem(504, "upstream-timeout", str(exc))
+    elif isinstance(exc, UpstreamBusy):
+        problem = Problem(503, "upstream-busy", str(exc), retry_after=BUSY_RETRY_AFTER)
+    elif isinstance(exc, UpstreamInvalid):
+        problem = Problem(502, "upstream-invalid", str(exc))
+    else:
+        problem = Problem(
+            502, "upstream-unavailable", str(exc), retry_after=UNAVAILABLE_RETRY_AFTER
         )
+    UPSTREAM_ERRORS.labels(problem.code).inc()
+    logger.warning("upstream error %s: %s (request_id=%s)", problem.code, exc, client.log_id)
+    request_id = client.request_id or new_request_id()
+    await _send_problem(client, problem, request_id, method)
 
 
-class _BodyState:
-    __slots__ = ("consumed",)
-
-    def __init__(self) -> None:
-        self.consumed = False
+async def _send_problem(
+    client: ClientLink, problem: Problem, request_id: bytes, method: str, *, close: bool = False
+) -> None:
+    body = problem.body(request_id.decode("latin-1"))
+    headers = problem.headers(body, request_id)
+    if close:
+        # The client's request body is not (fully) read: the connection can't carry another.
+        headers.append(_CLOSE)
+    await client.send_whole(problem.status, headers, body, method == "HEAD")
 
 
 def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -137,7 +194,8 @@ def _has_body(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-async def _request_body(receive: Receive, state: _BodyState) -> AsyncIterator[bytes]:
+async def _request_body(client: ClientLink) -> AsyncIterator[bytes]:
+    receive = client.receive
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -146,15 +204,8 @@ async def _request_body(receive: Receive, state: _BodyState) -> AsyncIterator[by
         if chunk:
             yield chunk
         if not message.get("more_body", False):
-            state.consumed = True
+            client.body_consumed = True
             return
-
-
-async def _send_whole(
-    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, head: bool
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": b"" if head else body})
 
 
 async def _drain(response: UpstreamResponse) -> None:
@@ -176,46 +227,43 @@ async def _stream(
     status: int,
     headers: list[tuple[bytes, bytes]],
     head: bool,
-    receive: Receive,
-    send: Send,
-    body_state: _BodyState,
+    client: ClientLink,
 ) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    if head or status in (204, 304):
+    if status in _BODYLESS:
         response.release()
-        await send({"type": "http.response.body", "body": b""})
+        headers = [header for header in headers if header[0] != b"content-length"]
+        await client.send_whole(status, headers, b"", head)
+        return
+    if head:
+        response.release()
+        await client.send_whole(status, headers, b"", head)
         return
     body = response.complete_body()
-    if body is not None:  # it all came with the head: one send, no streaming machinery
+    if body is not None:  # it all came with the head: release first, then one send
         response.release()
-        await send({"type": "http.response.body", "body": body})
+        await client.send_whole(status, headers, body, head)
         return
-    watcher: asyncio.Task[None] | None = None
     try:
+        await client.send_start(status, headers)
         async for chunk in response.chunks():
             more = not response.finished
-            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if not more:
+                client.finishing = True
+            await client.send({"type": "http.response.body", "body": chunk, "more_body": more})
             if not more:
                 response.release()
                 return
-            if watcher is None and body_state.consumed:
-                # A long body. Watch for the client leaving, so a dropped download closes its
-                # upstream connection instead of reading on into the void.
-                watcher = asyncio.ensure_future(_close_on_disconnect(receive, response))
-        await send({"type": "http.response.body", "body": b""})
+            # A long body: watch for the client leaving, so a dropped download closes its
+            # upstream connection instead of reading on into the void.
+            client.watch_now()
+        client.finishing = True
+        await client.send({"type": "http.response.body", "body": b""})
         response.release()
-    except (UpstreamError, ClientDisconnected) as exc:
+    except UpstreamError as exc:
         response.abort()
-        logger.info("response body ended early: %s", exc)
+        logger.info(
+            "response body ended early: %s (request_id=%s)", log_safe(str(exc)), client.log_id
+        )
     except BaseException:
         response.abort()
         raise
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-
-
-async def _close_on_disconnect(receive: Receive, response: UpstreamResponse) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    response.abort()

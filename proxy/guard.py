@@ -21,6 +21,7 @@ from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, header_value
+from proxy.logtext import log_safe
 from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS
 from proxy.policy import (
     Decision,
@@ -32,13 +33,15 @@ from proxy.policy import (
     record_ttl,
 )
 from proxy.recent import RecentRecords, trust_seconds
-from proxy.reprepare import Repreparer, ReprepareRequest, idempotency_key
+from proxy.reprepare import Repreparer, ReprepareRequest, ReprepareResult, idempotency_key
 from proxy.routes import RouteMatch, RouteTable, is_guardable_key
 from proxy.stores import JobState, JobStore
 
 logger = logging.getLogger("pollguard.guard")
 
 STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log lines
+# What the lock is released with when the re-prepare never reported (cancelled, or a bug).
+_INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +49,9 @@ class GuardedJob:
     name: str
     shadow: bool
     pending_status: frozenset[int]
+    # Non-pending statuses that mean the result is there and end the episode; anything else
+    # (a 404 or 403 another tenant got for the same key) leaves the state alone.
+    end_status: frozenset[int]
     key_pattern: re.Pattern[str] | None
     limits: GuardLimits
     reprepare: ReprepareRequest
@@ -82,9 +88,16 @@ class JobGuard:
         # Only worth it in front of a shared store: the memory store is already local.
         self._recent = RecentRecords() if remember_records else None
 
-    def target(self, method: str, path: str) -> GuardTarget | None:
-        """The job a request belongs to, or None for an unguarded request."""
-        match = self._routes.match(method, path)
+    async def settled(self) -> None:
+        """Wait for the background work started so far (forgetting ended episodes): for an
+        orderly shutdown before the store closes, and for tests."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def target(self, method: str, path: str, raw_path: bytes | None = None) -> GuardTarget | None:
+        """The job a request belongs to, or None for an unguarded request. `path` is the decoded
+        ASGI path; `raw_path`, when given, lets a path with an encoded slash go unguarded."""
+        match = self._routes.match(method, path, raw_path)
         if match is None:
             return None
         job = self._jobs[match.job]
@@ -102,7 +115,7 @@ class JobGuard:
     ) -> GuardAnswer | None:
         job, key = target.job, target.match.key
         if status not in job.pending_status:
-            if ends_episode(status):
+            if ends_episode(status, job.end_status):
                 # Off the response path: a player's Range requests on a ready file each end
                 # the episode, and none of them should wait for a Redis DEL.
                 task = asyncio.ensure_future(self._forget(job, key))
@@ -184,25 +197,34 @@ class JobGuard:
     ) -> GuardAnswer:
         job, key = target.job, target.match.key
         attempt = locked.attempts
-        result = await self._repreparer.fire(
-            job.reprepare,
-            params=target.match.params,
-            client_headers=client_headers,
-            idempotency=idempotency_key(
-                job.name, key, locked.episode_start, locked.window_start, attempt
-            ),
-            request_id=request_id.decode("latin-1"),
-        )
-        REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
-        finished = after_reprepare(locked, self._clock(), result.succeeded)
+        result = _INTERRUPTED
         try:
-            stored = await self.store.swap(
-                job.name, key, locked.version, finished, record_ttl(job.limits)
+            result = await self._repreparer.fire(
+                job.reprepare,
+                params=target.match.params,
+                client_headers=client_headers,
+                idempotency=idempotency_key(
+                    job.name, key, locked.episode_start, locked.window_start, attempt
+                ),
+                request_id=request_id.decode("latin-1"),
             )
-            self._remember(job, key, stored, self._clock())
-        except StoreUnavailable:
-            pass  # the lock expires on its own after reprepare.timeout + margin
+        except Exception as exc:  # fire() reports its failures; this is a bug of ours
+            logger.exception("re-prepare raised instead of reporting")
+            result = ReprepareResult(False, f"re-prepare failed: {type(exc).__name__}")
+        finally:
+            # Whatever happened (cancellation included), the lock is ours to release now, not
+            # reprepare.timeout + margin later.
+            await self._release(job, key, locked, result.succeeded)
+        REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
         if not result.succeeded:
+            if logger.isEnabledFor(logging.WARNING):
+                logger.warning(
+                    "re-prepare failed job=%s key=%s request_id=%s: %s",
+                    job.name,
+                    log_safe(key),
+                    log_safe(request_id),
+                    log_safe(result.detail),
+                )
             self._log(target, "reprepare-failed", decision, request_id)
             return self._problem(
                 target,
@@ -221,6 +243,18 @@ class JobGuard:
             decision.retry_after or 1,
             request_id,
         )
+
+    async def _release(self, job: GuardedJob, key: str, locked: JobState, succeeded: bool) -> None:
+        """Store the record after the re-prepare `locked` guarded: lock released, stuck clock
+        restarted on success."""
+        finished = after_reprepare(locked, self._clock(), succeeded)
+        try:
+            stored = await self.store.swap(
+                job.name, key, locked.version, finished, record_ttl(job.limits)
+            )
+        except StoreUnavailable:
+            return  # the lock expires on its own after reprepare.timeout + margin
+        self._remember(job, key, stored, self._clock())
 
     async def _shadow(
         self,
@@ -276,7 +310,7 @@ class JobGuard:
             self._last_store_error_log = now
             logger.warning(
                 "job state store unavailable (%s); on_error=%s",
-                exc,
+                log_safe(str(exc)),
                 "fail" if self._fail_closed else "pass",
             )
 
@@ -325,9 +359,9 @@ class JobGuard:
         logger.info(
             "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
             target.job.name,
-            target.match.key,
+            log_safe(target.match.key),
             decision_name,
             decision.pending_seconds,
             decision.attempts,
-            request_id.decode("latin-1"),
+            log_safe(request_id),
         )

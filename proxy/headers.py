@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 
+from proxy.errors import BadRequest
+
 RawHeaders = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
@@ -28,6 +30,11 @@ HOP_BY_HOP = frozenset(
     }
 )
 REQUEST_ID = b"x-request-id"
+# Headers the re-prepare request frames or identifies itself with: copied from the client they
+# would misframe it (a Content-Length with no body) or forge its identity, so config refuses
+# them in forward_headers and the re-prepare never copies them.
+REPREPARE_OWN_HEADERS = frozenset({b"idempotency-key", REQUEST_ID})
+NEVER_FORWARDED_ON_REPREPARE = HOP_BY_HOP | {b"content-length", b"host"} | REPREPARE_OWN_HEADERS
 # Request headers pollguard rewrites rather than copies.
 _REWRITTEN = frozenset(
     {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID}
@@ -79,6 +86,7 @@ def forwarded_request_headers(
     preserve_host: bool,
 ) -> tuple[RawHeaders, bytes]:
     """The headers to send upstream and the request id; Host is dropped unless preserved.
+    BadRequest when the request carries two Host headers.
 
     X-Forwarded-For is extended only when the immediate peer is a trusted proxy; otherwise a
     client could forge its address, so every X-Forwarded-* it sent is replaced. One pass over
@@ -97,6 +105,10 @@ def forwarded_request_headers(
                 named |= connection_named(value)
         elif name in _REWRITTEN:
             if name == b"host":
+                if client_host is not None:
+                    # RFC 9112 §3.2: a server MUST answer 400; the backend and pollguard could
+                    # otherwise each pick a different one.
+                    raise BadRequest("more than one Host header")
                 client_host = value
                 if preserve_host:
                     out.append((name, value))

@@ -23,7 +23,6 @@ TTL_MARGIN_SECONDS = 60.0
 MIN_RETRY_AFTER_SECONDS = 1
 
 _DELAY_SECONDS = re.compile(r"[0-9]+")
-_EPISODE_ENDING_STATUSES = frozenset({404, 410})
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +120,12 @@ def record_ttl(limits: GuardLimits) -> float:
     return max(limits.reprepare_window, limits.max_wait, lock_lifetime) + TTL_MARGIN_SECONDS
 
 
-def ends_episode(status: int) -> bool:
-    """A non-pending answer that means the job is done (2xx) or gone (404, 410)."""
-    return 200 <= status < 300 or status in _EPISODE_ENDING_STATUSES
+def ends_episode(status: int, end_status: frozenset[int]) -> bool:
+    """Whether a non-pending answer ends the episode: only a status the job lists as meaning
+    "the result is there" (by default 2xx results and 304). Any other answer — a 404, 401 or 403
+    that a multi-tenant backend gives whoever doesn't own the key, a 5xx — leaves the episode
+    alone, so nobody else's request can switch the guard off for the owner's job."""
+    return status in end_status
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:

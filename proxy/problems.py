@@ -15,6 +15,8 @@ TITLES: Mapping[str, str] = {
     "upstream-invalid": "Invalid upstream response",
     "upstream-busy": "Upstream connections exhausted",
     "client-timeout": "Request body not received in time",
+    "shutting-down": "Shutting down",
+    "request-head-too-large": "Request header fields too large",
     "job-stuck": "Job is stuck",
     "wait-exceeded": "Waited too long for the job",
     "reprepare-failed": "Re-preparing the job failed",

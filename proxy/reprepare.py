@@ -2,19 +2,31 @@
 
 It goes through httpx (rare, latency-insensitive, and its error paths are unit-tested with
 respx), on a client of its own whose cookie jar refuses every cookie, so nothing one user's
-request carried can leak into another's.
+request carried can leak into another's. `Repreparer.fire` never raises: whatever goes wrong
+becomes a failed `ReprepareResult` whose detail says why, because the caller holds a lock and a
+counted attempt that must be settled either way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from urllib.parse import quote, urlsplit
 
 import httpx
 
+from proxy.headers import NEVER_FORWARDED_ON_REPREPARE, REPREPARE_OWN_HEADERS
 from proxy.routes import fill_path_template
+
+_COOKIE = b"cookie"
+# RFC 6265 §5.4: one Cookie header, pairs separated by "; " (RFC 9113 §8.2.3 joins HTTP/2's
+# split cookie fields the same way). A comma join (RFC 9110 §5.3) would corrupt cookie values.
+_COOKIE_SEPARATOR = b"; "
+# RFC 3986 pchar delimiters plus "/" and "%": quote() adds the unreserved characters itself.
+_PATH_SAFE = "/%:@!$&'()*+,;="
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,11 +53,64 @@ def idempotency_key(
     return "pollguard-" + hashlib.sha256(material).hexdigest()[:32]
 
 
+def reprepare_target(spec: ReprepareRequest, params: Mapping[str, str]) -> str:
+    """The raw request target (path and query) of the re-prepare: each parameter percent-encoded
+    as one path segment, each query name and value percent-encoded. ValueError for a parameter
+    that cannot be one segment (`.`, `..`, ...: see proxy.routes)."""
+    # Parameters come back fully encoded; this only encodes what the configured literal text
+    # has that a path can't carry (non-ASCII, spaces), as httpx would, and keeps `%XX` as is.
+    target = quote(fill_path_template(spec.path, params), safe=_PATH_SAFE)
+    if spec.query:
+        target += "?" + "&".join(
+            f"{quote(name, safe='')}={quote(value, safe='')}" for name, value in spec.query.items()
+        )
+    return target
+
+
+def reprepare_headers(
+    spec: ReprepareRequest,
+    client_headers: Iterable[tuple[bytes, bytes]],
+    idempotency: str,
+    request_id: str,
+) -> list[tuple[bytes, bytes]]:
+    """The re-prepare's headers: the fixed ones, then the client's forwarded ones as the exact
+    bytes received (repeated headers stay repeated, in order; Cookie lines are joined into one),
+    then Idempotency-Key and X-Request-ID. A forwarded header replaces a fixed one of its name.
+
+    No size bound of our own: these bytes are a subset of the head the backend has just
+    accepted on the poll that found the job stuck, and at most one re-prepare per key is in
+    flight.
+    """
+    wanted = {name.encode("ascii") for name in spec.forward_headers} - NEVER_FORWARDED_ON_REPREPARE
+    forwarded: list[tuple[bytes, bytes]] = []
+    cookies: list[bytes] = []
+    for name, value in client_headers:
+        if name not in wanted:
+            continue
+        if name == _COOKIE:
+            if value:
+                cookies.append(value)
+        else:
+            forwarded.append((name, value))
+    if cookies:
+        forwarded.append((_COOKIE, _COOKIE_SEPARATOR.join(cookies)))
+    replaced = {name for name, _ in forwarded} | REPREPARE_OWN_HEADERS
+    fixed = [(name.lower().encode("ascii"), value.encode()) for name, value in spec.headers.items()]
+    return [
+        *(header for header in fixed if header[0] not in replaced),
+        *forwarded,
+        (b"idempotency-key", idempotency.encode("ascii")),
+        (b"x-request-id", request_id.encode("ascii")),
+    ]
+
+
 class Repreparer:
     def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 10) -> None:
+        self._base_url = base_url.rstrip("/")
+        # What httpx must leave in front of our target; a base URL may carry a path prefix.
+        self._base_path = urlsplit(self._base_url).path
         self._connect_timeout = connect_timeout
         self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"),
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             follow_redirects=False,
             timeout=httpx.Timeout(10.0, connect=connect_timeout),
@@ -65,35 +130,42 @@ class Repreparer:
         idempotency: str,
         request_id: str,
     ) -> ReprepareResult:
-        headers: dict[str, str] = dict(spec.headers)
-        wanted = set(spec.forward_headers)
-        for name, value in client_headers:
-            decoded = name.decode("latin-1")
-            if decoded in wanted:
-                headers[decoded] = value.decode("latin-1")
-        headers["idempotency-key"] = idempotency
-        headers["x-request-id"] = request_id
-        path = fill_path_template(spec.path, params)
+        """Send the re-prepare; never raises (but lets cancellation through)."""
+        described = f"re-prepare {spec.method} {spec.path}"
         try:
-            response = await self._client.request(
+            target = reprepare_target(spec, params)
+            described = f"re-prepare {spec.method} {target}"
+            request = self._client.build_request(
                 spec.method,
-                path,
-                params=dict(spec.query),
-                headers=headers,
+                self._base_url + target,
+                headers=reprepare_headers(spec, client_headers, idempotency, request_id),
                 timeout=httpx.Timeout(
                     spec.timeout, connect=min(spec.timeout, self._connect_timeout)
                 ),
             )
-        except httpx.TimeoutException:
-            return ReprepareResult(
-                False, f"re-prepare {spec.method} {path} timed out after {spec.timeout:g}s"
-            )
-        except httpx.HTTPError as exc:
-            return ReprepareResult(
-                False, f"re-prepare {spec.method} {path} failed: {type(exc).__name__}: {exc}"
-            )
-        if 200 <= response.status_code < 300:
-            return ReprepareResult(True, f"upstream answered {response.status_code}")
-        return ReprepareResult(
-            False, f"re-prepare {spec.method} {path}: upstream answered {response.status_code}"
-        )
+            # httpx.URL removes dot segments and may re-quote; what it would send must be what
+            # we built, or the target could leave its template.
+            expected = (self._base_path + target).encode("ascii")
+            sent = request.url.raw_path
+            if sent != expected:
+                return ReprepareResult(
+                    False, f"{described}: not sent, the URL library would send {sent!r}"
+                )
+            # httpx's timeouts are per operation: a backend dripping bytes could outlast the
+            # re-prepare lock (timeout + LOCK_MARGIN_SECONDS). One deadline for the whole
+            # exchange keeps the lock the longer of the two.
+            async with asyncio.timeout(spec.timeout):
+                response = await self._client.send(request, stream=True)
+            try:
+                status = response.status_code
+            finally:
+                # Only the status matters; closing unread drops the connection rather than
+                # reading an arbitrary body.
+                await response.aclose()
+        except (httpx.TimeoutException, TimeoutError):
+            return ReprepareResult(False, f"{described} timed out after {spec.timeout:g}s")
+        except Exception as exc:  # any failure is the re-prepare's, reported, never raised
+            return ReprepareResult(False, f"{described} failed: {type(exc).__name__}: {exc}")
+        if 200 <= status < 300:
+            return ReprepareResult(True, f"upstream answered {status}")
+        return ReprepareResult(False, f"{described}: upstream answered {status}")

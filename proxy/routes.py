@@ -2,6 +2,14 @@
 
 Pure: no I/O. A template is literal text with `{name}` placeholders; each placeholder matches one
 non-empty path segment. The job key defaults to the parameters joined with ":" in path order.
+
+Parameters come from the *decoded* request path and are later put back into the re-prepare's
+path, so a parameter that could not be one plain segment there is never guarded (the request is
+forwarded unguarded, untouched): `.` and `..` (raw or percent-encoded — they would climb out of
+the re-prepare template), the empty string, anything containing `/` or a `%2F` in the raw path
+(the decoded path splits segments the backend may see as one), control characters (C0, DEL, C1:
+they have no business in a job key, and would reach logs and the state store) and lone
+surrogates (not encodable as UTF-8).
 """
 
 from __future__ import annotations
@@ -20,6 +28,9 @@ DEFAULT_KEY_SEPARATOR = ":"
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SEGMENT = "[^/]+"
+_DOT_SEGMENTS = frozenset({"", ".", ".."})
+# "/" cannot come out of _SEGMENT; it is listed so the predicate holds on its own.
+_UNSAFE_PARAM_CHAR = re.compile(r"[\x00-\x1f\x7f-\x9f/\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +83,19 @@ def fill_template(template: str, params: Mapping[str, str]) -> str:
 
 def fill_path_template(template: str, params: Mapping[str, str]) -> str:
     """`template` with each `{name}` replaced by params[name] percent-encoded as one path
-    segment: route parameters come from the decoded request path and must be re-encoded."""
+    segment: route parameters come from the decoded request path and must be re-encoded.
+
+    Every byte but the RFC 3986 unreserved characters is percent-encoded, so no value can add a
+    segment, a query or a fragment; ValueError for a value that is not `is_guardable_param`
+    (RouteTable never matches those: this is the second line of defence, at the point of use).
+    """
     return _fill(template, params, encode=True)
+
+
+def is_guardable_param(value: str) -> bool:
+    """Whether a decoded path parameter can stand as one segment of the re-prepare path: not
+    empty, `.` or `..`, without `/`, control characters (C0, DEL, C1) or lone surrogates."""
+    return value not in _DOT_SEGMENTS and _UNSAFE_PARAM_CHAR.search(value) is None
 
 
 def is_guardable_key(key: str, pattern: re.Pattern[str] | None) -> bool:
@@ -100,9 +122,12 @@ class RouteTable:
     def __len__(self) -> int:
         return len(self._routes)
 
-    def match(self, method: str, path: str) -> RouteMatch | None:
+    def match(self, method: str, path: str, raw_path: bytes | None = None) -> RouteMatch | None:
         """The first route matching `method` (ASGI methods are upper-case) and the decoded
-        `path`, or None. Runs on every proxied request, so the cheap tests come first."""
+        `path`, or None; also None when that route's parameters are not all guardable (see the
+        module docstring) — such a request is not guarded by any route. `raw_path` (the request
+        target's path as sent, when known) refuses paths with an encoded slash. Runs on every
+        proxied request, so the cheap tests come first."""
         for route in self._routes:
             if method not in route.methods or not path.startswith(route.prefix):
                 continue
@@ -110,6 +135,10 @@ class RouteTable:
             if found is None:
                 continue
             params = found.groupdict()
+            if not all(is_guardable_param(value) for value in params.values()):
+                return None
+            if raw_path is not None and (b"%2F" in raw_path or b"%2f" in raw_path):
+                return None
             return RouteMatch(
                 job=route.spec.job,
                 key=_route_key(route, params),
@@ -170,5 +199,10 @@ def _fill(template: str, params: Mapping[str, str], *, encode: bool) -> str:
         if name not in params:
             raise ConfigError(f"template {template!r} needs {{{name}}}, which is not available")
         value = params[name]
-        pieces.append(quote(value, safe="") if encode else value)
+        if not encode:
+            pieces.append(value)
+        elif is_guardable_param(value):
+            pieces.append(quote(value, safe=""))
+        else:
+            raise ValueError(f"{{{name}}} = {value!r} cannot be one path segment")
     return "".join(pieces)

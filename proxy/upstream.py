@@ -1,4 +1,4 @@
-"""The pooled HTTP/1.1 client to the legacy backend: asyncio protocols over the httptools parser.
+"""The pooled HTTP/1.1 client to the legacy backend (connections: proxy.upstream_connection).
 
 Why not a client library here: pollguard's per-request cost is set by its upstream client, and the
 general-purpose ones pay for features a byte pipe must not have (cookie jars, decompression,
@@ -11,22 +11,32 @@ module only frames requests, pools keep-alive connections and streams bodies wit
 from __future__ import annotations
 
 import asyncio
+import select
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import cast
 from urllib.parse import urlsplit
 
-import httptools
+from proxy.config import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEAD_SIZE,
+    DEFAULT_MAX_HEADER_FIELDS,
+    DEFAULT_POOL_TIMEOUT,
+)
+from proxy.errors import PollguardError, UpstreamBusy, UpstreamUnavailable
+from proxy.upstream_connection import (
+    READ_AHEAD,
+    ConnectionLimits,
+    Exchange,
+    StaleConnection,
+    UploadWait,
+    UpstreamConnection,
+)
 
-from proxy.errors import PollguardError, UpstreamTimeout, UpstreamUnavailable
-
-# Buffer at most this much of a response body before we stop reading from the upstream
-# socket; the client's pace then sets the upstream's pace (no body is ever held whole).
-READ_HIGH_WATER = 256 * 1024
-READ_LOW_WATER = 64 * 1024
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+__all__ = ["READ_AHEAD", "Upstream", "UpstreamResponse", "UpstreamSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,263 +44,86 @@ class UpstreamSettings:
     url: str
     connect_timeout: float
     read_timeout: float
-    pool_size: int
-
-
-class _StaleConnection(UpstreamUnavailable):
-    """A reused keep-alive connection died before any byte of the response: safe to retry."""
-
-
-class _Connection(asyncio.Protocol):
-    """One upstream connection; carries one exchange (request → response) at a time."""
-
-    def __init__(self, pool: Upstream) -> None:
-        self._pool = pool
-        self._loop = pool.loop
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.closed = False
-        self.reused = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._reset_exchange()
-
-    def _reset_exchange(self) -> None:
-        self.head_waiter: asyncio.Future[None] | None = None
-        self.body_waiter: asyncio.Future[None] | None = None
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.buffer: deque[bytes] = deque()
-        self.buffered = 0
-        self.head_done = False
-        self.keep_alive = False
-        self.message_done = False
-        self.bytes_seen = False
-        self.error: PollguardError | None = None
-        self.is_head = False
-        self.reading_paused = False
-        self.last_data = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-
-    # asyncio.Protocol -------------------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes_seen = True
-        self.last_data = self._loop.time()
-        if self.head_waiter is None:  # bytes while idle: the server broke the protocol
-            self._close()
-            return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(UpstreamUnavailable(f"invalid HTTP response from upstream: {exc}"))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._pool.forget(self)
-        if self.head_waiter is None or self.message_done:
-            return
-        if self.head_done and not self._framed():
-            self.on_message_complete()  # body delimited by connection close (RFC 9112 §6.3)
-            return
-        if not self.bytes_seen and self.reused:
-            self._fail(_StaleConnection("kept-alive upstream connection closed"))
-        elif not self.head_done:
-            self._fail(
-                UpstreamUnavailable("upstream closed the connection before the response head")
-            )
-        else:
-            self._fail(UpstreamUnavailable("upstream closed the connection mid-body"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        waiter, self._drain_waiter = self._drain_waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    # httptools callbacks --------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.headers = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:  # 100 Continue and friends: the real answer follows
-            return
-        self.status = status
-        self.head_done = True
-        # Asked now: llhttp resets its flags once the message is complete.
-        self.keep_alive = self.parser.should_keep_alive()
-        _wake(self.head_waiter)
-        if self.is_head:
-            # No body follows a HEAD response whatever its Content-Length says; a fresh parser
-            # reads the next response on this connection.
-            self.parser = httptools.HttpResponseParser(self)
-            self.on_message_complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self.message_done:  # a body after HEAD's answer: don't trust this connection again
-            self._close()
-            return
-        self.buffer.append(body)
-        self.buffered += len(body)
-        if self.buffered > READ_HIGH_WATER and not self.reading_paused and self.transport:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        _wake(self.body_waiter)
-
-    def on_message_complete(self) -> None:
-        if not self.head_done:  # the end of a 1xx interim response
-            return
-        self.message_done = True
-        _wake(self.body_waiter)
-
-    # exchange ---------------------------------------------------------------------------------
-    def _framed(self) -> bool:
-        for name, _ in self.headers:
-            if name == b"content-length" or name == b"transfer-encoding":
-                return True
-        return False
-
-    def _fail(self, error: PollguardError) -> None:
-        if self.error is None:
-            self.error = error
-        _wake(self.head_waiter)
-        _wake(self.body_waiter)
-        self._close()
-
-    def _close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-    def arm_timer(self) -> None:
-        self.last_data = self._loop.time()
-        self.timer = self._loop.call_at(
-            self.last_data + self._pool.settings.read_timeout, self._check_timeout
-        )
-
-    def _check_timeout(self) -> None:
-        if self.message_done or self.error is not None:
-            return
-        deadline = self.last_data + self._pool.settings.read_timeout
-        if self.reading_paused or self._loop.time() < deadline:
-            # Quiet because *we* stopped reading (slow client), or data came meanwhile.
-            self.timer = self._loop.call_at(
-                max(deadline, self._loop.time() + 0.05), self._check_timeout
-            )
-            return
-        if self.head_done:
-            self._fail(UpstreamTimeout("upstream stalled while sending the body"))
-        else:
-            read_timeout = self._pool.settings.read_timeout
-            self._fail(UpstreamTimeout(f"no response head within {read_timeout:g}s"))
-
-    async def drain(self) -> None:
-        if self._write_paused and not self.closed:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
-        if self.closed and self.error is None and not self.message_done:
-            raise UpstreamUnavailable(
-                "upstream closed the connection while we were sending the body"
-            )
-
-
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
+    pool_size: int  # idle keep-alive connections kept
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # open at once, idle included
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    max_head_size: int = DEFAULT_MAX_HEAD_SIZE
+    max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
 
 
 class UpstreamResponse:
-    """A response whose head has arrived; stream the body with `chunks`, then release or abort."""
+    """A response whose head has arrived; stream the body with `chunks`, then release or abort.
 
-    __slots__ = ("_connection", "_pool", "_writer", "headers", "status")
+    `status` and `headers` are copied from the exchange when the head completed; the connection
+    can't change them afterwards.
+    """
+
+    __slots__ = ("_connection", "_exchange", "_pool", "_writer", "headers", "status")
 
     def __init__(
-        self, pool: Upstream, connection: _Connection, writer: asyncio.Task[None] | None
+        self,
+        pool: Upstream,
+        connection: UpstreamConnection,
+        exchange: Exchange,
+        writer: asyncio.Task[None] | None,
     ) -> None:
         self._pool = pool
         self._connection = connection
+        self._exchange = exchange
         self._writer = writer
-        self.status = connection.status
-        self.headers = connection.headers
+        self.status = exchange.status
+        self.headers = exchange.headers
 
     @property
     def finished(self) -> bool:
         """The whole body has been handed out by `chunks`."""
-        connection = self._connection
-        return connection.message_done and not connection.buffer
+        return self._exchange.done and not self._exchange.buffer
 
     def complete_body(self) -> bytes | None:
         """The whole body when it has already arrived (the common small response), else None."""
-        connection = self._connection
-        if not connection.message_done:
+        if not self._exchange.done:
             return None
-        body = b"".join(connection.buffer)
-        connection.buffer.clear()
-        connection.buffered = 0
-        return body
+        return self._connection.take_body() if self._exchange.buffer else b""
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        connection = self._connection
+        exchange, connection = self._exchange, self._connection
         while True:
-            if connection.buffer:
-                # Everything buffered goes out as one chunk (at most READ_HIGH_WATER and a
-                # read): fewer, larger writes to the client cost less per byte.
-                buffer = connection.buffer
-                chunk = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
-                buffer.clear()
-                connection.buffered = 0
-                if connection.reading_paused:
-                    connection.reading_paused = False
-                    if connection.transport is not None:
-                        connection.transport.resume_reading()
-                yield chunk
-            elif connection.message_done:
+            if exchange.buffer:
+                # Everything buffered goes out as one chunk (at most READ_AHEAD): fewer, larger
+                # writes to the client cost less per byte.
+                yield connection.take_body()
+            elif exchange.done:
                 return
-            elif connection.error is not None:
-                raise connection.error
+            elif exchange.error is not None:
+                raise exchange.error
             else:
-                connection.body_waiter = self._pool.loop.create_future()
-                await connection.body_waiter
-                connection.body_waiter = None
+                exchange.body_waiter = self._pool.loop.create_future()
+                await exchange.body_waiter
+                exchange.body_waiter = None
 
     def release(self) -> None:
         """Body fully read: the connection goes back to the pool when it can carry another request."""
         connection = self._connection
-        if connection.timer is not None:
-            connection.timer.cancel()
-        writer_done = self._writer is None or self._writer.done()
-        if (
-            connection.message_done
-            and not connection.buffer
-            and writer_done
-            and connection.keep_alive
-        ):
+        connection.finish()
+        if connection.reusable() and (self._writer is None or self._writer.done()):
             self._pool.checkin(connection)
         else:
             self.abort()
 
     def abort(self) -> None:
         """Body not (fully) read: close the connection so nothing half-read is reused."""
-        connection = self._connection
-        if connection.timer is not None:
-            connection.timer.cancel()
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
-        connection._close()
+        self._connection.close()
 
 
 class Upstream:
-    """Sends requests to the configured backend over a keep-alive pool (one per process)."""
+    """Sends requests to the configured backend over a keep-alive pool (one per process).
+
+    At most `max_connections` are open (or opening) at once; a request that finds them all busy
+    waits in line up to `pool_timeout`, then fails with UpstreamBusy. Of those, at most
+    `pool_size` idle ones are kept, most recently used first.
+    """
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
@@ -304,8 +137,19 @@ class Upstream:
         default_port = 443 if parts.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._host_header = (host if self.port == default_port else f"{host}:{self.port}").encode()
-        self._idle: deque[_Connection] = deque()
-        self._busy: set[_Connection] = set()
+        self._limits = ConnectionLimits(
+            f"{host}:{self.port}",
+            settings.read_timeout,
+            settings.max_head_size,
+            settings.max_header_fields,
+        )
+        self._read_buffer = memoryview(bytearray(READ_AHEAD))
+        self._idle: deque[UpstreamConnection] = deque()
+        self._busy: set[UpstreamConnection] = set()
+        self._open = 0  # connections open or being opened, idle ones included
+        # Requests waiting for a connection: resolved with an idle connection to reuse, or with
+        # None meaning "a slot is reserved for you, open a new one".
+        self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -313,56 +157,145 @@ class Upstream:
         assert self._loop is not None, "Upstream.start() was not awaited"
         return self._loop
 
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
         for connection in [*self._idle, *self._busy]:
-            connection._close()
+            connection.close()
         self._idle.clear()
         self._busy.clear()
+        for waiter in self._waiters:
+            waiter.cancel()
+        self._waiters.clear()
 
-    def checkin(self, connection: _Connection) -> None:
+    # the pool ---------------------------------------------------------------------------------
+    def checkin(self, connection: UpstreamConnection) -> None:
+        """A connection that finished an exchange cleanly: hand it on, keep it, or close it."""
         self._busy.discard(connection)
-        if connection.closed or len(self._idle) >= self.settings.pool_size:
-            connection._close()
+        connection.exchange = None
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._busy.add(connection)
+                waiter.set_result(connection)
+                return
+        if len(self._idle) >= self.settings.pool_size:
+            connection.close()
             return
-        connection._reset_exchange()
         self._idle.append(connection)
 
-    def forget(self, connection: _Connection) -> None:
+    def _lost(self, connection: UpstreamConnection) -> None:
+        """connection_lost: the connection's slot is free again (called once per connection)."""
         self._busy.discard(connection)
         try:
             self._idle.remove(connection)
         except ValueError:
             pass
+        self._free_slot()
 
-    async def _connect(self) -> _Connection:
-        try:
-            _, connection = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self._ssl
-                ),
-                timeout=self.settings.connect_timeout,
-            )
-        except TimeoutError as exc:
-            raise UpstreamUnavailable(
-                f"connect to {self.host}:{self.port} timed out after {self.settings.connect_timeout:g}s"
-            ) from exc
-        except OSError as exc:
-            raise UpstreamUnavailable(
-                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from exc
-        return connection
+    def _free_slot(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the first in line
+                return
+        self._open -= 1
 
-    def _checkout(self) -> _Connection | None:
+    def _idle_connection(self) -> UpstreamConnection | None:
         while self._idle:
             connection = self._idle.pop()  # most recently used: the least likely to be stale
-            if not connection.closed:
-                connection.reused = True
-                return connection
+            if connection.closed:
+                continue
+            if _has_input(connection):
+                # Bytes (or EOF) arrived while it sat idle and the loop has not delivered them
+                # yet: unsolicited data or a close. Either way it must not carry a request.
+                connection.close()
+                continue
+            connection.reused = True
+            self._busy.add(connection)
+            return connection
         return None
 
+    async def _acquire(self) -> UpstreamConnection:
+        while True:
+            connection = self._idle_connection()
+            if connection is not None:
+                return connection
+            if self._open < self.settings.max_connections:
+                self._open += 1
+                return await self._connect()
+            handed = await self._wait_in_line()
+            if handed is None:
+                return await self._connect()
+            if handed.closed or _has_input(handed):
+                handed.close()  # its slot passed on when it was lost; wait for another
+                continue
+            handed.reused = True
+            return handed
+
+    async def _wait_in_line(self) -> UpstreamConnection | None:
+        waiter: asyncio.Future[UpstreamConnection | None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self.settings.pool_timeout):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a connection or a slot just as we gave up: pass it on, don't leak it.
+                self._give_back(waiter.result())
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamBusy(
+                    f"all {self.settings.max_connections} upstream connections busy for "
+                    f"{self.settings.pool_timeout:g}s"
+                ) from None
+            raise
+
+    def _give_back(self, handed: UpstreamConnection | None) -> None:
+        if handed is None:
+            self._free_slot()
+        else:
+            self.checkin(handed)
+
+    async def _connect(self) -> UpstreamConnection:
+        """Open a connection in a slot the caller already counted in `_open`."""
+        made: list[UpstreamConnection] = []
+
+        def factory() -> UpstreamConnection:
+            made.append(UpstreamConnection(self._limits, self._read_buffer, self._lost))
+            return made[0]
+
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for runs the connect in a task of
+            # its own, whose finished connection is lost if we are cancelled at that moment.
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await self.loop.create_connection(factory, self.host, self.port, ssl=self._ssl)
+        except BaseException as exc:
+            if made and made[0].transport is not None:
+                made[0].close()  # its connection_lost frees the slot
+            else:
+                self._free_slot()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamUnavailable(
+                    f"connect to {self.host}:{self.port} timed out after "
+                    f"{self.settings.connect_timeout:g}s"
+                ) from exc
+            if isinstance(exc, OSError):
+                raise UpstreamUnavailable(
+                    f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
+                ) from exc
+            raise
+        connection = made[0]
+        self._busy.add(connection)
+        return connection
+
+    # requests ---------------------------------------------------------------------------------
     async def send(
         self,
         method: str,
@@ -378,50 +311,52 @@ class Upstream:
         """
         chunked = body is not None and not _has_length(headers)
         head = self._request_head(method, target, headers, chunked=chunked)
-        connection = self._checkout()
         retry_on_stale = body is None and method in IDEMPOTENT
+        connection = self._idle_connection() or await self._acquire()
         try:
-            return await self._exchange(
-                connection or await self._connect(), method, head, body, chunked
-            )
-        except _StaleConnection:
+            return await self._exchange(connection, method, head, body, chunked)
+        except StaleConnection:
             if not retry_on_stale:
                 raise
-        return await self._exchange(await self._connect(), method, head, body, chunked)
+        self._open += 1  # the stale connection's slot was freed when it was lost
+        if self._open > self.settings.max_connections:
+            self._open -= 1
+            connection = await self._acquire()
+        else:
+            connection = await self._connect()
+        return await self._exchange(connection, method, head, body, chunked)
 
     async def _exchange(
         self,
-        connection: _Connection,
+        connection: UpstreamConnection,
         method: str,
         head: bytes,
         body: AsyncIterable[bytes] | None,
         chunked: bool,
     ) -> UpstreamResponse:
-        self._busy.add(connection)
-        connection.head_waiter = self.loop.create_future()
-        connection.is_head = method == "HEAD"
-        assert connection.transport is not None
+        if connection.closed or connection.transport is None:
+            # Lost between the pool and here: nothing was sent, so a retry is safe.
+            raise StaleConnection("upstream connection closed before the request was sent")
+        exchange = connection.begin(is_head=method == "HEAD")
         connection.transport.write(head)
-        connection.arm_timer()
         writer = None
         if body is not None:
-            writer = asyncio.ensure_future(_write_body(connection, body, chunked))
+            writer = asyncio.ensure_future(_write_body(connection, exchange, body, chunked))
             writer.add_done_callback(_surface_writer_error(connection))
         try:
-            await connection.head_waiter
+            await exchange.head_waiter
         except BaseException:
             # Cancelled (client gone) or worse: this connection is in an unknown state.
             if writer is not None:
                 writer.cancel()
-            connection._close()
-            self._busy.discard(connection)
+            connection.close()
             raise
-        if connection.error is not None:
+        if exchange.error is not None:
             if writer is not None:
                 writer.cancel()
-            self._busy.discard(connection)
-            raise connection.error
-        return UpstreamResponse(self, connection, writer)
+            connection.close()
+            raise exchange.error
+        return UpstreamResponse(self, connection, exchange, writer)
 
     def _request_head(
         self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], *, chunked: bool
@@ -452,22 +387,53 @@ def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:
     return any(name == b"content-length" for name, _ in headers)
 
 
-async def _write_body(connection: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+def _has_input(connection: UpstreamConnection) -> bool:
+    """Whether the socket has bytes or EOF waiting: one poll syscall, no waiting."""
+    if connection.fileno < 0:
+        return False
+    try:
+        readable, _, _ = select.select([connection.fileno], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+async def _write_body(
+    connection: UpstreamConnection,
+    exchange: Exchange,
+    body: AsyncIterable[bytes],
+    chunked: bool,
+) -> None:
     transport = connection.transport
     assert transport is not None
-    async for chunk in body:
-        if connection.closed:
-            return
-        if chunked:
-            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-        else:
-            transport.write(chunk)
-        await connection.drain()
-    if chunked and not connection.closed:
-        transport.write(b"0\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    chunks = body.__aiter__()
+    try:
+        while True:
+            exchange.upload = UploadWait.CLIENT
+            try:
+                chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                break
+            exchange.progress_at = loop.time()
+            if connection.closed:
+                return
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            exchange.upload = UploadWait.UPSTREAM
+            await connection.drain()
+            exchange.progress_at = loop.time()
+        if chunked and not connection.closed:
+            transport.write(b"0\r\n\r\n")
+    finally:
+        # read_timeout now counts from the end of the request body.
+        exchange.upload = UploadWait.NOTHING
+        exchange.progress_at = loop.time()
 
 
-def _surface_writer_error(connection: _Connection) -> Callable[[asyncio.Task[None]], None]:
+def _surface_writer_error(connection: UpstreamConnection) -> Callable[[asyncio.Task[None]], None]:
     def done(task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
@@ -481,6 +447,6 @@ def _surface_writer_error(connection: _Connection) -> Callable[[asyncio.Task[Non
             if isinstance(exc, PollguardError)  # ClientDisconnected among them
             else UpstreamUnavailable(f"request body not sent: {exc!r}")
         )
-        connection._fail(error)
+        connection.fail(error)
 
     return done

@@ -107,6 +107,20 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         f"jobs.recording.stuck_after: invalid duration 'five minutes' — {DURATION_FIX}",
     ),
     (
+        "framing header forwarded to the re-prepare",
+        {"jobs.recording.reprepare.forward_headers": ["cookie", "Content-Length"]},
+        "jobs.recording.reprepare.forward_headers: 'content-length' can't be forwarded — it "
+        "frames or identifies the re-prepare request itself; remove it (forward e.g. "
+        "authorization, cookie)",
+    ),
+    (
+        "dot segment in the re-prepare path",
+        {"jobs.recording.reprepare.path": "/api/recordings/../{call_sid}/prepare"},
+        "jobs.recording.reprepare.path: path '/api/recordings/../{call_sid}/prepare' has a '.' "
+        "or '..' segment — URL libraries remove those, so the request would go elsewhere; write "
+        "the path without them",
+    ),
+    (
         "unknown duration unit",
         {"upstream.read_timeout": "5d"},
         f"upstream.read_timeout: invalid duration '5d' — {DURATION_FIX}",
@@ -524,7 +538,9 @@ def test_defaults() -> None:
         upstream.max_head_size,
         upstream.max_header_fields,
     ) == (256, 5.0, 65536, 200)
-    assert (cfg.server.send_timeout, cfg.server.shutdown_timeout) == (60.0, 30.0)
+    server = cfg.server
+    assert (server.send_timeout, server.shutdown_timeout) == (60.0, 30.0)
+    assert (server.max_head_size, server.max_header_fields) == (65536, 200)
     assert (state.breaker_cooldown, state.memory_max_records) == (2.0, 100_000)
     assert job.end_status == frozenset({200, 203, 204, 206, 304})
     assert (job.mode, job.pending_status, job.stuck_after, job.max_reprepares) == (
@@ -566,7 +582,7 @@ def test_values_are_normalised() -> None:
                 "routes.0.methods": ["get", "Head"],
                 "jobs.recording.reprepare.method": "post",
                 "jobs.recording.reprepare.query": {"force": 1, "dry": False},
-                "jobs.recording.reprepare.forward_headers": ["Authorization", "X-Request-ID"],
+                "jobs.recording.reprepare.forward_headers": ["Authorization", "X-Tenant"],
                 "jobs.recording.pending_status": [202, 204, 202],
                 "jobs.recording.key_pattern": "^CA[0-9a-f]{32}$",
                 "upstream.trusted_proxies": ["10.0.0.7/8", "::1"],
@@ -579,7 +595,7 @@ def test_values_are_normalised() -> None:
     assert cfg.routes[0].methods == frozenset({"GET", "HEAD"})
     assert job.reprepare.method == "POST"
     assert job.reprepare.query == {"force": "1", "dry": "false"}
-    assert job.reprepare.forward_headers == ("authorization", "x-request-id")
+    assert job.reprepare.forward_headers == ("authorization", "x-tenant")
     assert job.pending_status == frozenset({202, 204})
     assert isinstance(job.key_pattern, re.Pattern) and job.key_pattern.match("CA" + "0" * 32)
     assert cfg.upstream.trusted_proxies == (ip_network("10.0.0.0/8"), ip_network("::1/128"))

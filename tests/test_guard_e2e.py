@@ -1,15 +1,25 @@
-"""The job guard end to end: real uvicorn upstream, real pollguard processes, real Redis."""
+"""The job guard end to end: real uvicorn upstream, real pollguard processes, real Redis; and
+the guard built in-process (memory store, injected clock) against a real loopback backend."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
+import yaml
 
+from proxy.app import guarded_job
+from proxy.config import parse_config
+from proxy.guard import JobGuard
+from proxy.reprepare import Repreparer
+from proxy.routes import RouteSpec, RouteTable
+from proxy.stores import MemoryJobStore
+from proxy.stores.base import NO_LOCK
 from tests.conftest import RedisServer
 from tests.job_upstream import RECORDING, JobBackend, guard_config
 from tests.servers import ThreadedServer, running_proxy
@@ -305,3 +315,106 @@ def test_polls_far_from_stuck_spare_redis_round_trips(
     assert first == 202 and statuses == [202] * 20
     assert after_first >= 1
     assert after_all == after_first
+
+
+def test_a_not_found_answer_keeps_the_remembered_record(
+    backend: tuple[JobBackend, ThreadedServer], redis_server: RedisServer
+) -> None:
+    """A 404 on a guarded key (by default not an end_status) neither forgets the record nor the replica's memory of it: the next pending poll costs no Redis round trip."""
+    jobs, server = backend
+    jobs.behaviour[CALL] = "never"
+    with running_proxy(
+        guard_config(server.url, redis_url=redis_server.url, stuck_after="1m", max_wait="5m")
+    ) as proxy:
+        url = f"{proxy.url}/api/recordings/file/{CALL}"
+        first = httpx.get(url).status_code
+        after_first = redis_script_calls(redis_server)
+        jobs.behaviour[CALL] = "missing"  # what another tenant gets for this key
+        not_found = httpx.get(url).status_code
+        jobs.behaviour[CALL] = "never"
+        again = httpx.get(url).status_code
+        after_all = redis_script_calls(redis_server)
+    assert (first, not_found, again) == (202, 404, 202)
+    assert after_all == after_first
+
+
+class SilentBackend:
+    """A loopback socket that reads requests and never answers; `requested` is set on the first."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.url = ""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        self.requested.set()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SilentBackend]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            yield self
+        finally:
+            server.close()
+
+
+@asynccontextmanager
+async def in_process_guard(upstream_url: str, now: list[float]) -> AsyncIterator[JobGuard]:
+    """The guard `pollguard serve` builds from guard_config, on a memory store and the clock `now[0]`."""
+    config = parse_config(yaml.safe_dump(guard_config(upstream_url)), env={})
+    repreparer = Repreparer(upstream_url, connect_timeout=1)
+    try:
+        yield JobGuard(
+            {name: guarded_job(name, job) for name, job in config.jobs.items()},
+            RouteTable(
+                [RouteSpec(r.path, frozenset(r.methods), r.job, r.key) for r in config.routes]
+            ),
+            MemoryJobStore(),
+            repreparer,
+            fail_closed=False,
+            clock=lambda: now[0],
+        )
+    finally:
+        await repreparer.close()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_reprepare_releases_its_lock() -> None:
+    """A re-prepare cancelled in flight (shutdown) releases the key's lock at once, its attempt counted, instead of holding it for reprepare.timeout + 5s."""
+    now = [1000.0]
+    async with SilentBackend().running() as silent, in_process_guard(silent.url, now) as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        assert await guard.review(target, 202, [], [], b"rid-1") is not None  # episode starts
+        now[0] += 2.0  # past stuck_after (1s)
+        review = asyncio.ensure_future(guard.review(target, 202, [], [], b"rid-2"))
+        await asyncio.wait_for(silent.requested.wait(), timeout=5)
+        review.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await review
+        state = await guard.store.observe("recording", CALL, now[0], 60)
+    assert state.lock_until == NO_LOCK
+    assert state.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_only_end_statuses_end_an_episode() -> None:
+    """In-process: 404, 401, 403 and 500 on a guarded key leave its record alone; a 200 forgets it."""
+    now = [1000.0]
+    async with in_process_guard("http://127.0.0.1:9", now) as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        await guard.review(target, 202, [], [], b"rid")
+        before = await guard.store.observe("recording", CALL, now[0], 60)
+        for status in (404, 401, 403, 500):
+            assert await guard.review(target, status, [], [], b"rid") is None
+        await guard.settled()
+        kept = await guard.store.observe("recording", CALL, now[0] + 1, 60)
+        assert await guard.review(target, 200, [], [], b"rid") is None
+        await guard.settled()
+        fresh = await guard.store.observe("recording", CALL, now[0] + 2, 60)
+    assert kept == before
+    assert fresh.episode_start == now[0] + 2

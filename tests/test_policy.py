@@ -194,25 +194,32 @@ def test_after_reprepare(succeeded: bool) -> None:
     assert (after.attempts, after.window_start, after.version) == (1, T0 + 60, 4)
 
 
+DEFAULT_END_STATUS = frozenset({200, 203, 204, 206, 304})  # the config's default
+
+
 @pytest.mark.parametrize(
-    ("status", "ends"),
+    ("status", "end_status", "ends"),
     [
-        (200, True),
-        (204, True),
-        (299, True),
-        (404, True),
-        (410, True),
-        (199, False),
-        (300, False),
-        (304, False),
-        (400, False),
-        (500, False),
-        (503, False),
+        (200, DEFAULT_END_STATUS, True),
+        (203, DEFAULT_END_STATUS, True),
+        (204, DEFAULT_END_STATUS, True),
+        (206, DEFAULT_END_STATUS, True),
+        (304, DEFAULT_END_STATUS, True),
+        (201, DEFAULT_END_STATUS, False),
+        (401, DEFAULT_END_STATUS, False),
+        (403, DEFAULT_END_STATUS, False),
+        (404, DEFAULT_END_STATUS, False),
+        (410, DEFAULT_END_STATUS, False),
+        (500, DEFAULT_END_STATUS, False),
+        (503, DEFAULT_END_STATUS, False),
+        (404, frozenset({200, 404}), True),
+        (410, frozenset({200, 404}), False),
+        (200, frozenset({206}), False),
     ],
 )
-def test_ends_episode(status: int, ends: bool) -> None:
-    """2xx, 404 and 410 end an episode; anything else leaves it alone."""
-    assert ends_episode(status) is ends
+def test_ends_episode(status: int, end_status: frozenset[int], ends: bool) -> None:
+    """Only a status in the job's end_status ends an episode; by default a 404/401/403 (another tenant's answer) never does."""
+    assert ends_episode(status, end_status) is ends
 
 
 def test_record_ttl_outlives_window_wait_and_lock() -> None:

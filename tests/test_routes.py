@@ -14,6 +14,7 @@ from proxy.routes import (
     fill_path_template,
     fill_template,
     is_guardable_key,
+    is_guardable_param,
     template_params,
 )
 
@@ -125,12 +126,55 @@ def test_template_params_in_order() -> None:
 
 def test_fill_templates() -> None:
     """Keys are filled verbatim; paths percent-encode each value as one segment."""
-    params = {"sid": "a b/c?d%", "account": "AC1"}
-    assert fill_template("{account}:{sid}", params) == "AC1:a b/c?d%"
+    params = {"sid": "a b#c?d%;e..f", "account": "AC1"}
+    assert fill_template("{account}:{sid}", params) == "AC1:a b#c?d%;e..f"
     assert fill_path_template("/Accounts/{account}/Prepare/{sid}", params) == (
-        "/Accounts/AC1/Prepare/a%20b%2Fc%3Fd%25"
+        "/Accounts/AC1/Prepare/a%20b%23c%3Fd%25%3Be..f"
     )
     assert fill_path_template("/ü/{account}", {"account": "é"}) == "/ü/%C3%A9"
+
+
+@pytest.mark.parametrize("value", ["", ".", "..", "a/b", "/", "a\x00", "a\r\nb", "a\x7f", "a\x85"])
+def test_fill_path_refuses_what_cannot_be_one_segment(value: str) -> None:
+    """A dot segment, an empty value, a slash or a control character never reaches a re-prepare path."""
+    assert not is_guardable_param(value)
+    with pytest.raises(ValueError, match="cannot be one path segment"):
+        fill_path_template("/x/{sid}/prepare", {"sid": value})
+
+
+@pytest.mark.parametrize(
+    ("path", "guarded"),
+    [
+        ("/exports/e1", True),
+        ("/exports/a..b", True),
+        ("/exports/.x", True),
+        ("/exports/\u2028", True),  # not a control character: guarded, escaped in logs
+        ("/exports/..", False),
+        ("/exports/.", False),
+        ("/exports/e1\r\nforged", False),
+        ("/exports/e1\x00", False),
+        ("/exports/e1\x85", False),
+        ("/exports/e1\ud800", False),
+        ("/reports/2024/..", False),
+        ("/reports/./q1", False),
+    ],
+)
+def test_unsafe_parameters_are_not_guarded(path: str, guarded: bool) -> None:
+    """A request whose parameters include `.`/`..` or control characters matches no route: it is forwarded unguarded."""
+    assert (TABLE.match("GET", path) is not None) is guarded
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "guarded"),
+    [
+        (b"/reports/2024/q1", True),
+        (b"/reports/2024%2Fq1", False),
+        (b"/reports/2024%2fq1", False),
+    ],
+)
+def test_encoded_slash_in_the_raw_path_is_not_guarded(raw_path: bytes, guarded: bool) -> None:
+    """With the raw path known, a decoded path whose slashes came from %2F is not guarded: the key would not name the segment the backend saw."""
+    assert (TABLE.match("GET", "/reports/2024/q1", raw_path) is not None) is guarded
 
 
 def test_fill_with_missing_param_is_a_config_error() -> None:

@@ -13,7 +13,10 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
+from proxy.app import PollguardApp
+from proxy.config import parse_config
 from proxy.errors import StoreUnavailable
+from proxy.metrics import REGISTRY
 from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, create_store
 from proxy.stores.memory import SWEEP_EVERY_OBSERVES
 from proxy.stores.redis import record_key
@@ -203,7 +206,7 @@ async def test_memory_expiry_follows_the_callers_clock() -> None:
 
 @pytest.mark.anyio
 async def test_memory_store_sweeps_expired_records() -> None:
-    """Many short-lived keys do not make the dict grow without bound."""
+    """Many short-lived keys do not make the dict grow without bound, even far below the cap."""
     sweep_every = 10
     memory = MemoryJobStore(sweep_every=sweep_every)
     for index in range(5_000):
@@ -218,6 +221,87 @@ def test_memory_store_rejects_a_nonpositive_sweep_interval() -> None:
         MemoryJobStore(sweep_every=0)
 
 
+def evictions() -> float:
+    return REGISTRY.get_sample_value("pollguard_memory_store_evictions_total") or 0.0
+
+
+@pytest.mark.anyio
+async def test_memory_store_is_bounded_oldest_episode_first() -> None:
+    """At max_records a new episode evicts the oldest one, counted; the newest records stay."""
+    memory = MemoryJobStore(max_records=100)
+    before = evictions()
+    for index in range(250):
+        await memory.observe("rec", f"K{index}", T0 + index, LONG_TTL)
+    assert len(memory) == 100
+    assert evictions() - before == 150
+    assert await memory.swap("rec", "K149", 1, JobState(T0, T0, 0.0, 0, 0.0, 1), LONG_TTL) is None
+    kept = await memory.observe("rec", "K150", T0 + 300, LONG_TTL)
+    assert kept.episode_start == T0 + 150
+    assert len(memory) == 100 and evictions() - before == 150
+
+
+@pytest.mark.anyio
+async def test_memory_eviction_order_is_episode_start_not_last_write() -> None:
+    """A swap updates a record in place: its episode stays as old as it was."""
+    memory = MemoryJobStore(max_records=3)
+    first = await memory.observe("rec", "A", T0, LONG_TTL)
+    await memory.observe("rec", "B", T0 + 1, LONG_TTL)
+    await memory.observe("rec", "C", T0 + 2, LONG_TTL)
+    assert await memory.swap("rec", "A", first.version, replace(first, attempts=1), LONG_TTL)
+    await memory.observe("rec", "D", T0 + 3, LONG_TTL)
+    assert (await memory.observe("rec", "B", T0 + 4, LONG_TTL)).episode_start == T0 + 1
+    assert (await memory.observe("rec", "A", T0 + 5, LONG_TTL)).episode_start == T0 + 5
+
+
+@pytest.mark.anyio
+async def test_memory_eviction_spares_a_live_reprepare_lock() -> None:
+    """The oldest record holding a live lock is stepped over; once its lock has expired it goes."""
+    memory = MemoryJobStore(max_records=3)
+    oldest = await memory.observe("rec", "A", T0, LONG_TTL)
+    held = await memory.swap("rec", "A", oldest.version, locked(oldest, T0), LONG_TTL)
+    assert held is not None and held.lock_until == T0 + 15.0
+    await memory.observe("rec", "B", T0 + 1, LONG_TTL)
+    await memory.observe("rec", "C", T0 + 2, LONG_TTL)
+    await memory.observe("rec", "D", T0 + 3, LONG_TTL)  # evicts B, not the locked A
+    assert await memory.observe("rec", "A", T0 + 4, LONG_TTL) == held
+    assert len(memory) == 3
+    await memory.observe("rec", "E", T0 + 20, LONG_TTL)  # evicts C (A was moved behind it)
+    await memory.observe("rec", "F", T0 + 21, LONG_TTL)  # A's lock has expired: A goes
+    assert (await memory.observe("rec", "A", T0 + 22, LONG_TTL)).episode_start == T0 + 22
+    assert len(memory) == 3
+
+
+@pytest.mark.anyio
+async def test_memory_cap_holds_even_when_every_record_is_locked() -> None:
+    """The cap is a hard bound: with only locked records left, the oldest is evicted anyway."""
+    memory = MemoryJobStore(max_records=2)
+    before = evictions()
+    for key in ("A", "B"):
+        state = await memory.observe("rec", key, T0, LONG_TTL)
+        assert await memory.swap("rec", key, state.version, locked(state, T0), LONG_TTL)
+    await memory.observe("rec", "C", T0 + 1, LONG_TTL)
+    assert len(memory) == 2
+    assert evictions() - before == 1
+
+
+@pytest.mark.anyio
+async def test_memory_expired_records_make_room_without_counting_an_eviction() -> None:
+    """An expired oldest record is dropped to make room; only live episodes count as evicted."""
+    memory = MemoryJobStore(max_records=2)
+    before = evictions()
+    await memory.observe("rec", "A", T0, 1.0)
+    await memory.observe("rec", "B", T0, LONG_TTL)
+    await memory.observe("rec", "C", T0 + 5, LONG_TTL)
+    assert len(memory) == 2
+    assert evictions() == before
+
+
+def test_memory_store_rejects_a_nonpositive_record_cap() -> None:
+    """A cap below 1 could hold no episode at all, so it is refused."""
+    with pytest.raises(ValueError, match="max_records"):
+        MemoryJobStore(max_records=0)
+
+
 @pytest.mark.anyio
 async def test_create_store_picks_the_backend() -> None:
     """No Redis URL gives a memory store; a URL gives a Redis store."""
@@ -229,6 +313,47 @@ async def test_create_store_picks_the_backend() -> None:
     finally:
         await memory.close()
         await redis_store.close()
+
+
+@pytest.mark.anyio
+async def test_create_store_wires_the_bounds() -> None:
+    """memory_max_records caps the memory store; timeout and breaker_cooldown reach the Redis store."""
+    memory = create_store(None, PREFIX, 0.25, memory_max_records=7)
+    redis_store = create_store(
+        "redis://127.0.0.1:1/0", PREFIX, 0.125, breaker_cooldown=3.5, memory_max_records=7
+    )
+    try:
+        assert isinstance(memory, MemoryJobStore) and memory.max_records == 7
+        assert isinstance(redis_store, RedisJobStore)
+        assert (redis_store.timeout, redis_store.breaker_cooldown) == (0.125, 3.5)
+    finally:
+        await memory.close()
+        await redis_store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_the_app_builds_its_store_from_the_state_section(backend: str) -> None:
+    """PollguardApp passes state.timeout, breaker_cooldown and memory_max_records to the store."""
+    redis_url = "redis://127.0.0.1:1/0" if backend == "redis" else ""
+    config = parse_config(
+        "upstream: {url: 'http://127.0.0.1:9'}\n"
+        f"state: {{redis_url: '{redis_url}', timeout: 125ms, breaker_cooldown: 3500ms, "
+        "memory_max_records: 7}\n"
+        "jobs: {recording: {reprepare: {path: '/p/{id}'}}}\n"
+        "routes: [{path: '/f/{id}', job: recording}]\n",
+        env={},
+    )
+    app = PollguardApp(config)
+    await app.startup()
+    try:
+        if backend == "memory":
+            assert isinstance(app.store, MemoryJobStore) and app.store.max_records == 7
+        else:
+            assert isinstance(app.store, RedisJobStore)
+            assert (app.store.timeout, app.store.breaker_cooldown) == (0.125, 3.5)
+    finally:
+        await app.shutdown()
 
 
 # Redis-specific: layout, cross-replica atomicity, failure translation, recovery.

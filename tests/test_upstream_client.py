@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from proxy.errors import UpstreamTimeout, UpstreamUnavailable
-from proxy.upstream import READ_HIGH_WATER, Upstream, UpstreamResponse, UpstreamSettings
+from proxy.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
+from proxy.upstream import READ_AHEAD, Upstream, UpstreamResponse, UpstreamSettings
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -205,7 +205,7 @@ async def test_chunked_response_is_dechunked() -> None:
 
 @pytest.mark.anyio
 async def test_garbage_response_is_unavailable() -> None:
-    """Something that is not HTTP becomes UpstreamUnavailable."""
+    """Something that is not HTTP becomes UpstreamInvalid."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
@@ -214,7 +214,7 @@ async def test_garbage_response_is_unavailable() -> None:
     async with RawServer(handler) as server:
         upstream = client(server.url)
         await upstream.start()
-        with pytest.raises(UpstreamUnavailable, match="invalid HTTP response"):
+        with pytest.raises(UpstreamInvalid, match="invalid HTTP response"):
             await upstream.send("GET", b"/", [], None)
         await upstream.close()
 
@@ -264,7 +264,8 @@ async def test_body_stall_is_a_timeout() -> None:
 
 @pytest.mark.anyio
 async def test_slow_reader_pauses_the_upstream_socket() -> None:
-    """While nobody reads the body, at most about READ_HIGH_WATER bytes are buffered."""
+    """While nobody reads the body, at most READ_AHEAD bytes are buffered: each socket read is
+    sized to the room left, and reading pauses when it is full."""
     total = 8 * 1024 * 1024
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -279,11 +280,13 @@ async def test_slow_reader_pauses_the_upstream_socket() -> None:
         upstream = client(server.url)
         await upstream.start()
         response = await upstream.send("GET", b"/", [], None)
-        await asyncio.sleep(0.3)  # give the server every chance to overfill us
-        buffered = response._connection.buffered
+        peak = 0
+        for _ in range(60):  # watch the buffer over 0.3 s while the server pushes
+            peak = max(peak, response._exchange.buffered)
+            await asyncio.sleep(0.005)
         body = await body_of(response)
         await upstream.close()
-    assert buffered <= READ_HIGH_WATER + 256 * 1024
+    assert READ_AHEAD // 2 <= peak <= READ_AHEAD
     assert len(body) == total
 
 
@@ -326,3 +329,137 @@ async def test_refused_connection_is_unavailable() -> None:
     with pytest.raises(UpstreamUnavailable, match=f"127.0.0.1:{port}"):
         await upstream.send("GET", b"/", [], None)
     await upstream.close()
+
+
+def capped(url: str, max_connections: int, pool_timeout: float = 2.0) -> Upstream:
+    return Upstream(
+        UpstreamSettings(
+            url=url,
+            connect_timeout=1.0,
+            read_timeout=2.0,
+            pool_size=max_connections,
+            max_connections=max_connections,
+            pool_timeout=pool_timeout,
+        )
+    )
+
+
+@pytest.mark.anyio
+async def test_requests_beyond_max_connections_queue_and_reuse_them() -> None:
+    """Twenty concurrent requests over max_connections=2 all succeed on two connections, and
+    afterwards exactly the idle ones count as open (no slot leaked)."""
+    started = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await server.read_request(reader)
+            await started.wait()
+            path = head.split(b" ")[1]
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(path), path))
+
+    async with RawServer(handler) as server:
+        upstream = capped(server.url, max_connections=2)
+        await upstream.start()
+
+        async def one(index: int) -> bytes:
+            return await body_of(await upstream.send("GET", b"/%d" % index, [], None))
+
+        tasks = [asyncio.ensure_future(one(index)) for index in range(20)]
+        await asyncio.sleep(0.05)  # let every request reach the pool before answering
+        assert upstream.open_connections == 2
+        started.set()
+        bodies = await asyncio.gather(*tasks)
+        open_after = upstream.open_connections
+        await upstream.close()
+    assert bodies == [b"/%d" % index for index in range(20)]
+    assert server.connections == 2
+    assert open_after == 2
+
+
+@pytest.mark.anyio
+async def test_waiting_past_pool_timeout_is_busy_and_frees_nothing_twice() -> None:
+    """With the only connection held, a second request gets UpstreamBusy after pool_timeout; a
+    third request afterwards still gets the connection once the first finishes."""
+    from proxy.errors import UpstreamBusy
+
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    async with RawServer(handler) as server:
+        upstream = capped(server.url, max_connections=1, pool_timeout=0.2)
+        await upstream.start()
+        first = asyncio.ensure_future(upstream.send("GET", b"/1", [], None))
+        await asyncio.sleep(0.05)
+        with pytest.raises(UpstreamBusy, match=r"all 1 upstream connections busy for 0\.2s"):
+            await upstream.send("GET", b"/2", [], None)
+        third = asyncio.ensure_future(upstream.send("GET", b"/3", [], None))
+        release.set()
+        assert await body_of(await first) == b"ok"
+        assert await body_of(await third) == b"ok"
+        open_after = upstream.open_connections
+        await upstream.close()
+    assert (server.connections, open_after) == (1, 1)
+
+
+@pytest.mark.anyio
+async def test_cancelled_requests_give_their_slots_back() -> None:
+    """Requests cancelled while connecting, waiting in line or waiting for the head leave the
+    pool's count of open connections exact."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        await asyncio.sleep(10)
+
+    async with RawServer(handler) as server:
+        upstream = capped(server.url, max_connections=2)
+        await upstream.start()
+        tasks = [
+            asyncio.ensure_future(upstream.send("GET", b"/%d" % index, [], None))
+            for index in range(6)
+        ]
+        await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(100):  # connection_lost runs on a later loop turn
+            if upstream.open_connections == 0:
+                break
+            await asyncio.sleep(0.01)
+        open_after = upstream.open_connections
+        await upstream.close()
+    assert open_after == 0
+
+
+@pytest.mark.anyio
+async def test_extra_bytes_after_head_response_poison_the_connection() -> None:
+    """A HEAD answered with a body anyway: the HEAD response is delivered as sent, and the next
+    request goes on a new connection rather than reading the leftover bytes."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        if server.connections == 1:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+                b"HTTP/1.1 302 Found\r\nLocation: evil\r\nContent-Length: 0\r\n\r\n"
+            )
+            await writer.drain()
+            await reader.read()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nget")
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        head = await upstream.send("HEAD", b"/f", [], None)
+        head_status, head_body = head.status, await body_of(head)
+        get = await upstream.send("GET", b"/f", [], None)
+        get_status, get_body = get.status, await body_of(get)
+        await upstream.close()
+    assert (head_status, head_body) == (200, b"")
+    assert (get_status, get_body) == (200, b"get")
+    assert server.connections == 2

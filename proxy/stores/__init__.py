@@ -9,19 +9,31 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from proxy.stores.base import JobState, JobStore
-from proxy.stores.memory import MemoryJobStore
+from proxy.stores.breaker import DEFAULT_COOLDOWN_SECONDS
+from proxy.stores.memory import DEFAULT_MAX_RECORDS, MemoryJobStore
 
 if TYPE_CHECKING:
     from proxy.stores.redis import RedisJobStore
 
 
-def create_store(redis_url: str | None, key_prefix: str, timeout: float) -> JobStore:
-    """A RedisJobStore when a URL is configured, else a MemoryJobStore."""
+def create_store(
+    redis_url: str | None,
+    key_prefix: str,
+    timeout: float,
+    *,
+    breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
+    memory_max_records: int = DEFAULT_MAX_RECORDS,
+) -> JobStore:
+    """A RedisJobStore when a URL is configured, else a MemoryJobStore.
+
+    `timeout` bounds every Redis call; `breaker_cooldown` is how long Redis is skipped after a
+    failed call; `memory_max_records` caps the memory store.
+    """
     if redis_url is None:
-        return MemoryJobStore()
+        return MemoryJobStore(max_records=memory_max_records)
     from proxy.stores.redis import RedisJobStore
 
-    return RedisJobStore(redis_url, key_prefix, timeout)
+    return RedisJobStore(redis_url, key_prefix, timeout, breaker_cooldown=breaker_cooldown)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,68 @@
+"""Lua scripts run with EVALSHA, falling back to SCRIPT LOAD + one retry when Redis says NOSCRIPT.
+
+Redis keeps loaded scripts only until a restart, a failover or SCRIPT FLUSH, so NOSCRIPT is rare
+and the normal path is one EVALSHA. redis-py's `Script` objects would handle it for us, but in a
+pipeline they make redis-py send SCRIPT EXISTS before every pipeline (`Pipeline.load_scripts`):
+a second round trip per batch on the guarded path, and a second wait when Redis hangs. Here a
+pipeline is EVALSHA commands only; the calls that came back NOSCRIPT run once more after one load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    source: str
+    sha: str  # what Redis names it: the SHA1 of the source, in hex
+
+
+def lua_script(source: str) -> LuaScript:
+    return LuaScript(source=source, sha=hashlib.sha1(source.encode()).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCall:
+    key: str  # the one key the script touches (KEYS[1])
+    args: Sequence[str]  # ARGV
+
+
+async def run_script(client: Redis, script: LuaScript, call: ScriptCall) -> Any:
+    """One EVALSHA (two and a SCRIPT LOAD after a NOSCRIPT)."""
+    try:
+        return await client.evalsha(script.sha, 1, call.key, *call.args)
+    except NoScriptError:
+        await client.script_load(script.source)
+        return await client.evalsha(script.sha, 1, call.key, *call.args)
+
+
+async def run_script_batch(
+    client: Redis, script: LuaScript, calls: Sequence[ScriptCall]
+) -> list[Any]:
+    """One pipeline of EVALSHA, not a transaction; each call's result or error, in order.
+
+    Redis error replies come back as exception objects in the list, so one bad record fails
+    only its own call. Connection errors and timeouts raise.
+    """
+    results = await _pipelined(client, script, calls)
+    missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
+    if missing:
+        await client.script_load(script.source)
+        again = await _pipelined(client, script, [calls[index] for index in missing])
+        for index, result in zip(missing, again, strict=True):
+            results[index] = result
+    return results
+
+
+async def _pipelined(client: Redis, script: LuaScript, calls: Sequence[ScriptCall]) -> list[Any]:
+    pipe = client.pipeline(transaction=False)
+    for call in calls:
+        pipe.evalsha(script.sha, 1, call.key, *call.args)  # queued: the pipeline returns itself
+    return await pipe.execute(raise_on_error=False)

@@ -1,0 +1,418 @@
+"""One upstream HTTP/1.1 connection: an asyncio protocol over the httptools parser.
+
+A connection carries one exchange (request → response) at a time. Everything the parser learns
+about a response lives on that exchange's `Exchange`; the status and headers are captured once,
+when the head completes, and nothing the upstream sends afterwards can change them.
+
+The rule that keeps one client's bytes from reaching another (the response desync nginx guards
+against with "upstream sent more data than specified"): a connection that receives any byte after
+the end of its response, or while idle in the pool, is closed and never reused, and the response
+being delivered is left as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+from proxy.errors import (
+    ClientTimeout,
+    PollguardError,
+    UpstreamInvalid,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+logger = logging.getLogger("pollguard.upstream")
+
+# Read at most this much of a response body ahead of the client: reading pauses when it is
+# buffered and each socket read is sized to what is left of it, so a client that stops reading
+# holds at most this much here (plus one chunk of at most this size in the server's write buffer).
+# Measured with 200 clients that never read a 50 MiB download: 256 KiB gave ~514 KiB of RSS per
+# client, 64 KiB ~260 KiB (the rest is the connections' own state), at the same download speed.
+READ_AHEAD = 64 * 1024
+# A read-timer tick while reading is paused for a slow client: we are the quiet side then.
+PAUSED_RECHECK_SECONDS = 0.05
+
+
+class StaleConnection(UpstreamUnavailable):
+    """A reused keep-alive connection died before any byte of the response: safe to retry."""
+
+
+class _ExtraData(Exception):
+    """Raised inside a parser callback: a byte arrived beyond the end of the response."""
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: a response pollguard won't deliver (a head over its
+    bounds, a protocol switch); the message says why."""
+
+
+class UploadWait(enum.Enum):
+    """What the request-body writer is waiting for; decides who a silence is blamed on."""
+
+    NOTHING = 0  # no body, or all of it sent
+    CLIENT = 1  # the next chunk of the client's body
+    UPSTREAM = 2  # the upstream to accept what we wrote
+
+
+class Exchange:
+    """One request's response, as the parser sees it."""
+
+    __slots__ = (
+        "body_waiter",
+        "buffer",
+        "buffered",
+        "bytes_seen",
+        "done",
+        "error",
+        "head_done",
+        "head_size",
+        "head_waiter",
+        "headers",
+        "is_head",
+        "keep_alive",
+        "progress_at",
+        "status",
+        "upload",
+    )
+
+    def __init__(self, head_waiter: asyncio.Future[None], is_head: bool, now: float) -> None:
+        self.head_waiter = head_waiter
+        self.body_waiter: asyncio.Future[None] | None = None
+        self.is_head = is_head
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0  # bytes of every head so far, 1xx interims included
+        self.head_done = False
+        self.keep_alive = False
+        self.done = False  # the whole response has been parsed
+        self.bytes_seen = False
+        self.error: PollguardError | None = None
+        self.buffer: deque[bytes] = deque()
+        self.buffered = 0
+        self.upload = UploadWait.NOTHING
+        # Last sign of life on the request side: head written, body chunk in, body accepted.
+        self.progress_at = now
+
+    def framed(self) -> bool:
+        """The response says where its body ends (else: at connection close, RFC 9112 §6.3)."""
+        for name, _ in self.headers:
+            if name == b"content-length" or name == b"transfer-encoding":
+                return True
+        return False
+
+
+class ConnectionLimits:
+    """The bounds one connection enforces; shared by every connection of a pool."""
+
+    __slots__ = ("label", "max_head_size", "max_header_fields", "read_timeout")
+
+    def __init__(
+        self, label: str, read_timeout: float, max_head_size: int, max_header_fields: int
+    ) -> None:
+        self.label = label  # host:port, for log lines
+        self.read_timeout = read_timeout
+        self.max_head_size = max_head_size
+        self.max_header_fields = max_header_fields
+
+
+class UpstreamConnection(asyncio.BufferedProtocol):
+    """The protocol of one upstream socket; `Upstream` drives exchanges over it."""
+
+    def __init__(
+        self,
+        limits: ConnectionLimits,
+        read_buffer: memoryview,
+        on_lost: Callable[[UpstreamConnection], None],
+    ) -> None:
+        self._limits = limits
+        # Shared by every connection of the pool: asyncio and uvloop call get_buffer, fill it
+        # and call buffer_updated in one go, and the parser copies whatever it keeps.
+        self._read_buffer = read_buffer
+        self._on_lost = on_lost
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.fileno = -1
+        self._parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.reused = False
+        # A byte arrived beyond a response's end: never carry another exchange.
+        self.poisoned = False
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # asyncio.BufferedProtocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fileno = sock.fileno()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        exchange = self.exchange
+        if exchange is not None and exchange.head_done:
+            # Never read more body than the read-ahead has room for.
+            room = READ_AHEAD - exchange.buffered
+            if room < len(self._read_buffer):
+                return self._read_buffer[: max(room, 1)]
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        exchange = self.exchange
+        if exchange is None or exchange.done:  # nothing was asked, or the answer is complete
+            self._extra_data()
+            return
+        exchange.bytes_seen = True
+        self._last_data = self._loop.time()
+        head_pending = not exchange.head_done
+        if head_pending:
+            # An upper bound of the head's size (interims included): httptools holds a partial
+            # head in memory, so this is checked after every read, not only at its end.
+            exchange.head_size += nbytes
+        try:
+            self._parser.feed_data(self._read_buffer[:nbytes])
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _ExtraData) or exchange.done:
+                self._extra_data()
+            elif isinstance(exc.__context__, _Refused):
+                self.fail(UpstreamInvalid(str(exc.__context__)))
+            else:  # one of our callbacks failed: a bug, but never a reason to deliver garbage
+                self.fail(UpstreamInvalid(f"response handling failed: {exc.__context__!r}"))
+            return
+        except httptools.HttpParserUpgrade:
+            self.fail(UpstreamInvalid("upstream switched protocols; not supported here"))
+            return
+        except httptools.HttpParserError as exc:
+            if exchange.done:  # the response was complete; what follows it is not ours
+                self._extra_data()
+            else:
+                self.fail(UpstreamInvalid(f"invalid HTTP response from upstream: {exc}"))
+            return
+        if head_pending and not exchange.head_done:
+            if exchange.head_size > self._limits.max_head_size:
+                self.fail(UpstreamInvalid(self._head_too_large()))
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost settles the exchange
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._on_lost(self)
+        self._resume_writer()
+        exchange = self.exchange
+        if exchange is None or exchange.done or exchange.error is not None:
+            return
+        if exchange.head_done and not exchange.framed():
+            self.on_message_complete()  # body delimited by connection close (RFC 9112 §6.3)
+            return
+        if not exchange.bytes_seen and self.reused:
+            self.fail(StaleConnection("kept-alive upstream connection closed"))
+        elif not exchange.head_done:
+            self.fail(
+                UpstreamUnavailable("upstream closed the connection before the response head")
+            )
+        else:
+            self.fail(UpstreamUnavailable("upstream closed the connection mid-body"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_writer()
+
+    def _resume_writer(self) -> None:
+        waiter, self._drain_waiter = self._drain_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # httptools callbacks ----------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None  # buffer_updated feeds the parser only during an exchange
+        if exchange.done:
+            raise _ExtraData()
+        exchange.headers = []  # after a 1xx interim, the real head starts afresh
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        headers = exchange.headers
+        if exchange.done:
+            raise _ExtraData()
+        if len(headers) >= self._limits.max_header_fields:
+            raise _Refused(
+                f"upstream response head has more than {self._limits.max_header_fields} fields"
+            )
+        headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        if exchange.done:
+            raise _ExtraData()
+        if exchange.head_size > self._limits.max_head_size and (
+            sum(len(name) + len(value) + 4 for name, value in exchange.headers)
+            > self._limits.max_head_size
+        ):
+            # The bytes read exceed the bound (the cheap test); the head itself does too.
+            raise _Refused(self._head_too_large())
+        status = self._parser.get_status_code()
+        if status == 101:
+            raise _Refused("upstream switched protocols (101); not supported here")
+        if status < 200:  # 100 Continue, 103 Early Hints: the real answer follows
+            return
+        # Captured here once: nothing parsed later may change what the client is sent.
+        exchange.status = status
+        exchange.head_done = True
+        # Asked now: llhttp resets its flags once the message is complete.
+        exchange.keep_alive = self._parser.should_keep_alive()
+        _wake(exchange.head_waiter)
+        if exchange.is_head:
+            # No body follows a HEAD response whatever its Content-Length says; a fresh parser
+            # reads the next response, and anything the old one still sees is extra data.
+            self._parser = httptools.HttpResponseParser(self)
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        if exchange.done:  # a body after a HEAD response's head
+            raise _ExtraData()
+        exchange.buffer.append(body)
+        exchange.buffered += len(body)
+        if exchange.buffered >= READ_AHEAD and not self._reading_paused:
+            self._reading_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        _wake(exchange.body_waiter)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        if not exchange.head_done:  # the end of a 1xx interim response
+            return
+        exchange.done = True
+        _wake(exchange.body_waiter)
+
+    # exchange ---------------------------------------------------------------------------------
+    def begin(self, is_head: bool) -> Exchange:
+        """Start an exchange; the caller writes the request head next."""
+        exchange = Exchange(self._loop.create_future(), is_head, self._loop.time())
+        self.exchange = exchange
+        self._last_data = exchange.progress_at
+        self._timer = self._loop.call_at(
+            exchange.progress_at + self._limits.read_timeout, self._check_timeout
+        )
+        return exchange
+
+    def finish(self) -> None:
+        """The exchange is over (released or aborted): stop its timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def reusable(self) -> bool:
+        exchange = self.exchange
+        return (
+            exchange is not None
+            and exchange.done
+            and exchange.keep_alive
+            and not exchange.buffer
+            and not self.closed
+            and not self.poisoned
+        )
+
+    def take_body(self) -> bytes:
+        """Everything buffered, as one chunk, and reading resumed if it was paused for it."""
+        exchange = self.exchange
+        assert exchange is not None
+        buffer = exchange.buffer
+        chunk = buffer.popleft() if len(buffer) == 1 else b"".join(buffer)
+        buffer.clear()
+        exchange.buffered = 0
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+        return chunk
+
+    def fail(self, error: PollguardError) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.error is None:
+                exchange.error = error
+            _wake(exchange.head_waiter)
+            _wake(exchange.body_waiter)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        self.finish()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _extra_data(self) -> None:
+        if not self.poisoned:
+            self.poisoned = True
+            logger.warning(
+                "upstream sent more data than specified; connection to %s closed, not reused",
+                self._limits.label,
+            )
+        self.close()
+
+    def _head_too_large(self) -> str:
+        return f"upstream response head larger than {self._limits.max_head_size} bytes"
+
+    def _check_timeout(self) -> None:
+        self._timer = None
+        exchange = self.exchange
+        if exchange is None or exchange.done or exchange.error is not None or self.closed:
+            return
+        now = self._loop.time()
+        read_timeout = self._limits.read_timeout
+        # read_timeout counts from the last sign of life on either side: a byte from the
+        # upstream, or progress of the request body (a slow upload is not a slow upstream).
+        deadline = max(self._last_data, exchange.progress_at) + read_timeout
+        if self._reading_paused or now < deadline:
+            next_check = deadline if now < deadline else now + PAUSED_RECHECK_SECONDS
+            self._timer = self._loop.call_at(next_check, self._check_timeout)
+            return
+        if exchange.upload is UploadWait.CLIENT:
+            self.fail(ClientTimeout(f"no byte of the request body for {read_timeout:g}s"))
+        elif exchange.upload is UploadWait.UPSTREAM:
+            self.fail(UpstreamTimeout(f"upstream accepted no request body for {read_timeout:g}s"))
+        elif exchange.head_done:
+            self.fail(UpstreamTimeout("upstream stalled while sending the body"))
+        else:
+            self.fail(UpstreamTimeout(f"no response head within {read_timeout:g}s"))
+
+    async def drain(self) -> None:
+        """Wait until the upstream accepts more of the request body."""
+        if self._write_paused and not self.closed:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+        if self.closed:
+            exchange = self.exchange
+            if exchange is not None and (exchange.error is not None or exchange.done):
+                return  # the exchange already knows how it ended
+            raise UpstreamUnavailable(
+                "upstream closed the connection while we were sending the body"
+            )
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
