@@ -252,11 +252,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         headers = exchange.headers
         if exchange.done:
             raise _ExtraData()
+        if exchange.head_done:
+            return  # a trailer field of a chunked body: never part of the head (RFC 9110 §6.5.1)
         if len(headers) >= self._limits.max_header_fields:
             raise _Refused(
                 f"upstream response head has more than {self._limits.max_header_fields} fields"
             )
-        headers.append((name.lower(), value))
+        # llhttp keeps trailing whitespace; a field value has none (RFC 9110 §5.5).
+        headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -270,15 +273,34 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             # The bytes read exceed the bound (the cheap test); the head itself does too.
             raise _Refused(self._head_too_large())
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            raise _Refused(f"upstream answered status {status}, outside 100-599")
         if status == 101:
             raise _Refused("upstream switched protocols (101); not supported here")
         if status < 200:  # 100 Continue, 103 Early Hints: the real answer follows
+            if exchange.framed():
+                # A 1xx has no body (RFC 9110 §15.2), but llhttp reads one for the codes it
+                # doesn't know when the head announces it; what follows would be misread.
+                raise _Refused(f"upstream sent a {status} interim response with framing headers")
             return
+        # Asked now: llhttp resets its flags once the message is complete.
+        keep_alive = self._parser.should_keep_alive()
+        transfer_codings = 0
+        for name, value in exchange.headers:
+            if name == b"transfer-encoding":
+                transfer_codings += 1
+                if transfer_codings > 1 or value.strip().lower() != b"chunked":
+                    # llhttp would read any other coding as a plain body (gzip-coded bytes
+                    # forwarded unlabelled) or until close: refuse it, as h11 does.
+                    raise _Refused(f"upstream Transfer-Encoding other than chunked: {value!r}")
+            elif name == b"connection" and b"close" in value.lower():
+                # llhttp keeps an HTTP/1.0 "keep-alive, close" alive; close wins (RFC 9112
+                # §9.6). A substring test errs towards closing, never towards reuse.
+                keep_alive = False
         # Captured here once: nothing parsed later may change what the client is sent.
         exchange.status = status
         exchange.head_done = True
-        # Asked now: llhttp resets its flags once the message is complete.
-        exchange.keep_alive = self._parser.should_keep_alive()
+        exchange.keep_alive = keep_alive
         _wake(exchange.head_waiter)
         if exchange.is_head:
             # No body follows a HEAD response whatever its Content-Length says; a fresh parser
@@ -291,6 +313,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         assert exchange is not None
         if exchange.done:  # a body after a HEAD response's head
             raise _ExtraData()
+        if not exchange.head_done:  # llhttp gives unknown 1xx codes a body; a 1xx has none
+            raise _Refused("upstream sent a body with an interim (1xx) response")
         exchange.buffer.append(body)
         exchange.buffered += len(body)
         if exchange.buffered >= READ_AHEAD and not self._reading_paused:
@@ -304,6 +328,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         assert exchange is not None
         if not exchange.head_done:  # the end of a 1xx interim response
             return
+        if exchange.done:  # the old parser finishing a body after a HEAD response's head
+            raise _ExtraData()
         exchange.done = True
         _wake(exchange.body_waiter)
 

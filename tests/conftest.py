@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import pytest
 
+import tests.conformance.profiles  # noqa: F401  (Hypothesis profiles, before --hypothesis-profile is read)
+
 
 @pytest.fixture
 def anyio_backend() -> str:

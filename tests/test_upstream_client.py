@@ -463,3 +463,96 @@ async def test_extra_bytes_after_head_response_poison_the_connection() -> None:
     assert (head_status, head_body) == (200, b"")
     assert (get_status, get_body) == (200, b"get")
     assert server.connections == 2
+
+
+async def _one_exchange(
+    answer: bytes, method: str = "GET"
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Send one request to a server answering `answer`; status, headers and body delivered."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url, read_timeout=1.0)
+        await upstream.start()
+        try:
+            response = await upstream.send(method, b"/", [], None)
+            body = await body_of(response)
+            return response.status, response.headers, body
+        finally:
+            await upstream.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Status codes outside 100-599 (uvicorn has no status line for them).
+        b"HTTP/1.1 600 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 099 X\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        # Codings llhttp would read as a plain body, or until close.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        # A body inside an interim response, then the real one.
+        b"HTTP/1.1 150 X\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 104 X\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        b"HTTP/1.1 302 Found\r\nLocation: evil\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["status-600", "status-099", "gzip-chunked", "gzip", "two-te", "150-body", "104-chunked"],
+)
+async def test_responses_h11_rejects_fail_closed(answer: bytes) -> None:
+    """Found by the differential fuzzer: answers h11 refuses are UpstreamInvalid, never a
+    response assembled from the wrong bytes."""
+    with pytest.raises(UpstreamInvalid):
+        await _one_exchange(answer)
+
+
+@pytest.mark.anyio
+async def test_trailers_and_trailing_whitespace_stay_out_of_the_head() -> None:
+    """Found by the differential fuzzer: a chunked body's trailer fields never join the head,
+    and a field value loses its trailing whitespace (RFC 9110 §5.5), as h11 reads it."""
+    status, headers, body = await _one_exchange(
+        b"HTTP/1.1 200 OK\r\nX-Pad: a \t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nSet-Cookie: t=1\r\n\r\n"
+    )
+    assert (status, body) == (200, b"ok")
+    assert headers == [(b"x-pad", b"a"), (b"transfer-encoding", b"chunked")]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("method", "answer"),
+    [
+        # HTTP/1.0 "keep-alive, close": close wins (RFC 9112 §9.6); llhttp keeps it alive.
+        ("GET", b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok"),
+        # A HEAD answered with a chunked terminator: bytes the HEAD response can't have.
+        ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+    ],
+    ids=["http10-keep-alive-close", "head-chunked-terminator"],
+)
+async def test_connections_that_must_not_be_reused_are_not(method: str, answer: bytes) -> None:
+    """Found by the differential fuzzer: the next request goes on a new connection."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            if server.connections == 1:
+                writer.write(answer)
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+            await writer.drain()
+
+    async with RawServer(handler) as server:
+        upstream = client(server.url)
+        await upstream.start()
+        await body_of(await upstream.send(method, b"/", [], None))
+        second = await body_of(await upstream.send("GET", b"/", [], None))
+        await upstream.close()
+    assert second == b"next"
+    assert server.connections == 2

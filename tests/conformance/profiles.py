@@ -3,9 +3,11 @@
 - `default` (also used under CI, where Hypothesis would otherwise load its `ci` profile): bounded so
   the whole conformance suite stays within about a minute on the 2-core machine; explores afresh
   on every run (not derandomized) and prints `@reproduce_failure` blobs so any failure replays.
-- `long` (nightly): `pytest tests/conformance --hypothesis-profile=long`, 20,000 examples per
-  property, no deadline. Pass the directory: Hypothesis loads the profile before pytest reaches
-  conftest files below the initial ones.
+- `long` (nightly): `scripts/test tests/conformance --hypothesis-profile=long`, 20,000 examples
+  per property, no deadline.
+
+Registered from tests/conftest.py: Hypothesis applies `--hypothesis-profile` before pytest reaches
+conftest files below the initial ones.
 
 Locally the example database lives in .pytest_cache/hypothesis (failures are replayed first next
 time); under CI there is none.
