@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter
 
@@ -82,7 +83,7 @@ class JobGuard:
         self._fail_closed = fail_closed
         self._clock = clock
         self._last_store_error_log = -math.inf
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         # prometheus_client's labels() costs a lock and a dict build per call: keep the children.
         self._decision_counters: dict[tuple[str, str, str], Counter] = {}
         # Only worth it in front of a shared store: the memory store is already local.
@@ -196,25 +197,15 @@ class JobGuard:
         request_id: bytes,
     ) -> GuardAnswer:
         job, key = target.job, target.match.key
-        attempt = locked.attempts
-        result = _INTERRUPTED
-        try:
-            result = await self._repreparer.fire(
-                job.reprepare,
-                params=target.match.params,
-                client_headers=client_headers,
-                idempotency=idempotency_key(
-                    job.name, key, locked.episode_start, locked.window_start, attempt
-                ),
-                request_id=request_id.decode("latin-1"),
-            )
-        except Exception as exc:  # fire() reports its failures; this is a bug of ours
-            logger.exception("re-prepare raised instead of reporting")
-            result = ReprepareResult(False, f"re-prepare failed: {type(exc).__name__}")
-        finally:
-            # Whatever happened (cancellation included), the lock is ours to release now, not
-            # reprepare.timeout + margin later.
-            await self._release(job, key, locked, result.succeeded)
+        # Its own task: the re-prepare acts for every poller of the key, so the client that
+        # happened to trigger it leaving (its request is then cancelled) must not cut it short
+        # and spend an attempt on nothing. Shutdown waits for it in settled().
+        work = asyncio.ensure_future(
+            self._fire_and_release(target, locked, client_headers, request_id)
+        )
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+        result = await asyncio.shield(work)
         REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
         if not result.succeeded:
             if logger.isEnabledFor(logging.WARNING):
@@ -238,11 +229,39 @@ class JobGuard:
         # decide() already clamped retry_after_reprepared to retry_after_max and max_wait.
         return answers.reprepared(
             upstream_headers,
-            attempt,
+            locked.attempts,
             job.limits.max_reprepares,
             decision.retry_after or 1,
             request_id,
         )
+
+    async def _fire_and_release(
+        self,
+        target: GuardTarget,
+        locked: JobState,
+        client_headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> ReprepareResult:
+        job, key = target.job, target.match.key
+        result = _INTERRUPTED
+        try:
+            result = await self._repreparer.fire(
+                job.reprepare,
+                params=target.match.params,
+                client_headers=client_headers,
+                idempotency=idempotency_key(
+                    job.name, key, locked.episode_start, locked.window_start, locked.attempts
+                ),
+                request_id=request_id.decode("latin-1"),
+            )
+        except Exception as exc:  # fire() reports its failures; this is a bug of ours
+            logger.exception("re-prepare raised instead of reporting")
+            result = ReprepareResult(False, f"re-prepare failed: {type(exc).__name__}")
+        finally:
+            # Whatever happened (cancellation at shutdown included), the lock is ours to release
+            # now, not reprepare.timeout + margin later.
+            await self._release(job, key, locked, result.succeeded)
+        return result
 
     async def _release(self, job: GuardedJob, key: str, locked: JobState, succeeded: bool) -> None:
         """Store the record after the re-prepare `locked` guarded: lock released, stuck clock

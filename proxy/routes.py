@@ -135,8 +135,9 @@ class RouteTable:
             if found is None:
                 continue
             params = found.groupdict()
-            if not all(is_guardable_param(value) for value in params.values()):
-                return None
+            for value in params.values():  # a loop, not all(genexpr): this runs per poll
+                if not is_guardable_param(value):
+                    return None
             if raw_path is not None and (b"%2F" in raw_path or b"%2f" in raw_path):
                 return None
             return RouteMatch(

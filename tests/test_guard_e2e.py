@@ -338,26 +338,32 @@ def test_a_not_found_answer_keeps_the_remembered_record(
     assert after_all == after_first
 
 
-class SilentBackend:
-    """A loopback socket that reads requests and never answers; `requested` is set on the first."""
+class HeldBackend:
+    """A loopback socket that reads a request and answers `200` only once `answer` is set;
+    `requested` is set on the first request."""
 
     def __init__(self) -> None:
         self.requested = asyncio.Event()
+        self.answer = asyncio.Event()
         self.url = ""
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         self.requested.set()
+        await self.answer.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
         await reader.read()  # until the client hangs up
         writer.close()
 
     @asynccontextmanager
-    async def running(self) -> AsyncIterator[SilentBackend]:
+    async def running(self) -> AsyncIterator[HeldBackend]:
         server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         try:
             yield self
         finally:
+            self.answer.set()
             server.close()
 
 
@@ -382,22 +388,47 @@ async def in_process_guard(upstream_url: str, now: list[float]) -> AsyncIterator
 
 
 @pytest.mark.anyio
-async def test_a_cancelled_reprepare_releases_its_lock() -> None:
-    """A re-prepare cancelled in flight (shutdown) releases the key's lock at once, its attempt counted, instead of holding it for reprepare.timeout + 5s."""
+async def test_a_client_leaving_does_not_cut_the_reprepare_short() -> None:
+    """The request that triggered a re-prepare is cancelled (its client left): the re-prepare
+    still completes and releases the lock with its real outcome (a success restarts the clock)."""
     now = [1000.0]
-    async with SilentBackend().running() as silent, in_process_guard(silent.url, now) as guard:
+    async with HeldBackend().running() as held, in_process_guard(held.url, now) as guard:
         target = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert target is not None
         assert await guard.review(target, 202, [], [], b"rid-1") is not None  # episode starts
         now[0] += 2.0  # past stuck_after (1s)
         review = asyncio.ensure_future(guard.review(target, 202, [], [], b"rid-2"))
-        await asyncio.wait_for(silent.requested.wait(), timeout=5)
+        await asyncio.wait_for(held.requested.wait(), timeout=5)
         review.cancel()
         with pytest.raises(asyncio.CancelledError):
             await review
+        held.answer.set()
+        await asyncio.wait_for(guard.settled(), timeout=5)
         state = await guard.store.observe("recording", CALL, now[0], 60)
     assert state.lock_until == NO_LOCK
-    assert state.attempts == 1
+    assert (state.attempts, state.clock_start) == (1, now[0])
+
+
+@pytest.mark.anyio
+async def test_a_reprepare_cancelled_at_shutdown_releases_its_lock() -> None:
+    """A re-prepare itself cancelled in flight (the loop shutting down) releases the key's lock
+    at once, its attempt counted, instead of holding it for reprepare.timeout + 5s."""
+    now = [1000.0]
+    async with HeldBackend().running() as held, in_process_guard(held.url, now) as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        assert await guard.review(target, 202, [], [], b"rid-1") is not None  # episode starts
+        now[0] += 2.0  # past stuck_after (1s)
+        review = asyncio.ensure_future(guard.review(target, 202, [], [], b"rid-2"))
+        await asyncio.wait_for(held.requested.wait(), timeout=5)
+        work = [task for task in asyncio.all_tasks() if "_fire_and_release" in repr(task)]
+        assert len(work) == 1
+        work[0].cancel()
+        with pytest.raises(asyncio.CancelledError):  # the request ends as shutdown ends it
+            await review
+        state = await guard.store.observe("recording", CALL, now[0], 60)
+    assert state.lock_until == NO_LOCK
+    assert (state.attempts, state.clock_start) == (1, 1000.0)
 
 
 @pytest.mark.anyio
