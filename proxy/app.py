@@ -70,6 +70,7 @@ class PollguardApp:
                 pool_timeout=config.upstream.pool_timeout,
                 max_head_size=config.upstream.max_head_size,
                 max_header_fields=config.upstream.max_header_fields,
+                read_ahead=config.upstream.read_ahead,
             )
         )
         self.store: JobStore | None = None
@@ -112,7 +113,10 @@ class PollguardApp:
                 self.store,
                 self.repreparer,
                 fail_closed=config.state.on_error == "fail",
-                remember_records=config.state.redis_url is not None,
+                # Only worth it in front of a shared store: the memory store is already local.
+                remembered_records=config.state.remembered_records
+                if config.state.redis_url is not None
+                else 0,
             )
             self.forwarder.guard = self.guard
         redis_store = self.store if config.state.redis_url else None

@@ -65,6 +65,12 @@ DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_POOL_TIMEOUT = 5.0
 DEFAULT_MAX_HEAD_SIZE = 64 * 1024
 DEFAULT_MAX_HEADER_FIELDS = 200
+# Measured with 200 clients that never read a 50 MiB download: a 256 KiB read-ahead gave ~514 KiB
+# of RSS per client, 64 KiB ~260 KiB (the rest is the connections' own state), at the same
+# download speed.
+DEFAULT_READ_AHEAD = 64 * 1024
+MIN_READ_AHEAD = 4 * 1024
+DEFAULT_REMEMBERED_RECORDS = 10_000
 DEFAULT_SEND_TIMEOUT = 60.0
 DEFAULT_MAX_REQUEST_HEAD_SIZE = 64 * 1024
 DEFAULT_MAX_REQUEST_HEADER_FIELDS = 200
@@ -180,6 +186,7 @@ class UpstreamConfig(_Section):
     pool_timeout: Duration = DEFAULT_POOL_TIMEOUT
     max_head_size: ByteSize = DEFAULT_MAX_HEAD_SIZE
     max_header_fields: int = Field(default=DEFAULT_MAX_HEADER_FIELDS, ge=1)
+    read_ahead: Annotated[ByteSize, Field(ge=MIN_READ_AHEAD)] = DEFAULT_READ_AHEAD
     preserve_host: bool = False
     trusted_proxies: tuple[TrustedProxy, ...] = ()
 
@@ -223,6 +230,7 @@ class StateConfig(_Section):
     timeout: Duration = DEFAULT_STORE_TIMEOUT
     breaker_cooldown: Duration = DEFAULT_BREAKER_COOLDOWN
     memory_max_records: int = Field(default=DEFAULT_MEMORY_MAX_RECORDS, ge=1)
+    remembered_records: int = Field(default=DEFAULT_REMEMBERED_RECORDS, ge=1)
 
     @field_validator("redis_url")
     @classmethod

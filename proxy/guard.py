@@ -73,7 +73,7 @@ class JobGuard:
         repreparer: Repreparer,
         *,
         fail_closed: bool,
-        remember_records: bool = False,
+        remembered_records: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._jobs = jobs
@@ -86,8 +86,8 @@ class JobGuard:
         self._background: set[asyncio.Task[Any]] = set()
         # prometheus_client's labels() costs a lock and a dict build per call: keep the children.
         self._decision_counters: dict[tuple[str, str, str], Counter] = {}
-        # Only worth it in front of a shared store: the memory store is already local.
-        self._recent = RecentRecords() if remember_records else None
+        # Replica-local memory of records read from a shared store; 0 = none.
+        self._recent = RecentRecords(remembered_records) if remembered_records else None
 
     async def settled(self) -> None:
         """Wait for the background work started so far (forgetting ended episodes): for an

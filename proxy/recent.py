@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from proxy.stores.base import JobState
 
-DEFAULT_MAX_ENTRIES = 10_000
 # Trust a remembered record for this fraction of min(stuck_after, max_wait) after reading it:
 # a vanished record delays stuck detection by at most that much.
 TRUST_FRACTION = 0.25
@@ -21,7 +20,7 @@ TRUST_FRACTION = 0.25
 class RecentRecords:
     """(job, key) → (record, trusted until); bounded, oldest entry evicted first."""
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(self, max_entries: int) -> None:  # state.remembered_records
         self._max_entries = max_entries
         self._entries: dict[tuple[str, str], tuple[JobState, float]] = {}
 

@@ -23,10 +23,10 @@ from proxy.config import (
     DEFAULT_MAX_HEAD_SIZE,
     DEFAULT_MAX_HEADER_FIELDS,
     DEFAULT_POOL_TIMEOUT,
+    DEFAULT_READ_AHEAD,
 )
 from proxy.errors import PollguardError, UpstreamBusy, UpstreamUnavailable
 from proxy.upstream_connection import (
-    READ_AHEAD,
     ConnectionLimits,
     Exchange,
     StaleConnection,
@@ -36,7 +36,7 @@ from proxy.upstream_connection import (
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
-__all__ = ["READ_AHEAD", "Upstream", "UpstreamResponse", "UpstreamSettings"]
+__all__ = ["Upstream", "UpstreamResponse", "UpstreamSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,7 @@ class UpstreamSettings:
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
     max_head_size: int = DEFAULT_MAX_HEAD_SIZE
     max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
+    read_ahead: int = DEFAULT_READ_AHEAD
 
 
 class UpstreamResponse:
@@ -89,7 +90,7 @@ class UpstreamResponse:
         exchange, connection = self._exchange, self._connection
         while True:
             if exchange.buffer:
-                # Everything buffered goes out as one chunk (at most READ_AHEAD): fewer, larger
+                # Everything buffered goes out as one chunk (at most read_ahead): fewer, larger
                 # writes to the client cost less per byte.
                 yield connection.take_body()
             elif exchange.done:
@@ -142,8 +143,9 @@ class Upstream:
             settings.read_timeout,
             settings.max_head_size,
             settings.max_header_fields,
+            settings.read_ahead,
         )
-        self._read_buffer = memoryview(bytearray(READ_AHEAD))
+        self._read_buffer = memoryview(bytearray(settings.read_ahead))
         self._idle: deque[UpstreamConnection] = deque()
         self._busy: set[UpstreamConnection] = set()
         self._open = 0  # connections open or being opened, idle ones included

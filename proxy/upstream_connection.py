@@ -31,12 +31,6 @@ from proxy.errors import (
 
 logger = logging.getLogger("pollguard.upstream")
 
-# Read at most this much of a response body ahead of the client: reading pauses when it is
-# buffered and each socket read is sized to what is left of it, so a client that stops reading
-# holds at most this much here (plus one chunk of at most this size in the server's write buffer).
-# Measured with 200 clients that never read a 50 MiB download: 256 KiB gave ~514 KiB of RSS per
-# client, 64 KiB ~260 KiB (the rest is the connections' own state), at the same download speed.
-READ_AHEAD = 64 * 1024
 # A read-timer tick while reading is paused for a slow client: we are the quiet side then.
 PAUSED_RECHECK_SECONDS = 0.05
 
@@ -112,15 +106,25 @@ class Exchange:
 class ConnectionLimits:
     """The bounds one connection enforces; shared by every connection of a pool."""
 
-    __slots__ = ("label", "max_head_size", "max_header_fields", "read_timeout")
+    __slots__ = ("label", "max_head_size", "max_header_fields", "read_ahead", "read_timeout")
 
     def __init__(
-        self, label: str, read_timeout: float, max_head_size: int, max_header_fields: int
+        self,
+        label: str,
+        read_timeout: float,
+        max_head_size: int,
+        max_header_fields: int,
+        read_ahead: int,
     ) -> None:
         self.label = label  # host:port, for log lines
         self.read_timeout = read_timeout
         self.max_head_size = max_head_size
         self.max_header_fields = max_header_fields
+        # Read at most this much of a response body ahead of the client: reading pauses when it
+        # is buffered and each socket read is sized to what is left of it, so a client that
+        # stops reading holds at most this much here (plus one chunk of at most this size in
+        # the server's write buffer).
+        self.read_ahead = read_ahead
 
 
 class UpstreamConnection(asyncio.BufferedProtocol):
@@ -164,7 +168,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         exchange = self.exchange
         if exchange is not None and exchange.head_done:
             # Never read more body than the read-ahead has room for.
-            room = READ_AHEAD - exchange.buffered
+            room = self._limits.read_ahead - exchange.buffered
             if room < len(self._read_buffer):
                 return self._read_buffer[: max(room, 1)]
         return self._read_buffer
@@ -317,7 +321,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             raise _Refused("upstream sent a body with an interim (1xx) response")
         exchange.buffer.append(body)
         exchange.buffered += len(body)
-        if exchange.buffered >= READ_AHEAD and not self._reading_paused:
+        if exchange.buffered >= self._limits.read_ahead and not self._reading_paused:
             self._reading_paused = True
             if self.transport is not None:
                 self.transport.pause_reading()

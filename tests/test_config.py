@@ -29,7 +29,7 @@ DELETE = object()
 DURATION_FIX = "use a number of seconds or a value like 250ms, 2s, 5m, 1h"
 UPSTREAM_KEYS = (
     "url, connect_timeout, read_timeout, pool_size, max_connections, pool_timeout, "
-    "max_head_size, max_header_fields, preserve_host, trusted_proxies"
+    "max_head_size, max_header_fields, read_ahead, preserve_host, trusted_proxies"
 )
 
 
@@ -542,6 +542,7 @@ def test_defaults() -> None:
     assert (server.send_timeout, server.shutdown_timeout) == (60.0, 30.0)
     assert (server.max_head_size, server.max_header_fields) == (65536, 200)
     assert (state.breaker_cooldown, state.memory_max_records) == (2.0, 100_000)
+    assert (upstream.read_ahead, state.remembered_records) == (65536, 10_000)
     assert job.end_status == frozenset({200, 203, 204, 206, 304})
     assert (job.mode, job.pending_status, job.stuck_after, job.max_reprepares) == (
         "enforce",

@@ -28,7 +28,7 @@ RECORD = JobState(
 
 def test_get_returns_a_record_only_while_trusted() -> None:
     """A remembered record is returned before its trust deadline and forgotten at it."""
-    recent = RecentRecords()
+    recent = RecentRecords(max_entries=100)
     recent.put("job", "k", RECORD, trusted_until=105.0)
     assert recent.get("job", "k", 104.9) == RECORD
     assert recent.get("job", "k", 105.0) is None
@@ -37,7 +37,7 @@ def test_get_returns_a_record_only_while_trusted() -> None:
 
 def test_drop_and_other_keys() -> None:
     """drop forgets one key; other jobs and keys are separate."""
-    recent = RecentRecords()
+    recent = RecentRecords(max_entries=100)
     recent.put("job", "a", RECORD, 200.0)
     recent.put("other", "a", RECORD, 200.0)
     recent.drop("job", "a")

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from proxy.config import DEFAULT_READ_AHEAD as READ_AHEAD
 from proxy.errors import UpstreamInvalid, UpstreamTimeout, UpstreamUnavailable
-from proxy.upstream import READ_AHEAD, Upstream, UpstreamResponse, UpstreamSettings
+from proxy.upstream import Upstream, UpstreamResponse, UpstreamSettings
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
