@@ -169,7 +169,9 @@ async def _upstream_failed(exc: UpstreamError, client: ClientLink, method: str) 
             502, "upstream-unavailable", str(exc), retry_after=UNAVAILABLE_RETRY_AFTER
         )
     UPSTREAM_ERRORS.labels(problem.code).inc()
-    logger.warning("upstream error %s: %s (request_id=%s)", problem.code, exc, client.log_id)
+    logger.warning(
+        "upstream error %s: %s (request_id=%s)", problem.code, log_safe(str(exc)), client.log_id
+    )
     request_id = client.request_id or new_request_id()
     await _send_problem(client, problem, request_id, method)
 

@@ -28,6 +28,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.logtext import log_safe
 
 logger = logging.getLogger("pollguard.upstream")
 
@@ -296,7 +297,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                 if transfer_codings > 1 or value.strip().lower() != b"chunked":
                     # llhttp would read any other coding as a plain body (gzip-coded bytes
                     # forwarded unlabelled) or until close: refuse it, as h11 does.
-                    raise _Refused(f"upstream Transfer-Encoding other than chunked: {value!r}")
+                    raise _Refused(
+                        f"upstream Transfer-Encoding other than chunked: {log_safe(value)}"
+                    )
             elif name == b"connection" and b"close" in value.lower():
                 # llhttp keeps an HTTP/1.0 "keep-alive, close" alive; close wins (RFC 9112
                 # §9.6). A substring test errs towards closing, never towards reuse.
