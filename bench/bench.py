@@ -19,6 +19,7 @@ from typing import Any
 
 import checks
 import frozen_redis
+import instructions
 import load
 import peers
 import procs
@@ -32,6 +33,7 @@ REDIS_REPLY_LIMIT = 1024 * 1024
 # frozen: seconds Redis stays SIGSTOPped in the frozen-Redis scenario (the issue measured 10 s).
 FULL = {"rounds": 3, "seconds": 10, "warmup": 2, "downloads": 10, "frozen": 10}
 QUICK = {"rounds": 1, "seconds": 2, "warmup": 1, "downloads": 10, "frozen": 2}
+AGAINST = instructions.DEFAULT_AGAINST  # git refs whose instruction counts a full run shows
 
 
 @dataclass
@@ -268,6 +270,11 @@ def run(args: argparse.Namespace) -> int:
                 )
                 _log(f"  {peer.name}: Redis frozen {opts['frozen']} s, guarded 202: {segments}")
             samples[peer.name].append(asdict(sample))
+    # Deterministic instruction counts: full runs only (valgrind is slow; --quick is CI's).
+    counted = None
+    if not args.quick and any(p.is_pollguard for p in runnable):
+        _log("instructions per request under callgrind: this tree and " + ", ".join(AGAINST))
+        counted = instructions.measure_safely(ctx, AGAINST)
     procs.stop(upstream_proc)
 
     results = {
@@ -282,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for p in selected
         ],
+        "instructions": counted,
     }
     RESULTS_JSON.write_text(json.dumps(results, indent=2))
     # A --quick smoke run (CI) must not overwrite the committed full-run report.

@@ -247,6 +247,78 @@ def _frozen_section(peers: list[dict[str, Any]], opts: dict[str, int]) -> list[s
     return out
 
 
+def _instructions_label(tree: dict[str, Any]) -> str:
+    if tree["ref"] is not None:
+        return str(tree["label"])
+    changes = " + uncommitted changes" if tree["dirty"] else ""
+    return f"{tree['label']} ({tree['commit']}{changes})"
+
+
+def _instructions_median(tree: dict[str, Any], key: str) -> float | None:
+    values = tree["values"].get(key)
+    return statistics.median(values) if values else None
+
+
+def _instructions_cell(tree: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
+    value = _instructions_median(tree, key)
+    if value is None:
+        return "**error**" if tree["error"] else "n/a"
+    reference = _instructions_median(base, key) if base is not None and base is not tree else None
+    if not reference:
+        return _fmt(value, 0)
+    return f"{_fmt(value, 0)} ({(value - reference) / reference:+.1%})"
+
+
+def _instructions_spread(trees: list[dict[str, Any]]) -> float | None:
+    """The widest (max − min) / median of any cell measured more than once."""
+    spreads = [
+        (max(values) - min(values)) / statistics.median(values)
+        for tree in trees
+        for values in tree["values"].values()
+        if len(values) > 1 and statistics.median(values)
+    ]
+    return max(spreads) if spreads else None
+
+
+def instructions_section(data: dict[str, Any] | None) -> list[str]:
+    """Instructions per request under callgrind, per tree (bench/instructions.py)."""
+    if not data:
+        return []
+    out = ["", "## Instructions per request (callgrind)", ""]
+    if data.get("unavailable"):
+        return [*out, f"n/a: {data['unavailable']}"]
+    kinds, trees = data["kinds"], data["trees"]
+    base = trees[1] if len(trees) > 1 else None
+    out += [
+        "| tree | instructions " + " | ".join(f"per {kind['title']}" for kind in kinds) + " |",
+        "|---|" + "---:|" * len(kinds),
+    ]
+    for tree in trees:
+        cells = [_instructions_cell(tree, base, kind["key"]) for kind in kinds]
+        out.append(f"| {_instructions_label(tree)} | " + " | ".join(cells) + " |")
+    versus = f" In brackets: the change against {base['label']}." if base is not None else ""
+    out += [
+        "",
+        "Instructions the pollguard process executed under `valgrind --tool=callgrind` "
+        f"({data['valgrind']}, Python {data['python']}), which unlike req/s do not depend on "
+        "what else the machine runs: per kind two `python -m proxy serve` runs with the same "
+        f"warm-up ({data['warmup']} requests of each kind the config serves), one then sending "
+        f"{data['requests']:,} requests, one none; (total({data['requests']:,}) − total(0)) / "
+        f"{data['requests']:,} cancels startup and shutdown. Requests go one at a time, round "
+        f"robin over {data['connections']} keep-alive connections; guarded 202s poll "
+        f"{data['pending_keys']} job keys whose episodes the warm-up opened (Redis: flushed "
+        "before each run)." + versus,
+    ]
+    spread = _instructions_spread(trees)
+    if spread is not None:
+        out[-1] += (
+            f" Medians of {data['repeat']} repeats; the widest spread of a cell "
+            f"(max − min) was {spread:.2%}."
+        )
+    errors = [f"- {tree['label']}: error: {tree['error']}" for tree in trees if tree["error"]]
+    return out + (["", *errors] if errors else [])
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     opts = meta["opts"]
@@ -306,6 +378,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{cell(peer, 'rss_growth_mib', 1)} | {cell(peer, 'startup_ms')} |"
         )
     out += _frozen_section(peers, opts)
+    out += instructions_section(results.get("instructions"))
     out += [
         "",
         "## Targets (issue 5; medians of this run)",
