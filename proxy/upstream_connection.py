@@ -49,11 +49,6 @@ class _Refused(Exception):
     bounds, a protocol switch); the message says why."""
 
 
-# The fields that decide where a response ends and whether its connection lives on: set aside as
-# they are parsed, so the head is checked without a second pass over every field.
-_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
-
-
 class UploadWait(enum.Enum):
     """What the request-body writer is waiting for; decides who a silence is blamed on."""
 
@@ -72,7 +67,6 @@ class Exchange:
         "bytes_seen",
         "done",
         "error",
-        "framing",
         "head_done",
         "head_size",
         "head_waiter",
@@ -90,7 +84,6 @@ class Exchange:
         self.is_head = is_head
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.framing: list[tuple[bytes, bytes]] = []  # the _FRAMING_FIELDS among the headers
         self.head_size = 0  # bytes of every head so far, 1xx interims included
         self.head_done = False
         self.keep_alive = False
@@ -105,8 +98,8 @@ class Exchange:
 
     def framed(self) -> bool:
         """The response says where its body ends (else: at connection close, RFC 9112 §6.3)."""
-        for name, _ in self.framing:
-            if name != b"connection":
+        for name, _ in self.headers:
+            if name == b"content-length" or name == b"transfer-encoding":
                 return True
         return False
 
@@ -257,26 +250,21 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if exchange.done:
             raise _ExtraData()
         exchange.headers = []  # after a 1xx interim, the real head starts afresh
-        exchange.framing = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # Runs for every field of every response: each test here is paid ~10 times a request.
         exchange = self.exchange
         assert exchange is not None
-        if exchange.head_done:
-            if exchange.done:
-                raise _ExtraData()
-            return  # a trailer field of a chunked body: never part of the head (RFC 9110 §6.5.1)
         headers = exchange.headers
+        if exchange.done:
+            raise _ExtraData()
+        if exchange.head_done:
+            return  # a trailer field of a chunked body: never part of the head (RFC 9110 §6.5.1)
         if len(headers) >= self._limits.max_header_fields:
             raise _Refused(
                 f"upstream response head has more than {self._limits.max_header_fields} fields"
             )
         # llhttp keeps trailing whitespace; a field value has none (RFC 9110 §5.5).
-        field = (name.lower(), value.rstrip(b" \t"))
-        headers.append(field)
-        if field[0] in _FRAMING_FIELDS:
-            exchange.framing.append(field)
+        headers.append((name.lower(), value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -303,7 +291,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         # Asked now: llhttp resets its flags once the message is complete.
         keep_alive = self._parser.should_keep_alive()
         transfer_codings = 0
-        for name, value in exchange.framing:
+        for name, value in exchange.headers:
             if name == b"transfer-encoding":
                 transfer_codings += 1
                 if transfer_codings > 1 or value.strip().lower() != b"chunked":
