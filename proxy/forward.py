@@ -25,10 +25,11 @@ from proxy.errors import (
 )
 from proxy.guard import GuardTarget, JobGuard
 from proxy.headers import (
+    REQUEST_ID,
+    RawHeaders,
     TrustedNetworks,
     forwarded_request_headers,
     new_request_id,
-    response_headers,
 )
 from proxy.logtext import log_safe
 from proxy.metrics import UPSTREAM_ERRORS
@@ -75,7 +76,7 @@ class Forwarder:
             peer = scope.get("client")
             client_headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
             try:
-                headers, request_id = forwarded_request_headers(
+                headers, request_id, host = forwarded_request_headers(
                     client_headers,
                     peer=peer[0] if peer else None,
                     scheme=scope.get("scheme", "http"),
@@ -96,7 +97,7 @@ class Forwarder:
                 client.body_consumed = True
             target_job = self.guard.target(method, scope["path"], raw_path) if self.guard else None
             try:
-                response = await self.upstream.send(method, target, headers, body)
+                response = await self.upstream.send(method, target, headers, body, host)
             except ClientDisconnected:
                 logger.info("client went away during its upload (request_id=%s)", client.log_id)
                 return  # nobody to answer
@@ -127,10 +128,7 @@ class Forwarder:
             if answer is not None:
                 status, out_headers = answer.status, answer.headers
             else:
-                status, out_headers = (
-                    response.status,
-                    response_headers(response.headers, request_id),
-                )
+                status, out_headers = response.status, _client_headers(response, request_id)
             await _stream(response, status, out_headers, method == "HEAD", client)
         except asyncio.CancelledError:
             # Ours (the client left, or stopped reading) or the server's (shutdown past its
@@ -147,7 +145,7 @@ class Forwarder:
         request_id: bytes,
     ) -> GuardAnswer | None:
         assert self.guard is not None
-        headers = response_headers(response.headers, request_id)
+        headers = _client_headers(response, request_id)
         answer = await self.guard.review(
             target, response.status, headers, client_headers, request_id
         )
@@ -155,6 +153,13 @@ class Forwarder:
             # pollguard replaces this body: free the upstream connection before answering.
             await _drain(response)
         return answer
+
+
+def _client_headers(response: UpstreamResponse, request_id: bytes) -> RawHeaders:
+    """The upstream's end-to-end fields, with our request id unless the upstream sent its own."""
+    if response.has_request_id:
+        return response.headers
+    return [*response.headers, (REQUEST_ID, request_id)]
 
 
 async def _upstream_failed(exc: UpstreamError, client: ClientLink, method: str) -> None:

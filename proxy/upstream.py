@@ -56,10 +56,20 @@ class UpstreamResponse:
     """A response whose head has arrived; stream the body with `chunks`, then release or abort.
 
     `status` and `headers` are copied from the exchange when the head completed; the connection
-    can't change them afterwards.
+    can't change them afterwards. `headers` are the end-to-end fields only: the hop-by-hop ones
+    (Connection and those it names, Transfer-Encoding, Keep-Alive…) describe the upstream
+    connection and were consumed by it.
     """
 
-    __slots__ = ("_connection", "_exchange", "_pool", "_writer", "headers", "status")
+    __slots__ = (
+        "_connection",
+        "_exchange",
+        "_pool",
+        "_writer",
+        "has_request_id",
+        "headers",
+        "status",
+    )
 
     def __init__(
         self,
@@ -74,6 +84,7 @@ class UpstreamResponse:
         self._writer = writer
         self.status = exchange.status
         self.headers = exchange.headers
+        self.has_request_id = exchange.has_request_id
 
     @property
     def finished(self) -> bool:
@@ -304,15 +315,17 @@ class Upstream:
         target: bytes,
         headers: list[tuple[bytes, bytes]],
         body: AsyncIterable[bytes] | None,
+        host: bytes | None = None,
     ) -> UpstreamResponse:
-        """Send a request; return once the response head is in.
+        """Send a request; return once the response head is in. `headers` carry no Host: the
+        upstream's own is sent, or `host` when given.
 
         `target` is the raw path + query exactly as the client sent it, never normalised, so
         pollguard and the backend always mean the same resource. A request without a body that
         finds its kept-alive connection closed by the server is retried once on a new one.
         """
         chunked = body is not None and not _has_length(headers)
-        head = self._request_head(method, target, headers, chunked=chunked)
+        head = self._request_head(method, target, headers, host or self._host_header, chunked)
         retry_on_stale = body is None and method in IDEMPOTENT
         connection = self._idle_connection() or await self._acquire()
         try:
@@ -361,11 +374,14 @@ class Upstream:
         return UpstreamResponse(self, connection, exchange, writer)
 
     def _request_head(
-        self, method: str, target: bytes, headers: list[tuple[bytes, bytes]], *, chunked: bool
+        self,
+        method: str,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        host: bytes,
+        chunked: bool,
     ) -> bytes:
-        lines = [method.encode(), b" ", self._prefix, target, b" HTTP/1.1\r\n"]
-        if not any(name == b"host" for name, _ in headers):
-            lines += (b"host: ", self._host_header, b"\r\n")
+        lines = [method.encode(), b" ", self._prefix, target, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
         for name, value in headers:
             lines += (name, b": ", value, b"\r\n")
         if chunked:

@@ -28,6 +28,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.headers import HOP_BY_HOP, REQUEST_ID, connection_named
 from proxy.logtext import log_safe
 
 logger = logging.getLogger("pollguard.upstream")
@@ -49,6 +50,13 @@ class _Refused(Exception):
     bounds, a protocol switch); the message says why."""
 
 
+# Fields parsed aside rather than into the head: the hop-by-hop ones describe this connection
+# (RFC 9110 §7.6.1), so the client consumes them and hands out only end-to-end fields — one
+# set lookup per field instead of a second and third pass over the head.
+_ASIDE = HOP_BY_HOP | {REQUEST_ID}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+
+
 class UploadWait(enum.Enum):
     """What the request-body writer is waiting for; decides who a silence is blamed on."""
 
@@ -67,10 +75,12 @@ class Exchange:
         "bytes_seen",
         "done",
         "error",
+        "has_request_id",
         "head_done",
         "head_size",
         "head_waiter",
         "headers",
+        "hop",
         "is_head",
         "keep_alive",
         "progress_at",
@@ -83,7 +93,9 @@ class Exchange:
         self.body_waiter: asyncio.Future[None] | None = None
         self.is_head = is_head
         self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = []  # end-to-end fields, in order
+        self.hop: list[tuple[bytes, bytes]] = []  # hop-by-hop fields, consumed here
+        self.has_request_id = False
         self.head_size = 0  # bytes of every head so far, 1xx interims included
         self.head_done = False
         self.keep_alive = False
@@ -98,10 +110,10 @@ class Exchange:
 
     def framed(self) -> bool:
         """The response says where its body ends (else: at connection close, RFC 9112 §6.3)."""
-        for name, _ in self.headers:
-            if name == b"content-length" or name == b"transfer-encoding":
+        for name, _ in self.hop:
+            if name == b"transfer-encoding":
                 return True
-        return False
+        return any(name == b"content-length" for name, _ in self.headers)
 
 
 class ConnectionLimits:
@@ -249,22 +261,31 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         assert exchange is not None  # buffer_updated feeds the parser only during an exchange
         if exchange.done:
             raise _ExtraData()
-        exchange.headers = []  # after a 1xx interim, the real head starts afresh
+        # After a 1xx interim, the real head starts afresh.
+        exchange.headers = []
+        exchange.hop = []
+        exchange.has_request_id = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self.exchange
         assert exchange is not None
-        headers = exchange.headers
-        if exchange.done:
-            raise _ExtraData()
+        # Runs for every field of every response: each test here is paid ~10 times a request.
+        # The field count is checked once the head is complete; until then max_head_size bounds it.
         if exchange.head_done:
+            if exchange.done:
+                raise _ExtraData()
             return  # a trailer field of a chunked body: never part of the head (RFC 9110 §6.5.1)
-        if len(headers) >= self._limits.max_header_fields:
-            raise _Refused(
-                f"upstream response head has more than {self._limits.max_header_fields} fields"
-            )
+        lower = name.lower()
         # llhttp keeps trailing whitespace; a field value has none (RFC 9110 §5.5).
-        headers.append((name.lower(), value.rstrip(b" \t")))
+        field = (lower, value.rstrip(b" \t"))
+        if lower in _ASIDE:
+            if lower == REQUEST_ID:
+                exchange.has_request_id = True
+                exchange.headers.append(field)
+            else:
+                exchange.hop.append(field)
+        else:
+            exchange.headers.append(field)
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -272,7 +293,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if exchange.done:
             raise _ExtraData()
         if exchange.head_size > self._limits.max_head_size and (
-            sum(len(name) + len(value) + 4 for name, value in exchange.headers)
+            sum(len(name) + len(value) + 4 for name, value in [*exchange.headers, *exchange.hop])
             > self._limits.max_head_size
         ):
             # The bytes read exceed the bound (the cheap test); the head itself does too.
@@ -288,10 +309,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                 # doesn't know when the head announces it; what follows would be misread.
                 raise _Refused(f"upstream sent a {status} interim response with framing headers")
             return
+        if len(exchange.headers) + len(exchange.hop) > self._limits.max_header_fields:
+            raise _Refused(
+                f"upstream response head has more than {self._limits.max_header_fields} fields"
+            )
         # Asked now: llhttp resets its flags once the message is complete.
         keep_alive = self._parser.should_keep_alive()
         transfer_codings = 0
-        for name, value in exchange.headers:
+        for name, value in exchange.hop:
             if name == b"transfer-encoding":
                 transfer_codings += 1
                 if transfer_codings > 1 or value.strip().lower() != b"chunked":
@@ -300,10 +325,17 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                     raise _Refused(
                         f"upstream Transfer-Encoding other than chunked: {log_safe(value)}"
                     )
-            elif name == b"connection" and b"close" in value.lower():
-                # llhttp keeps an HTTP/1.0 "keep-alive, close" alive; close wins (RFC 9112
-                # §9.6). A substring test errs towards closing, never towards reuse.
-                keep_alive = False
+            elif name == b"connection":
+                lowered = value.lower()
+                if b"close" in lowered:
+                    # llhttp keeps an HTTP/1.0 "keep-alive, close" alive; close wins (RFC 9112
+                    # §9.6). A substring test errs towards closing, never towards reuse.
+                    keep_alive = False
+                if lowered.strip() not in _PLAIN_CONNECTION:
+                    # Connection names more fields of this hop only (RFC 9110 §7.6.1).
+                    named = connection_named(lowered) - HOP_BY_HOP
+                    if named:
+                        exchange.headers = [f for f in exchange.headers if f[0] not in named]
         # Captured here once: nothing parsed later may change what the client is sent.
         exchange.status = status
         exchange.head_done = True

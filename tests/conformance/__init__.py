@@ -37,12 +37,13 @@ Allowed divergences, each decided on purpose:
    Appendix C.2.2); h11 never keeps HTTP/1.0 connections.
 5. Header lists compare byte for byte (names lower-cased by both, same order, values including
    whitespace), except: equal Content-Length values (repeated fields or a list) may be merged into
-   one, as h11 does and RFC 9110 §8.6 allows; the Transfer-Encoding value compares lower-cased
-   (h11 lower-cases it; it is hop-by-hop).
+   one, as h11 does and RFC 9110 §8.6 allows.
 6. Not compared: the reason phrase and HTTP version (pollguard exposes neither); trailer fields
-   (pollguard may drop them, but must never add them to the head). End to end: hop-by-hop fields,
+   (pollguard may drop them, but must never add them to the head); hop-by-hop fields and those
+   Connection names (the upstream client consumes them and hands out the end-to-end fields — the
+   framing they decide is what the body and reuse properties check). End to end also:
    Content-Length (framing is each hop's own) and X-Request-ID (pollguard's).
 
-Run: `pytest tests/conformance` (profile "default", also under CI: about 30 s here), nightly
-`pytest tests/conformance --hypothesis-profile=long` (see conftest.py).
+Run: `scripts/test tests/conformance` (profile "default", also under CI: about 30 s here),
+nightly `scripts/test tests/conformance --hypothesis-profile=long` (about 15 min; profiles.py).
 """

@@ -17,6 +17,18 @@ import h11
 Headers = list[tuple[bytes, bytes]]
 
 HOST = b"upstream.test"
+# RFC 9110 §7.6.1: fields that describe one connection, consumed by the hop that reads them.
+HOP_BY_HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"proxy-authenticate",
+    b"proxy-authorization",
+    b"te",
+    b"trailer",
+    b"transfer-encoding",
+    b"upgrade",
+}
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,18 @@ def allowed_readings(method: str, data: bytes, *, closed: bool) -> list[Expected
     if stripped != data:  # empty lines before the status line (RFC 9112 §2.2 robustness)
         readings.append(expect(method, stripped, closed=closed))
     return readings
+
+
+def end_to_end(headers: Headers) -> Headers:
+    """The fields a client hands on: hop-by-hop ones, and those Connection names, removed."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    dropped = HOP_BY_HOP | named
+    return [(name, value) for name, value in headers if name not in dropped]
 
 
 def comparable(headers: Iterable[tuple[bytes, bytes]]) -> Headers:

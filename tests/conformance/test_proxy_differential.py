@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 
 from tests.conformance.exchanges import SERVED_BOUND, Step, Violation, plan
-from tests.conformance.oracle import Expected, Headers, expect
+from tests.conformance.oracle import Expected, Headers, end_to_end, expect
 from tests.conformance.replay import ReplayUpstream
 from tests.conformance.strategies import FORGED, Exchange, scenarios
 from tests.servers import ProxyProcess, running_proxy
@@ -31,17 +31,6 @@ SETTLE_SECONDS = 0.002
 SETTLE_UNASKED_SECONDS = 0.05
 PROXY_READ_TIMEOUT = "500ms"
 FAIL_CLOSED_STATUS = (502, 504)
-HOP_BY_HOP = {
-    b"connection",
-    b"keep-alive",
-    b"proxy-connection",
-    b"proxy-authenticate",
-    b"proxy-authorization",
-    b"te",
-    b"trailer",
-    b"transfer-encoding",
-    b"upgrade",
-}
 # Framing is each hop's own business; the request id is pollguard's.
 NOT_END_TO_END = {b"content-length", b"x-request-id"}
 FORGED_MARKERS = (b"evil.invalid", b"session=forged")
@@ -186,14 +175,7 @@ def _head_matches(client: Expected, upstream: Expected) -> bool:
 
 
 def _end_to_end(headers: Headers) -> list[tuple[bytes, bytes]]:
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    }
-    dropped = HOP_BY_HOP | NOT_END_TO_END | named
-    return [(name, value) for name, value in headers if name not in dropped]
+    return [(name, value) for name, value in end_to_end(headers) if name not in NOT_END_TO_END]
 
 
 def _is_problem(headers: Headers) -> bool:
