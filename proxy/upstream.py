@@ -174,6 +174,12 @@ class Upstream:
     def open_connections(self) -> int:
         return self._open
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context for an https:// upstream (None for http://); every connection
+        pollguard opens to the upstream uses it (forwarding, re-prepare, WebSocket)."""
+        return self._ssl
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
