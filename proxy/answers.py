@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from proxy.headers import RawHeaders, header_value
 from proxy.problems import Problem
@@ -16,10 +17,22 @@ from proxy.problems import Problem
 # so a browser on another origin can still read it.
 _CORS_PREFIX = b"access-control-"
 _RETRY_AFTER_NAME = b"Retry-After"
+# The upstream headers a pending answer does not copy as they are.
+_PENDING_REWRITTEN = frozenset(
+    {
+        b"retry-after",
+        b"cache-control",
+        b"access-control-expose-headers",
+        b"access-control-allow-origin",
+    }
+)
+_NO_STORE = (b"cache-control", b"no-store")
 
 
-@dataclass(frozen=True, slots=True)
-class GuardAnswer:
+class GuardAnswer(NamedTuple):
+    """The answer to send instead of the upstream's. A NamedTuple, immutable, built per poll:
+    cheaper than a frozen dataclass (see policy.Decision)."""
+
     status: int
     headers: RawHeaders
     body: bytes | None  # None: stream the upstream body under these headers
@@ -39,22 +52,24 @@ class ProblemContext:
 def pending(status: int, upstream_headers: RawHeaders, retry_after: float) -> GuardAnswer:
     """The upstream's pending answer and body, with an honest Retry-After and no caching.
 
-    One pass over the headers: this runs on every poll of every guarded job.
+    One pass over the headers, one set lookup for most of them: this runs on every poll of
+    every guarded job.
     """
     headers: RawHeaders = []
     cors = False
     exposed: bytes | None = None
-    for name, value in upstream_headers:
-        if name == b"retry-after" or name == b"cache-control":
-            continue
-        if name == b"access-control-expose-headers":
-            exposed = value
-            continue
-        if name == b"access-control-allow-origin":
+    for header in upstream_headers:
+        name = header[0]
+        if name not in _PENDING_REWRITTEN:
+            headers.append(header)
+        elif name == b"access-control-allow-origin":
             cors = True
-        headers.append((name, value))
+            headers.append(header)
+        elif name == b"access-control-expose-headers":
+            exposed = header[1]
+        # retry-after and cache-control: replaced below
     headers.append((b"retry-after", _seconds(retry_after)))
-    headers.append((b"cache-control", b"no-store"))
+    headers.append(_NO_STORE)
     if cors:
         headers.append((b"access-control-expose-headers", _with_retry_after(exposed)))
     elif exposed is not None:
@@ -161,4 +176,5 @@ def _problem_answer(
 
 
 def _seconds(value: float) -> bytes:
-    return str(max(1, math.ceil(value))).encode()
+    whole = math.ceil(value)
+    return b"%d" % (whole if whole > 1 else 1)  # max(1, whole); see policy.retry_after_seconds

@@ -16,14 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import Counter
-
 from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, header_value
 from proxy.logtext import log_safe
-from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS
+from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS, Tally
 from proxy.policy import (
     Decision,
     GuardLimits,
@@ -41,6 +39,13 @@ from proxy.stores import JobState, JobStore
 logger = logging.getLogger("pollguard.guard")
 
 STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log lines
+# Request targets whose routing outcome is remembered: a job's pollers repeat the same path, and
+# matching one afresh (regex, parameter checks, key, two objects) cost ~30k instructions of a
+# ~360k guarded 202. Bounded, since clients choose paths: emptied when full (no bookkeeping on
+# a hit; a miss costs what no cache would), and only short targets are kept, so it holds a few
+# MB at worst (~1.7 KB per entry with both paths at the limit).
+TARGET_CACHE_SIZE = 4096
+TARGET_CACHE_MAX_PATH = 256  # characters of the path, bytes of the raw path
 # What the lock is released with when the re-prepare never reported (cancelled, or a bug).
 _INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
 
@@ -84,10 +89,14 @@ class JobGuard:
         self._clock = clock
         self._last_store_error_log = -math.inf
         self._background: set[asyncio.Task[Any]] = set()
-        # prometheus_client's labels() costs a lock and a dict build per call: keep the children.
-        self._decision_counters: dict[tuple[str, str, str], Counter] = {}
+        # Each (job, decision, mode)'s series of pollguard_decisions, found once.
+        self._decision_tallies: dict[tuple[str, str, str], Tally] = {}
         # Replica-local memory of records read from a shared store; 0 = none.
         self._recent = RecentRecords(remembered_records) if remembered_records else None
+        # Derived from each job's limits once, not per poll.
+        self._record_ttl = {job.name: record_ttl(job.limits) for job in jobs.values()}
+        # (method, path, raw_path) → what target() answers for it; see TARGET_CACHE_SIZE.
+        self._targets: dict[tuple[str, str, bytes | None], GuardTarget | None] = {}
 
     async def settled(self) -> None:
         """Wait for the background work started so far (forgetting ended episodes): for an
@@ -98,6 +107,23 @@ class JobGuard:
     def target(self, method: str, path: str, raw_path: bytes | None = None) -> GuardTarget | None:
         """The job a request belongs to, or None for an unguarded request. `path` is the decoded
         ASGI path; `raw_path`, when given, lets a path with an encoded slash go unguarded."""
+        if not self._routes.may_match(path):
+            return None  # most unguarded requests: one prefix test, nothing cached
+        request = (method, path, raw_path)
+        try:
+            return self._targets[request]
+        except KeyError:
+            pass
+        found = self._find_target(method, path, raw_path)
+        if len(path) <= TARGET_CACHE_MAX_PATH and (
+            raw_path is None or len(raw_path) <= TARGET_CACHE_MAX_PATH
+        ):
+            if len(self._targets) >= TARGET_CACHE_SIZE:
+                self._targets.clear()
+            self._targets[request] = found
+        return found
+
+    def _find_target(self, method: str, path: str, raw_path: bytes | None) -> GuardTarget | None:
         match = self._routes.match(method, path, raw_path)
         if match is None:
             return None
@@ -132,19 +158,23 @@ class JobGuard:
             # Only PASS may be decided from a remembered record (true of any newer one too);
             # everything else reads the shared record.
             try:
-                state = await self.store.observe(job.name, key, now, record_ttl(job.limits))
+                state = await self.store.observe(job.name, key, now, self._record_ttl[job.name])
             except StoreUnavailable as exc:
                 return self._store_failed(job, exc, upstream_headers, request_id)
-            self._remember(job, key, state, now)
+            if self._recent is not None:
+                self._remember(job, key, state, now)
             decision = decide(state, job.limits, now, retry_after)
         if job.shadow:
             await self._shadow(target, state, decision, now, request_id)
             return None
-        return await self._enforce(
-            target, status, state, decision, upstream_headers, client_headers, request_id
-        )
+        if decision.verdict is Verdict.REPREPARE:
+            return await self._lock_and_reprepare(
+                target, status, state, decision, upstream_headers, client_headers, request_id
+            )
+        # Every other verdict is answered without I/O, so without another coroutine.
+        return self._answer(target, status, decision, upstream_headers, request_id)
 
-    async def _enforce(
+    async def _lock_and_reprepare(
         self,
         target: GuardTarget,
         status: int,
@@ -155,23 +185,34 @@ class JobGuard:
         request_id: bytes,
     ) -> GuardAnswer | None:
         job, key = target.job, target.match.key
-        verdict = decision.verdict
-        if verdict is Verdict.REPREPARE:
-            assert decision.locked_state is not None  # decide() always sets it for REPREPARE
-            try:
-                locked = await self.store.swap(
-                    job.name, key, state.version, decision.locked_state, record_ttl(job.limits)
-                )
-            except StoreUnavailable as exc:
-                return self._store_failed(job, exc, upstream_headers, request_id)
-            if locked is None:
-                # Another request or replica changed the record first: it is re-preparing.
-                self._log(target, "reprepare-in-flight", decision, request_id)
-                return answers.pending(status, upstream_headers, job.limits.retry_after_reprepared)
-            return await self._reprepare(
-                target, locked, decision, upstream_headers, client_headers, request_id
+        assert decision.locked_state is not None  # decide() always sets it for REPREPARE
+        try:
+            locked = await self.store.swap(
+                job.name, key, state.version, decision.locked_state, self._record_ttl[job.name]
             )
-        self._log(target, verdict.value, decision, request_id)
+        except StoreUnavailable as exc:
+            return self._store_failed(job, exc, upstream_headers, request_id)
+        if locked is None:
+            # Another request or replica changed the record first: it is re-preparing.
+            self._log(target, "reprepare-in-flight", decision, request_id)
+            return answers.pending(status, upstream_headers, job.limits.retry_after_reprepared)
+        return await self._reprepare(
+            target, locked, decision, upstream_headers, client_headers, request_id
+        )
+
+    def _answer(
+        self,
+        target: GuardTarget,
+        status: int,
+        decision: Decision,
+        upstream_headers: RawHeaders,
+        request_id: bytes,
+    ) -> GuardAnswer:
+        """The answer to any verdict but REPREPARE (enforce mode)."""
+        job = target.job
+        verdict = decision.verdict
+        # str(): a StrEnum's value, without the Python-level `.value` property (~1k instructions).
+        self._log(target, str(verdict), decision, request_id)
         if verdict is Verdict.PASS or verdict is Verdict.REPREPARE_IN_FLIGHT:
             assert decision.retry_after is not None
             return answers.pending(status, upstream_headers, decision.retry_after)
@@ -185,7 +226,7 @@ class JobGuard:
                 f"pending for {decision.pending_seconds:.0f}s, longer than the "
                 f"{job.limits.max_wait:g}s this job may take"
             )
-        return self._problem(target, verdict.value, detail, decision, upstream_headers, request_id)
+        return self._problem(target, str(verdict), detail, decision, upstream_headers, request_id)
 
     async def _reprepare(
         self,
@@ -269,7 +310,7 @@ class JobGuard:
         finished = after_reprepare(locked, self._clock(), succeeded)
         try:
             stored = await self.store.swap(
-                job.name, key, locked.version, finished, record_ttl(job.limits)
+                job.name, key, locked.version, finished, self._record_ttl[job.name]
             )
         except StoreUnavailable:
             return  # the lock expires on its own after reprepare.timeout + margin
@@ -291,7 +332,7 @@ class JobGuard:
             finished = after_reprepare(decision.locked_state, now, succeeded=True)
             try:
                 stored = await self.store.swap(
-                    job.name, key, state.version, finished, record_ttl(job.limits)
+                    job.name, key, state.version, finished, self._record_ttl[job.name]
                 )
                 self._remember(job, key, stored, now)
             except StoreUnavailable as exc:
@@ -367,12 +408,11 @@ class JobGuard:
     def _log(
         self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
     ) -> None:
-        mode = "shadow" if target.job.shadow else "enforce"
-        counter = self._decision_counters.get((target.job.name, decision_name, mode))
-        if counter is None:
-            counter = DECISIONS.labels(target.job.name, decision_name, mode)
-            self._decision_counters[(target.job.name, decision_name, mode)] = counter
-        counter.inc()
+        series = (target.job.name, decision_name, "shadow" if target.job.shadow else "enforce")
+        tally = self._decision_tallies.get(series)
+        if tally is None:
+            tally = self._decision_tallies[series] = DECISIONS.labels(*series)
+        tally.value += 1
         if not logger.isEnabledFor(logging.INFO):
             return
         logger.info(

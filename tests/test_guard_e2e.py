@@ -13,6 +13,7 @@ import httpx
 import pytest
 import yaml
 
+from proxy import guard as guard_module
 from proxy.app import guarded_job
 from proxy.config import parse_config
 from proxy.guard import JobGuard
@@ -449,3 +450,56 @@ async def test_only_end_statuses_end_an_episode() -> None:
         fresh = await guard.store.observe("recording", CALL, now[0] + 2, 60)
     assert kept == before
     assert fresh.episode_start == now[0] + 2
+
+
+@pytest.mark.anyio
+async def test_target_answers_from_its_cache_as_from_the_route_table() -> None:
+    """Asked twice, target() answers the same as the first time, which is what the route table
+    and key check say: the raw path is part of what is remembered (an encoded slash unguards)."""
+    path = f"/api/recordings/file/{CALL}"
+    requests: list[tuple[str, str, bytes | None]] = [
+        ("GET", path, None),
+        ("GET", path, path.encode()),
+        ("HEAD", path, None),
+        ("POST", path, None),
+        ("GET", "/api/recordings/file/a/b", b"/api/recordings/file/a%2Fb"),
+        ("GET", "/api/recordings/file/..", None),
+        ("GET", "/api/other", None),
+    ]
+    async with in_process_guard("http://127.0.0.1:9", [1000.0]) as guard:
+        first = [guard.target(*request) for request in requests]
+        second = [guard.target(*request) for request in requests]
+    assert second == first
+    assert [None if found is None else found.match.key for found in first] == [
+        CALL,
+        CALL,
+        CALL,
+        None,
+        None,
+        None,
+        None,
+    ]
+
+
+@pytest.mark.anyio
+async def test_target_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many distinct paths clients send, the cache holds at most TARGET_CACHE_SIZE
+    targets and none longer than TARGET_CACHE_MAX_PATH; answers stay right past the bound."""
+    monkeypatch.setattr(guard_module, "TARGET_CACHE_SIZE", 8)
+    async with in_process_guard("http://127.0.0.1:9", [1000.0]) as guard:
+        for index in range(100):
+            found = guard.target("GET", f"/api/recordings/file/CA{index}")
+            assert found is not None and found.match.key == f"CA{index}"
+            assert len(guard._targets) <= 8
+        long_path = "/api/recordings/file/" + "C" * 250  # a guardable key, a path past the limit
+        assert len(long_path) > guard_module.TARGET_CACHE_MAX_PATH
+        assert guard.target("GET", long_path) is not None
+        assert guard.target("GET", long_path + "C" * 10) is None  # a key over 256 bytes
+        for _, path, raw_path in guard._targets:
+            assert len(path) <= guard_module.TARGET_CACHE_MAX_PATH
+            assert raw_path is None or len(raw_path) <= guard_module.TARGET_CACHE_MAX_PATH
+        encoded = "/api/recordings/file/" + "%41" * 100  # 100 characters, 300 bytes raw
+        assert guard.target("GET", encoded.replace("%41", "A"), encoded.encode()) is not None
+        assert ("GET", encoded.replace("%41", "A"), encoded.encode()) not in guard._targets
+        assert guard.target("GET", "/elsewhere") is None
+        assert ("GET", "/elsewhere", None) not in guard._targets  # no route starts so

@@ -86,6 +86,28 @@ def test_non_matching_paths(path: str) -> None:
     assert TABLE.match("GET", path) is None
 
 
+@pytest.mark.parametrize(
+    ("path", "possible"),
+    [
+        ("/Accounts/AC1/Recordings/RE9.json", True),
+        ("/Accounts/", True),  # a route's literal start: matching decides the rest
+        ("/exports/e1", True),
+        ("/a+b/(x)/[y]?/7", True),
+        ("/Account", False),
+        ("/prefix/Accounts/AC1/Recordings/RE9.json", False),
+        ("/nothing", False),
+        ("", False),
+    ],
+)
+def test_may_match_is_a_necessary_condition(path: str, possible: bool) -> None:
+    """may_match is False only where no route can match (no route's literal start), so the
+    guard can skip matching and caching for those paths."""
+    assert TABLE.may_match(path) is possible
+    if not possible:
+        assert all(TABLE.match(method, path) is None for method in ("GET", "HEAD", "POST"))
+    assert RouteTable([]).may_match(path) is False
+
+
 def test_literal_regex_characters_are_escaped() -> None:
     """Regex metacharacters in a template are literal text."""
     found = TABLE.match("GET", "/a+b/(x)/[y]?/7")

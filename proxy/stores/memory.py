@@ -77,16 +77,24 @@ class MemoryJobStore:
         return self._max_records
 
     async def observe(self, job: str, key: str, now: float, ttl: float) -> JobState:
-        self._advance(now)
+        # Runs once per guarded poll, so the lookup is written out here rather than through
+        # _live_entry(). Concurrent requests may pass slightly out-of-order clocks: store time
+        # never runs back.
+        if now > self._store_time:
+            self._store_time = now
         self._observes_since_sweep += 1
         if self._observes_since_sweep >= self._sweep_after:
             self._sweep(now)
-        entry = self._live_entry((job, key), now)
-        if entry is None:
-            if len(self._entries) >= self._max_records:
-                self._evict_oldest(now)
-            entry = _Entry(state=fresh_state(now), expires_at=now + ttl)
-            self._entries[(job, key)] = entry
+        record = (job, key)
+        entry = self._entries.get(record)
+        if entry is not None:
+            if now < entry.expires_at:
+                return entry.state
+            del self._entries[record]  # expired: a new episode starts
+        if len(self._entries) >= self._max_records:
+            self._evict_oldest(now)
+        entry = _Entry(state=fresh_state(now), expires_at=now + ttl)
+        self._entries[record] = entry
         return entry.state
 
     async def swap(
@@ -107,10 +115,6 @@ class MemoryJobStore:
 
     async def close(self) -> None:
         self._entries.clear()
-
-    def _advance(self, now: float) -> None:
-        # Concurrent requests may pass slightly out-of-order clocks; store time never runs back.
-        self._store_time = max(self._store_time, now)
 
     def _live_entry(self, record: tuple[str, str], now: float) -> _Entry | None:
         entry = self._entries.get(record)
