@@ -29,7 +29,7 @@ DELETE = object()
 DURATION_FIX = "use a number of seconds or a value like 250ms, 2s, 5m, 1h"
 UPSTREAM_KEYS = (
     "url, connect_timeout, read_timeout, pool_size, max_connections, pool_timeout, "
-    "max_head_size, max_header_fields, read_ahead, preserve_host, trusted_proxies"
+    "max_head_size, max_header_fields, read_ahead, preserve_host, trusted_proxies, tls"
 )
 
 
