@@ -320,7 +320,10 @@ class Upstream:
                 made[0].close()  # its connection_lost frees the slot
             else:
                 self._free_slot()
-            raise self._connect_error(exc) from exc
+            error = self._connect_error(exc)
+            if error is exc:
+                raise  # cancellation, or nothing a connect failure explains
+            raise error from exc
         connection = made[0]
         self._busy.add(connection)
         return connection
