@@ -134,8 +134,7 @@ def readme_uvicorn_command() -> list[str]:
 
 
 def test_readme_uvicorn_command_reproduces_serve(tmp_path: Path) -> None:
-    """README's `uvicorn --factory` line serves like `pollguard serve`: one Server and one Date
-    header, the upstream's, and pollguard's own X-Forwarded-For."""
+    """README's `uvicorn --factory` line serves like `pollguard serve`: one Server and one Date header, the upstream's, and pollguard's own X-Forwarded-For."""
     from tests.servers import ThreadedServer
     from tests.upstream_app import create_upstream_app
 
@@ -213,8 +212,7 @@ def test_bad_serve_flags_are_checked_like_the_config(flag: str, value: str, mess
 
 
 def test_uvicorn_options_follow_the_server_section(pki: Pki) -> None:
-    """server.access_log, shutdown_timeout and tls reach uvicorn; ca_file requires client
-    certificates."""
+    """server.access_log, shutdown_timeout and tls reach uvicorn; ca_file requires client certificates."""
     server = parse_config(
         "upstream: {url: 'http://b'}\n"
         "server:\n  access_log: true\n  shutdown_timeout: 5s\n"

@@ -460,16 +460,14 @@ def _pki_files(pki: Pki) -> dict[str, str]:
     [pytest.param(changes, expected, id=name) for name, changes, expected in TLS_FILE_CASES],
 )
 def test_tls_files_are_checked_at_load(pki: Pki, changes: dict[str, str], expected: str) -> None:
-    """A TLS file that is missing, unpaired, or can't be loaded is named by its field, with the
-    reason and the fix."""
+    """A TLS file that is missing, unpaired, or can't be loaded is named by its field, with the reason and the fix."""
     files = _pki_files(pki)
     changed = {path: value.format(**files) for path, value in changes.items()}
     assert _error_lines(_with(changed)) == [f"{SOURCE}: {expected.format(**files)}"]
 
 
 def test_valid_tls_settings_load_and_render_back(pki: Pki, tmp_path: Path) -> None:
-    """server.tls and upstream.tls with usable files load, and render to YAML that loads back
-    equal; a combined PEM (key and certificate in one file) serves as both."""
+    """server.tls and upstream.tls with usable files load, and render to YAML that loads back equal; a combined PEM (key and certificate in one file) serves as both."""
     combined = tmp_path / "client-combined.pem"
     combined.write_text(
         Path(pki.client.key_file).read_text() + Path(pki.client.cert_file).read_text()

@@ -86,8 +86,7 @@ def listening_tls(pki: Pki, *, client_ca: str | None = None) -> dict[str, Any]:
 
 
 def test_https_client_through_pollguard_to_an_https_upstream_with_a_private_ca(pki: Pki) -> None:
-    """HTTPS in and out with a private CA: the body arrives byte-exact, the upstream is told
-    X-Forwarded-Proto: https, /-/ready does the TLS handshake, and no access log is written."""
+    """HTTPS in and out with a private CA: the body arrives byte-exact, the upstream is told X-Forwarded-Proto: https, /-/ready does the TLS handshake, and no access log is written."""
     with https_upstream(pki.upstream) as upstream:
         config = {
             **pollguard_config(upstream.url, ca_file=pki.ca_file),
@@ -112,8 +111,7 @@ def test_https_client_through_pollguard_to_an_https_upstream_with_a_private_ca(p
 
 
 def test_wrong_ca_is_502_naming_the_certificate_error(pki: Pki) -> None:
-    """An upstream certificate the configured CA did not issue: 502 upstream-unavailable whose
-    detail names the verification error, one handshake (no retry), and /-/ready 503 saying why."""
+    """An upstream certificate the configured CA did not issue: 502 upstream-unavailable whose detail names the verification error, one handshake (no retry), and /-/ready 503 saying why."""
     names: list[str | None] = []
     with (
         https_upstream(pki.upstream, names=names) as upstream,
@@ -136,8 +134,7 @@ def test_wrong_ca_is_502_naming_the_certificate_error(pki: Pki) -> None:
 
 
 def test_server_name_is_sent_as_sni_and_verified(pki: Pki) -> None:
-    """An upstream reached by IP whose certificate names only upstream.test: refused as a
-    mismatch by default, served with upstream.tls.server_name, which is also the SNI sent."""
+    """An upstream reached by IP whose certificate names only upstream.test: refused as a mismatch by default, served with upstream.tls.server_name, which is also the SNI sent."""
     names: list[str | None] = []
     with https_upstream(pki.named_upstream, names=names) as upstream:
         with running_proxy(pollguard_config(upstream.url, ca_file=pki.ca_file)) as proxy:
@@ -159,8 +156,7 @@ def test_server_name_is_sent_as_sni_and_verified(pki: Pki) -> None:
 
 
 def test_verify_false_accepts_any_certificate_and_warns_once(pki: Pki) -> None:
-    """upstream.tls.verify: false serves from an upstream no trusted CA vouches for, and says
-    so once at startup."""
+    """upstream.tls.verify: false serves from an upstream no trusted CA vouches for, and says so once at startup."""
     with (
         https_upstream(pki.upstream) as upstream,
         running_proxy(pollguard_config(upstream.url, verify=False)) as proxy,
@@ -173,8 +169,7 @@ def test_verify_false_accepts_any_certificate_and_warns_once(pki: Pki) -> None:
 
 
 def test_upstream_requiring_a_client_certificate(pki: Pki) -> None:
-    """An mTLS upstream: without upstream.tls.cert_file/key_file 502 upstream-unavailable, with
-    them 200."""
+    """An mTLS upstream: without upstream.tls.cert_file/key_file 502 upstream-unavailable, with them 200."""
     with https_upstream(pki.upstream, client_ca=pki.ca_file) as upstream:
         with running_proxy(pollguard_config(upstream.url, ca_file=pki.ca_file)) as proxy:
             refused = httpx.get(proxy.url + "/bytes", timeout=5)
@@ -245,8 +240,7 @@ class AlertingUpstream:
 
 
 def test_client_certificate_refusal_is_named(pki: Pki) -> None:
-    """An upstream that refuses pollguard for want of a client certificate, with a TLS alert:
-    502 upstream-unavailable naming the alert."""
+    """An upstream that refuses pollguard for want of a client certificate, with a TLS alert: 502 upstream-unavailable naming the alert."""
     with (
         AlertingUpstream(pki.upstream, pki.ca_file) as upstream,
         running_proxy(pollguard_config(upstream.url, ca_file=pki.ca_file)) as proxy,
@@ -261,8 +255,7 @@ def test_client_certificate_refusal_is_named(pki: Pki) -> None:
 
 
 def test_listening_ca_file_requires_client_certificates(pki: Pki) -> None:
-    """server.tls.ca_file: a client without a certificate that CA issued is refused at the
-    handshake; one with it is served."""
+    """server.tls.ca_file: a client without a certificate that CA issued is refused at the handshake; one with it is served."""
     with https_upstream(pki.upstream) as upstream:
         config = {
             **pollguard_config(upstream.url, ca_file=pki.ca_file),
@@ -280,9 +273,7 @@ def test_listening_ca_file_requires_client_certificates(pki: Pki) -> None:
 
 
 def test_reprepare_goes_over_https_with_the_private_ca_and_server_name(pki: Pki) -> None:
-    """A stuck job behind an HTTPS upstream (private CA, reached by IP, certificate for
-    upstream.test): the forced re-prepare verifies the same name, so the job is re-prepared and
-    served."""
+    """A stuck job behind an HTTPS upstream (private CA, reached by IP, certificate for upstream.test): the forced re-prepare verifies the same name, so the job is re-prepared and served."""
     jobs = JobBackend()
     names: list[str | None] = []
     with https_upstream(pki.named_upstream, app=jobs.app(), names=names) as upstream:
@@ -316,8 +307,7 @@ def _prepare_spec() -> ReprepareRequest:
 
 @pytest.mark.anyio
 async def test_repreparer_verifies_and_sends_the_server_name(pki: Pki) -> None:
-    """Repreparer with server_hostname sends it as SNI and accepts a certificate for it; without
-    it, the same upstream reached by IP fails as a hostname mismatch."""
+    """Repreparer with server_hostname sends it as SNI and accepts a certificate for it; without it, the same upstream reached by IP fails as a hostname mismatch."""
     jobs = JobBackend()
     names: list[str | None] = []
     context = client_context(ca_file=pki.ca_file)
@@ -349,8 +339,7 @@ async def test_repreparer_verifies_and_sends_the_server_name(pki: Pki) -> None:
 
 @pytest.mark.anyio
 async def test_upstream_client_names_a_refused_client_certificate(pki: Pki) -> None:
-    """The forwarding client on asyncio's own loop: the refusal alert becomes
-    UpstreamUnavailable naming it."""
+    """The forwarding client on asyncio's own loop: the refusal alert becomes UpstreamUnavailable naming it."""
     with AlertingUpstream(pki.upstream, pki.ca_file) as server:
         upstream = Upstream(
             UpstreamSettings(
@@ -381,8 +370,7 @@ async def test_upstream_client_names_a_refused_client_certificate(pki: Pki) -> N
 async def test_tls_failure_on_a_reused_connection_is_not_stale(
     lost_with: Exception | None, stale: bool
 ) -> None:
-    """A kept-alive connection lost before any response byte is stale (retried) when it merely
-    closed, an EOF without close_notify included; a TLS error is a failure to name instead."""
+    """A kept-alive connection lost before any response byte is stale (retried) when it merely closed, an EOF without close_notify included; a TLS error is a failure to name instead."""
     limits = ConnectionLimits("upstream.test:443", 5.0, 65536, 200, 65536)
     connection = UpstreamConnection(limits, memoryview(bytearray(1024)), lambda _c: None)
     connection.reused = True
@@ -418,8 +406,7 @@ async def test_tls_failure_on_a_reused_connection_is_not_stale(
 def test_tls_errors_told_apart_and_described(
     error: OSError, described: str | None, failure: bool
 ) -> None:
-    """is_tls_failure: TLS errors yes, clean or unclean closes no; describe_tls_error drops the
-    C source location."""
+    """is_tls_failure: TLS errors yes, clean or unclean closes no; describe_tls_error drops the C source location."""
     assert is_tls_failure(error) is failure
     if described is not None:
         assert isinstance(error, ssl.SSLError)
