@@ -34,8 +34,9 @@ def create_admin_app(
 
     async def ready(request: Request) -> Response:
         failing: list[str] = []
-        if not await upstream.can_connect():
-            failing.append(f"upstream {upstream.host}:{upstream.port} refuses TCP connections")
+        unreachable = await upstream.probe()
+        if unreachable is not None:
+            failing.append(f"upstream: {unreachable}")
         if store is not None:
             try:
                 await store.ping()

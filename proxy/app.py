@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 
 from proxy.admin import create_admin_app
 from proxy.config import Config, JobConfig, load_config
@@ -19,6 +20,7 @@ from proxy.reprepare import Repreparer, ReprepareRequest
 from proxy.routes import RouteSpec, RouteTable
 from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
+from proxy.tls import client_context
 from proxy.upstream import Upstream, UpstreamSettings
 
 logger = logging.getLogger("pollguard")
@@ -54,6 +56,17 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
     )
 
 
+def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The one client TLS context for an https:// upstream (forwarding, re-prepare, WebSocket);
+    None for http://."""
+    if not config.upstream.is_https:
+        return None
+    tls = config.upstream.tls
+    return client_context(
+        ca_file=tls.ca_file, verify=tls.verify, cert_file=tls.cert_file, key_file=tls.key_file
+    )
+
+
 class PollguardApp:
     """Dispatches admin paths to the admin app and everything else to the forwarder."""
 
@@ -71,6 +84,8 @@ class PollguardApp:
                 max_head_size=config.upstream.max_head_size,
                 max_header_fields=config.upstream.max_header_fields,
                 read_ahead=config.upstream.read_ahead,
+                ssl_context=upstream_tls_context(config),
+                server_hostname=config.upstream.tls.server_name,
             )
         )
         self.store: JobStore | None = None
@@ -89,6 +104,13 @@ class PollguardApp:
         config = self.config
         raise_open_files_limit()
         await self.upstream.start()
+        if config.upstream.is_https and not config.upstream.tls.verify:
+            logger.warning(
+                "upstream.tls.verify is false: the certificate of %s is not checked, so anyone "
+                "on the path can pose as the upstream; set verify: true (with ca_file for a "
+                "private CA) outside of a test setup",
+                config.upstream.url,
+            )
         if config.routes:
             self.store = create_store(
                 config.state.redis_url,
@@ -98,7 +120,10 @@ class PollguardApp:
                 memory_max_records=config.state.memory_max_records,
             )
             self.repreparer = Repreparer(
-                config.upstream.url, connect_timeout=config.upstream.connect_timeout
+                config.upstream.url,
+                connect_timeout=config.upstream.connect_timeout,
+                ssl_context=self.upstream.ssl_context,
+                server_hostname=self.upstream.server_hostname,
             )
             jobs = {name: guarded_job(name, job) for name, job in config.jobs.items()}
             routes = RouteTable(

@@ -7,19 +7,31 @@ import copy
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from proxy import __version__
-from proxy.config import load_config
+from proxy.config import (
+    DEFAULT_HOST,
+    DEFAULT_LOG_LEVEL,
+    DEFAULT_PORT,
+    DEFAULT_WORKERS,
+    LOG_LEVELS,
+    ServerConfig,
+    load_config,
+)
+from proxy.config_loading import translate_validation_error
 from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.server_http import PROTOCOL_PATH
+from proxy.tls import uvicorn_ssl_options
 
 EXIT_CONFIG_ERROR = 2
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8080
+# `serve` flags that override the config's server section, each named as its field.
+SERVER_FLAGS = ("host", "port", "workers", "log_level")
 # What uvicorn logs (at ERROR) when an app returns with its response unfinished. pollguard does
 # that only on purpose — an upstream failing mid-body, a client that stopped reading — and logs
 # why itself, so the server's line would only read as a bug.
@@ -57,7 +69,8 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG_ERROR
     try:
         config = load_config(path)
-        check_workers(config, args.workers)
+        server = effective_server(config.server, args)
+        check_workers(config, server.workers)
     except ConfigError as exc:
         print(f"pollguard: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -66,32 +79,46 @@ def _serve(args: argparse.Namespace) -> int:
     # The factory (also used by `uvicorn --factory`) reads the path back from the environment,
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
-    uvicorn.run(
-        "proxy.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=args.log_level,
-        log_config=_log_config(args.log_level),
-        access_log=False,
+    uvicorn.run("proxy.app:create_app", factory=True, **uvicorn_options(server))
+    return 0
+
+
+def effective_server(server: ServerConfig, args: argparse.Namespace) -> ServerConfig:
+    """The config's server section with the flags given on the command line put over it."""
+    given = {name: value for name in SERVER_FLAGS if (value := getattr(args, name)) is not None}
+    return server.model_copy(update=given)
+
+
+def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
+    """How `pollguard serve` runs uvicorn; README's plain `uvicorn --factory` line mirrors it."""
+    tls = server.tls
+    return {
+        "host": server.host,
+        "port": server.port,
+        "workers": server.workers,
+        "log_level": server.log_level,
+        "log_config": _log_config(server.log_level),
+        "access_log": server.access_log,
         # pollguard writes X-Forwarded-* itself, trusting only upstream.trusted_proxies.
-        proxy_headers=False,
+        "proxy_headers": False,
         # The upstream's Server and Date headers reach the client, not uvicorn's.
-        server_header=False,
-        date_header=False,
+        "server_header": False,
+        "date_header": False,
         # In-flight requests get this long after SIGTERM; then the rest are cancelled and
         # answered 503 shutting-down (when nothing was sent yet).
-        timeout_graceful_shutdown=config.server.shutdown_timeout,  # type: ignore[arg-type]
+        "timeout_graceful_shutdown": server.shutdown_timeout,
         # uvicorn's httptools protocol with bounded request heads and no trailers as headers.
-        http=PROTOCOL_PATH,
-    )
-    return 0
+        "http": PROTOCOL_PATH,
+        # HTTPS when server.tls has a certificate; scope["scheme"] is then "https", and so is
+        # the X-Forwarded-Proto pollguard sends upstream.
+        **uvicorn_ssl_options(tls.cert_file, tls.key_file, tls.ca_file),
+    }
 
 
 def _check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.path)
+        check_workers(config, config.server.workers)
     except ConfigError as exc:
         print(f"pollguard: invalid config: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
@@ -110,22 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pollguard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser(
-        "serve",
-        help="run the proxy under uvicorn",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    serve = commands.add_parser("serve", help="run the proxy under uvicorn")
     serve.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
-    serve.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
+    # No argparse defaults: a flag left out takes the config's value, whose default is declared
+    # once, on the config field.
     serve.add_argument(
-        "--workers", type=int, default=1, help="worker processes (>1 needs state.redis_url)"
+        "--host",
+        type=_server_setting("host"),
+        help=f"address to listen on (default: server.host, else {DEFAULT_HOST})",
+    )
+    serve.add_argument(
+        "--port",
+        type=_server_setting("port"),
+        help=f"port to listen on (default: server.port, else {DEFAULT_PORT})",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_server_setting("workers"),
+        help=f"worker processes, >1 needs state.redis_url (default: server.workers, else "
+        f"{DEFAULT_WORKERS})",
     )
     serve.add_argument(
         "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="log level",
+        choices=LOG_LEVELS,
+        help=f"log level (default: server.log_level, else {DEFAULT_LOG_LEVEL})",
     )
     serve.set_defaults(func=_serve)
 
@@ -138,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
     add_simulate_backend_parser(commands)
     return parser
+
+
+def _server_setting(name: str) -> Callable[[str], object]:
+    """An argparse type checking a flag exactly as the config checks `server.<name>`."""
+
+    def parse(text: str) -> object:
+        try:
+            return getattr(ServerConfig.model_validate({name: text}), name)
+        except ValidationError as exc:
+            line = str(translate_validation_error(exc, ServerConfig, "", {})).splitlines()[0]
+            raise argparse.ArgumentTypeError(line.split(": ", 2)[-1]) from None
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,14 +11,13 @@ import re
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path as FilePath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -29,6 +28,8 @@ from pydantic import (
 from proxy.config_loading import (
     FieldProblems,
     Path,
+    Section,
+    blank_to_none,
     dotted_path,
     format_duration,
     format_size,
@@ -40,6 +41,7 @@ from proxy.config_loading import (
     template_params,
     translate_validation_error,
 )
+from proxy.config_tls import ServerTLSConfig, UpstreamTLSConfig
 from proxy.errors import ConfigError
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
 
@@ -50,8 +52,10 @@ __all__ = [
     "ReprepareConfig",
     "RouteConfig",
     "ServerConfig",
+    "ServerTLSConfig",
     "StateConfig",
     "UpstreamConfig",
+    "UpstreamTLSConfig",
     "format_duration",
     "format_size",
     "load_config",
@@ -75,6 +79,12 @@ DEFAULT_SEND_TIMEOUT = 60.0
 DEFAULT_MAX_REQUEST_HEAD_SIZE = 64 * 1024
 DEFAULT_MAX_REQUEST_HEADER_FIELDS = 200
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_WORKERS = 1
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+DEFAULT_LOG_LEVEL: LogLevel = "info"
 DEFAULT_BREAKER_COOLDOWN = 2.0
 DEFAULT_MEMORY_MAX_RECORDS = 100_000
 DEFAULT_KEY_PREFIX = "pollguard:"
@@ -100,10 +110,6 @@ REDIS_SCHEMES = ("redis", "rediss", "unix")
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token: methods, header names
-
-
-def _blank_to_none(value: object) -> object:
-    return None if isinstance(value, str) and not value.strip() else value
 
 
 def _http_token(kind: str) -> AfterValidator:
@@ -167,17 +173,7 @@ StringMap = Annotated[dict[str, str], BeforeValidator(_stringify_values)]
 PathTemplate = Annotated[str, AfterValidator(_path_template)]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_section_means_defaults(cls, data: Any) -> Any:
-        # `state:` with nothing under it parses as null; treat it like an omitted section.
-        return {} if data is None else data
-
-
-class UpstreamConfig(_Section):
+class UpstreamConfig(Section):
     url: str
     connect_timeout: Duration = DEFAULT_CONNECT_TIMEOUT
     read_timeout: Duration = DEFAULT_READ_TIMEOUT
@@ -189,20 +185,36 @@ class UpstreamConfig(_Section):
     read_ahead: Annotated[ByteSize, Field(ge=MIN_READ_AHEAD)] = DEFAULT_READ_AHEAD
     preserve_host: bool = False
     trusted_proxies: tuple[TrustedProxy, ...] = ()
+    tls: UpstreamTLSConfig = Field(default_factory=UpstreamTLSConfig)
+
+    @property
+    def is_https(self) -> bool:
+        return urlsplit(self.url).scheme.lower() == "https"
 
     @model_validator(mode="after")
-    def _idle_pool_within_max(self) -> UpstreamConfig:
+    def _cross_field_checks(self) -> UpstreamConfig:
+        problems: list[tuple[Path, str]] = []
         if self.pool_size > self.max_connections:
-            raise FieldProblems(
-                [
-                    (
-                        ("pool_size",),
-                        f"{self.pool_size} idle connections can't be kept when at most "
-                        f"{self.max_connections} may be open (max_connections) — lower "
-                        "pool_size or raise max_connections",
-                    )
-                ]
+            problems.append(
+                (
+                    ("pool_size",),
+                    f"{self.pool_size} idle connections can't be kept when at most "
+                    f"{self.max_connections} may be open (max_connections) — lower "
+                    "pool_size or raise max_connections",
+                )
             )
+        if "tls" in self.model_fields_set and not self.is_https:
+            # An error, not a warning: someone who set a CA or a client certificate believes
+            # the traffic is protected, and over http:// it is not.
+            problems.append(
+                (
+                    ("tls",),
+                    f"set, but url {self.url!r} is not https:// — TLS settings apply to an "
+                    "https:// upstream only; use an https:// URL or remove upstream.tls",
+                )
+            )
+        if problems:
+            raise FieldProblems(problems)
         return self
 
     @field_validator("url")
@@ -223,8 +235,8 @@ class UpstreamConfig(_Section):
         return url.strip().rstrip("/")
 
 
-class StateConfig(_Section):
-    redis_url: Annotated[str | None, BeforeValidator(_blank_to_none)] = None
+class StateConfig(Section):
+    redis_url: Annotated[str | None, BeforeValidator(blank_to_none)] = None
     key_prefix: str = DEFAULT_KEY_PREFIX
     on_error: Literal["pass", "fail"] = "pass"
     timeout: Duration = DEFAULT_STORE_TIMEOUT
@@ -243,16 +255,33 @@ class StateConfig(_Section):
         return url
 
 
-class ServerConfig(_Section):
+class ServerConfig(Section):
+    """How `pollguard serve` listens; --host, --port, --workers and --log-level override."""
+
+    host: str = DEFAULT_HOST
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+    workers: int = Field(default=DEFAULT_WORKERS, ge=1)
+    log_level: LogLevel = DEFAULT_LOG_LEVEL
+    access_log: bool = False
     send_timeout: Duration = DEFAULT_SEND_TIMEOUT
     max_head_size: ByteSize = DEFAULT_MAX_REQUEST_HEAD_SIZE
     max_header_fields: int = Field(default=DEFAULT_MAX_REQUEST_HEADER_FIELDS, ge=1)
     shutdown_timeout: Duration = DEFAULT_SHUTDOWN_TIMEOUT
+    tls: ServerTLSConfig = Field(default_factory=ServerTLSConfig)
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str) -> str:
+        if not host.strip() or any(char in host for char in "/ "):
+            raise ValueError(
+                f"invalid host {host!r} — an address to listen on, e.g. 127.0.0.1, 0.0.0.0 or ::"
+            )
+        return host.strip()
 
 
-class AdminConfig(_Section):
+class AdminConfig(Section):
     prefix: str = DEFAULT_ADMIN_PREFIX
-    token: Annotated[SecretStr | None, BeforeValidator(_blank_to_none)] = None
+    token: Annotated[SecretStr | None, BeforeValidator(blank_to_none)] = None
 
     @field_validator("prefix")
     @classmethod
@@ -285,7 +314,7 @@ def _forwardable(names: tuple[str, ...]) -> tuple[str, ...]:
     return names
 
 
-class ReprepareConfig(_Section):
+class ReprepareConfig(Section):
     method: HttpMethod = DEFAULT_REPREPARE_METHOD
     path: Annotated[PathTemplate, AfterValidator(_no_dot_segments)]
     query: StringMap = Field(default_factory=dict)
@@ -296,7 +325,7 @@ class ReprepareConfig(_Section):
     timeout: Duration = DEFAULT_REPREPARE_TIMEOUT
 
 
-class JobConfig(_Section):
+class JobConfig(Section):
     mode: Literal["enforce", "shadow"] = "enforce"
     pending_status: frozenset[StatusCode] = Field(default=DEFAULT_PENDING_STATUS, min_length=1)
     end_status: frozenset[StatusCode] = DEFAULT_END_STATUS
@@ -340,7 +369,7 @@ class JobConfig(_Section):
         return self
 
 
-class RouteConfig(_Section):
+class RouteConfig(Section):
     path: PathTemplate
     methods: frozenset[HttpMethod] = Field(default=DEFAULT_ROUTE_METHODS, min_length=1)
     job: str
@@ -375,7 +404,7 @@ def _not_a_param(name: str, route: RouteConfig) -> str:
     )
 
 
-class Config(_Section):
+class Config(Section):
     upstream: UpstreamConfig
     server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)

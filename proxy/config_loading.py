@@ -11,7 +11,7 @@ from typing import Any, TypeGuard, get_args, get_origin
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
 from proxy.errors import ConfigError
@@ -35,6 +35,23 @@ _TEMPLATE_PARAM_RE = re.compile(r"\{([^{}]*)\}")
 _IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Path = tuple[str | int, ...]
+
+
+def blank_to_none(value: object) -> object:
+    """An empty or blank string (an unset `${VAR:-}`) means the optional field is not set."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys refused, `name:` alone = defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_means_defaults(cls, data: Any) -> Any:
+        # `state:` with nothing under it parses as null; treat it like an omitted section.
+        return {} if data is None else data
 
 
 def dotted_path(loc: Path) -> str:

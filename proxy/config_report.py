@@ -16,6 +16,11 @@ def config_warnings(cfg: Config) -> list[str]:
     """Legal but probably unintended settings, one human sentence each."""
     warnings: list[str] = []
     used_jobs = {route.job for route in cfg.routes}
+    if cfg.upstream.tls.ca_file is not None and not cfg.upstream.tls.verify:
+        warnings.append(
+            "upstream.tls: ca_file is unused while verify is false — remove ca_file, or set "
+            "verify: true to check the upstream's certificate against it"
+        )
     for name, job in cfg.jobs.items():
         stuck, window = format_duration(job.stuck_after), format_duration(job.reprepare_window)
         if job.max_wait <= job.stuck_after:
@@ -65,12 +70,20 @@ def render_config(cfg: Config) -> str:
             "read_ahead": format_size(upstream.read_ahead),
             "preserve_host": upstream.preserve_host,
             "trusted_proxies": [str(network) for network in upstream.trusted_proxies],
+            # Only under an https:// URL: anywhere else a tls section is an error.
+            **({"tls": upstream.tls.model_dump()} if upstream.is_https else {}),
         },
         "server": {
+            "host": server.host,
+            "port": server.port,
+            "workers": server.workers,
+            "log_level": server.log_level,
+            "access_log": server.access_log,
             "send_timeout": format_duration(server.send_timeout),
             "max_head_size": format_size(server.max_head_size),
             "max_header_fields": server.max_header_fields,
             "shutdown_timeout": format_duration(server.shutdown_timeout),
+            "tls": server.tls.model_dump(),
         },
         "state": {
             "redis_url": None if state.redis_url is None else mask_redis_url(state.redis_url),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -105,17 +106,33 @@ def reprepare_headers(
 
 
 class Repreparer:
-    def __init__(self, base_url: str, *, connect_timeout: float, pool_size: int = 10) -> None:
+    """Sends re-prepares to `base_url`. For an https:// upstream, `ssl_context` and
+    `server_hostname` are the forwarding client's (`Upstream.ssl_context`, `.server_hostname`):
+    the same trust, client certificate and SNI name for both."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        pool_size: int = 10,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
         self._base_url = base_url.rstrip("/")
         # What httpx must leave in front of our target; a base URL may carry a path prefix.
         self._base_path = urlsplit(self._base_url).path
         self._connect_timeout = connect_timeout
+        # httpcore sends this name as SNI and verifies the certificate against it; the URL
+        # keeps the upstream's host, so the connection still goes where upstream.url says.
+        self._extensions = {"sni_hostname": server_hostname} if server_hostname else {}
         self._client = httpx.AsyncClient(
             cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             follow_redirects=False,
             timeout=httpx.Timeout(10.0, connect=connect_timeout),
             limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
             trust_env=False,
+            verify=ssl_context if ssl_context is not None else True,
         )
 
     async def close(self) -> None:
@@ -142,6 +159,7 @@ class Repreparer:
                 timeout=httpx.Timeout(
                     spec.timeout, connect=min(spec.timeout, self._connect_timeout)
                 ),
+                extensions=self._extensions,
             )
             # httpx.URL removes dot segments and may re-quote; what it would send must be what
             # we built, or the target could leave its template.

@@ -26,6 +26,7 @@ from proxy.config import (
     DEFAULT_READ_AHEAD,
 )
 from proxy.errors import PollguardError, UpstreamBusy, UpstreamUnavailable
+from proxy.tls import client_context, describe_tls_error
 from proxy.upstream_connection import (
     ConnectionLimits,
     Exchange,
@@ -50,6 +51,10 @@ class UpstreamSettings:
     max_head_size: int = DEFAULT_MAX_HEAD_SIZE
     max_header_fields: int = DEFAULT_MAX_HEADER_FIELDS
     read_ahead: int = DEFAULT_READ_AHEAD
+    # https:// only: the client context (proxy.tls.client_context; None = its defaults, the
+    # system's trust store) and the name sent as SNI and verified (None = the URL's host).
+    ssl_context: ssl.SSLContext | None = None
+    server_hostname: str | None = None
 
 
 class UpstreamResponse:
@@ -140,13 +145,16 @@ class Upstream:
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
         parts = urlsplit(settings.url)
+        https = parts.scheme == "https"
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        self._ssl: ssl.SSLContext | None = (
-            ssl.create_default_context() if parts.scheme == "https" else None
-        )
+        self.port = parts.port or (443 if https else 80)
+        self._ssl: ssl.SSLContext | None = None
+        self._server_hostname: str | None = None
+        if https:
+            self._ssl = settings.ssl_context or client_context()
+            self._server_hostname = settings.server_hostname
         self._prefix = parts.path.rstrip("/").encode()
-        default_port = 443 if parts.scheme == "https" else 80
+        default_port = 443 if https else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         self._host_header = (host if self.port == default_port else f"{host}:{self.port}").encode()
         self._limits = ConnectionLimits(
@@ -179,6 +187,12 @@ class Upstream:
         """The client TLS context for an https:// upstream (None for http://); every connection
         pollguard opens to the upstream uses it (forwarding, re-prepare, WebSocket)."""
         return self._ssl
+
+    @property
+    def server_hostname(self) -> str | None:
+        """The name sent as SNI and checked against the upstream's certificate
+        (upstream.tls.server_name); None means the URL's host. Always None for http://."""
+        return self._server_hostname
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -294,25 +308,40 @@ class Upstream:
             # asyncio.timeout, not wait_for: on 3.11 wait_for runs the connect in a task of
             # its own, whose finished connection is lost if we are cancelled at that moment.
             async with asyncio.timeout(self.settings.connect_timeout):
-                await self.loop.create_connection(factory, self.host, self.port, ssl=self._ssl)
+                await self.loop.create_connection(
+                    factory,
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self._server_hostname,
+                )
         except BaseException as exc:
             if made and made[0].transport is not None:
                 made[0].close()  # its connection_lost frees the slot
             else:
                 self._free_slot()
-            if isinstance(exc, TimeoutError):
-                raise UpstreamUnavailable(
-                    f"connect to {self.host}:{self.port} timed out after "
-                    f"{self.settings.connect_timeout:g}s"
-                ) from exc
-            if isinstance(exc, OSError):
-                raise UpstreamUnavailable(
-                    f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}"
-                ) from exc
-            raise
+            error = self._connect_error(exc)
+            if error is exc:
+                raise  # cancellation, or nothing a connect failure explains
+            raise error from exc
         connection = made[0]
         self._busy.add(connection)
         return connection
+
+    def _connect_error(self, exc: BaseException) -> BaseException:
+        """What a failed connect (TCP, then TLS) becomes: UpstreamUnavailable naming the cause."""
+        where = f"{self.host}:{self.port}"
+        if isinstance(exc, TimeoutError):
+            return UpstreamUnavailable(
+                f"connect to {where} timed out after {self.settings.connect_timeout:g}s"
+            )
+        if isinstance(exc, ssl.SSLError):  # an OSError too: tested first
+            return UpstreamUnavailable(
+                f"TLS handshake with {where} failed: {describe_tls_error(exc)}"
+            )
+        if isinstance(exc, OSError):
+            return UpstreamUnavailable(f"cannot connect to {where}: {exc.strerror or exc}")
+        return exc
 
     # requests ---------------------------------------------------------------------------------
     async def send(
@@ -395,16 +424,23 @@ class Upstream:
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    async def can_connect(self) -> bool:
-        """TCP connect to the upstream within connect_timeout (readiness probe)."""
+    async def probe(self) -> str | None:
+        """None when a new connection to the upstream opens within connect_timeout — for
+        https://, TLS handshake and certificate check included, so a wrong CA or server_name
+        makes pollguard unready rather than ready to answer every request 502; else why not.
+
+        An upstream that requires a client certificate and refuses ours can still pass: under
+        TLS 1.3 it says so only after the client's side of the handshake is done.
+        """
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.host, self.port), timeout=self.settings.connect_timeout
-            )
-        except (OSError, TimeoutError):
-            return False
+            async with asyncio.timeout(self.settings.connect_timeout):
+                _, writer = await asyncio.open_connection(
+                    self.host, self.port, ssl=self._ssl, server_hostname=self._server_hostname
+                )
+        except (OSError, TimeoutError) as exc:
+            return str(self._connect_error(exc))
         writer.close()
-        return True
+        return None
 
 
 def _has_length(headers: list[tuple[bytes, bytes]]) -> bool:

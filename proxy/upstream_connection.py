@@ -30,6 +30,7 @@ from proxy.errors import (
 )
 from proxy.headers import HOP_BY_HOP, REQUEST_ID, connection_named
 from proxy.logtext import log_safe
+from proxy.tls import describe_tls_error, is_tls_failure
 
 logger = logging.getLogger("pollguard.upstream")
 
@@ -231,15 +232,22 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         exchange = self.exchange
         if exchange is None or exchange.done or exchange.error is not None:
             return
+        if is_tls_failure(exc):
+            # A TLS alert (a client certificate refused, a bad record): a failure to name, and
+            # never a kept-alive connection gone stale, so never a reason to retry.
+            self.fail(
+                UpstreamUnavailable(
+                    f"TLS error from upstream {self._limits.label}: {describe_tls_error(exc)}"
+                )
+            )
+            return
         if exchange.head_done and not exchange.framed():
             self.on_message_complete()  # body delimited by connection close (RFC 9112 §6.3)
             return
         if not exchange.bytes_seen and self.reused:
             self.fail(StaleConnection("kept-alive upstream connection closed"))
         elif not exchange.head_done:
-            self.fail(
-                UpstreamUnavailable("upstream closed the connection before the response head")
-            )
+            self.fail(UpstreamUnavailable(self._closed_before_head()))
         else:
             self.fail(UpstreamUnavailable("upstream closed the connection mid-body"))
 
@@ -437,6 +445,18 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                 self._limits.label,
             )
         self.close()
+
+    def _closed_before_head(self) -> str:
+        message = "upstream closed the connection before the response head"
+        transport = self.transport
+        if not self.reused and transport is not None and transport.get_extra_info("sslcontext"):
+            # Servers on Python's asyncio or uvloop (uvicorn among them) refuse a missing client
+            # certificate by closing, without the TLS alert that would name the reason.
+            message += (
+                " (over TLS, also how some upstreams refuse a missing or untrusted client "
+                "certificate: see upstream.tls.cert_file)"
+            )
+        return message
 
     def _head_too_large(self) -> str:
         return f"upstream response head larger than {self._limits.max_head_size} bytes"

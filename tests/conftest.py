@@ -1,4 +1,5 @@
-"""Shared fixtures: a real redis-server on a free loopback port, and the anyio backend."""
+"""Shared fixtures: a real redis-server on a free loopback port, the anyio backend, and
+certificates made for this run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 
 import tests.conformance.profiles  # noqa: F401  (Hypothesis profiles, before --hypothesis-profile is read)
+from tests.pki import Pki, make_pki
 
 
 @pytest.fixture
@@ -95,3 +97,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 # Tests that start many processes read this to stay inside the suite's time budget.
 SLOW_FACTOR = float(os.environ.get("POLLGUARD_TEST_SLOW_FACTOR", "1"))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A private CA and the certificates it issued, as PEM files made for this test run."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

@@ -32,8 +32,9 @@ class ProxyProcess(PollguardProcess):
 
 
 @contextmanager
-def running_proxy(config: dict[str, Any]) -> Iterator[ProxyProcess]:
-    with ProxyProcess(config) as proxy:
+def running_proxy(config: dict[str, Any], **options: Any) -> Iterator[ProxyProcess]:
+    """pollguard serving `config`; `options` as PollguardProcess takes them (client_tls…)."""
+    with ProxyProcess(config, **options) as proxy:
         yield proxy
 
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import os
+import shlex
+import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 from proxy import __version__
+from proxy.cli import build_parser, effective_server, uvicorn_options
+from proxy.config import parse_config
 from tests.conftest import free_port
+from tests.pki import Pki
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,39 +97,187 @@ def test_serve_with_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_asgi_factory_serves_under_plain_uvicorn(tmp_path: Path) -> None:
-    """`uvicorn --factory proxy.app:create_app` with POLLGUARD_CONFIG answers /-/health."""
-    config = tmp_path / "c.yaml"
-    config.write_text(f"upstream:\n  url: http://127.0.0.1:{free_port()}\n")
-    port = free_port()
+@contextmanager
+def serving(command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run `command` until it answers /-/health on `port`; yield its base URL, then stop it."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "proxy.app:create_app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env={**os.environ, "POLLGUARD_CONFIG": str(config)},
+        command,
+        env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 15
         status = None
         while time.monotonic() < deadline and status is None:
+            assert process.poll() is None, f"{command} exited with {process.returncode}"
             try:
-                status = httpx.get(f"http://127.0.0.1:{port}/-/health", timeout=1).status_code
+                status = httpx.get(f"{url}/-/health", timeout=1).status_code
             except httpx.HTTPError:
-                time.sleep(0.05)
+                time.sleep(0.05)  # not listening yet
         assert status == 200
+        yield url
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def readme_uvicorn_command() -> list[str]:
+    """The plain-uvicorn command line README documents, as arguments."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("uvicorn --factory")
+    end = text.index("\n", start)
+    while text[end - 1] == "\\":
+        end = text.index("\n", end + 1)
+    return shlex.split(text[start:end].replace("\\\n", " "), comments=True)
+
+
+def test_readme_uvicorn_command_reproduces_serve(tmp_path: Path) -> None:
+    """README's `uvicorn --factory` line serves like `pollguard serve`: one Server and one Date header, the upstream's, and pollguard's own X-Forwarded-For."""
+    from tests.servers import ThreadedServer
+    from tests.upstream_app import create_upstream_app
+
+    command = readme_uvicorn_command()
+    assert command[:3] == ["uvicorn", "--factory", "proxy.app:create_app"]
+    port = free_port()
+    command[command.index("--port") + 1] = str(port)
+    config = tmp_path / "c.yaml"
+    app, _ = create_upstream_app()
+    with ThreadedServer(app) as upstream:
+        config.write_text(f"upstream:\n  url: {upstream.url}\n")
+        with serving(
+            [sys.executable, "-m", *command], port, env={"POLLGUARD_CONFIG": str(config)}
+        ) as url:
+            response = httpx.get(f"{url}/headers", headers={"x-forwarded-for": "6.6.6.6"})
+    assert response.status_code == 200
+    assert response.headers.get_list("server") == ["uvicorn"]
+    assert len(response.headers.get_list("date")) == 1
+    sent = dict(response.json()["headers"])
+    assert sent["x-forwarded-for"] == "127.0.0.1"  # the client's spoofed value replaced
+
+
+def test_serve_listens_where_the_config_says(tmp_path: Path) -> None:
+    """Without --host/--port, serve listens on server.host and server.port from the file."""
+    port = free_port()
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"upstream:\n  url: http://127.0.0.1:{free_port()}\n"
+        f"server:\n  host: 127.0.0.1\n  port: {port}\n  log_level: warning\n"
+    )
+    command = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+    with serving(command, port) as url:
+        assert httpx.get(f"{url}/-/health").json() == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"host": "0.0.0.0", "port": 9000, "workers": 2, "log_level": "warning"}),
+        (
+            ["--host", "127.0.0.2", "--port", "9100", "--workers", "3", "--log-level", "debug"],
+            {"host": "127.0.0.2", "port": 9100, "workers": 3, "log_level": "debug"},
+        ),
+        (["--port", "9200"], {"host": "0.0.0.0", "port": 9200, "workers": 2}),
+    ],
+    ids=["file only", "every flag", "one flag"],
+)
+def test_flags_override_the_config_file(flags: list[str], expected: dict[str, object]) -> None:
+    """A serve flag given wins over the file's server setting; one left out keeps the file's."""
+    server = parse_config(
+        "upstream: {url: 'http://b'}\n"
+        "server: {host: 0.0.0.0, port: 9000, workers: 2, log_level: warning, access_log: true}\n",
+        env={},
+    ).server
+    args = build_parser().parse_args(["serve", *flags])
+    effective = effective_server(server, args)
+    assert {name: getattr(effective, name) for name in expected} == expected
+    assert effective.access_log is True
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--port", "70000", "argument --port: must be <= 65535, got '70000'"),
+        ("--port", "http", "argument --port: expected a whole number, got 'http'"),
+        ("--workers", "0", "argument --workers: must be >= 1, got '0'"),
+        ("--log-level", "loud", "argument --log-level: invalid choice: 'loud'"),
+    ],
+)
+def test_bad_serve_flags_are_checked_like_the_config(flag: str, value: str, message: str) -> None:
+    """A serve flag is validated by its config field's own rules: exit 2, naming the flag."""
+    result = pollguard("serve", flag, value)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_uvicorn_options_follow_the_server_section(pki: Pki) -> None:
+    """server.access_log, shutdown_timeout and tls reach uvicorn; ca_file requires client certificates."""
+    server = parse_config(
+        "upstream: {url: 'http://b'}\n"
+        "server:\n  access_log: true\n  shutdown_timeout: 5s\n"
+        f"  tls: {{cert_file: {pki.proxy.cert_file}, key_file: {pki.proxy.key_file}, "
+        f"ca_file: {pki.ca_file}}}\n",
+        env={},
+    ).server
+    options = uvicorn_options(server)
+    assert options["access_log"] is True
+    assert options["timeout_graceful_shutdown"] == 5.0
+    assert (options["ssl_certfile"], options["ssl_keyfile"]) == (
+        pki.proxy.cert_file,
+        pki.proxy.key_file,
+    )
+    assert (options["ssl_ca_certs"], options["ssl_cert_reqs"]) == (pki.ca_file, ssl.CERT_REQUIRED)
+    assert (options["proxy_headers"], options["server_header"], options["date_header"]) == (
+        False,
+        False,
+        False,
+    )
+    plain = uvicorn_options(parse_config("upstream: {url: 'http://b'}\n", env={}).server)
+    assert plain["access_log"] is False
+    assert not any(name.startswith("ssl_") for name in plain)
+
+
+def test_access_log_only_when_configured() -> None:
+    """server.access_log: true writes uvicorn's access line per request; by default none."""
+    from tests.servers import ProxyProcess
+
+    upstream = {"url": f"http://127.0.0.1:{free_port()}"}
+    logs = {}
+    for access_log in (False, True):
+        config = {"upstream": upstream, "server": {"access_log": access_log}}
+        with ProxyProcess(config) as proxy:
+            httpx.get(proxy.url + "/-/health?probe=1")
+            proxy.stop()
+            logs[access_log] = proxy.logs()
+    assert '"GET /-/health?probe=1 HTTP/1.1" 200' in logs[True]
+    assert "/-/health" not in logs[False]
+
+
+def test_check_config_shows_the_server_section_and_checks_workers(tmp_path: Path) -> None:
+    """check-config prints server.* as loaded, and refuses server.workers > 1 without Redis."""
+    config = tmp_path / "c.yaml"
+    config.write_text("upstream:\n  url: http://127.0.0.1:5000\nserver:\n  port: 9000\n")
+    shown = pollguard("check-config", str(config))
+    config.write_text("upstream:\n  url: http://127.0.0.1:5000\nserver:\n  workers: 2\n")
+    refused = pollguard("check-config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    assert "  port: 9000\n" in shown.stdout and "  access_log: false\n" in shown.stdout
+    assert refused.returncode == 2
+    assert "state.redis_url: not set, but 2 workers were requested" in refused.stderr
+
+
+def test_check_config_names_a_missing_tls_file(tmp_path: Path) -> None:
+    """A server.tls file that does not exist: exit 2 naming the field and the path."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "upstream:\n  url: http://127.0.0.1:5000\n"
+        f"server:\n  tls:\n    cert_file: {tmp_path}/cert.pem\n    key_file: {tmp_path}/key.pem\n"
+    )
+    result = pollguard("check-config", str(config))
+    assert result.returncode == 2
+    assert f"server.tls.cert_file: no file at '{tmp_path}/cert.pem'" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_sigterm_lets_the_process_exit_cleanly(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from proxy.config import (
 from proxy.config_loading import parse_size
 from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.errors import ConfigError
+from tests.pki import Pki
 
 SHIPPED_CONFIG = Path(__file__).resolve().parent.parent / "config.yaml"
 SOURCE = "config.yaml"
@@ -29,7 +30,7 @@ DELETE = object()
 DURATION_FIX = "use a number of seconds or a value like 250ms, 2s, 5m, 1h"
 UPSTREAM_KEYS = (
     "url, connect_timeout, read_timeout, pool_size, max_connections, pool_timeout, "
-    "max_head_size, max_header_fields, read_ahead, preserve_host, trusted_proxies"
+    "max_head_size, max_header_fields, read_ahead, preserve_host, trusted_proxies, tls"
 )
 
 
@@ -324,6 +325,44 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         {"state": ["redis://x"]},
         "state: expected a mapping, got ['redis://x']",
     ),
+    ("port zero", {"server.port": 0}, "server.port: must be >= 1, got 0"),
+    ("port too large", {"server.port": 65536}, "server.port: must be <= 65535, got 65536"),
+    ("no workers", {"server.workers": 0}, "server.workers: must be >= 1, got 0"),
+    (
+        "bad log level",
+        {"server.log_level": "verbose"},
+        "server.log_level: invalid value 'verbose' — use 'critical', 'error', 'warning', 'info' "
+        "or 'debug'",
+    ),
+    (
+        "host with a scheme",
+        {"server.host": "http://0.0.0.0"},
+        "server.host: invalid host 'http://0.0.0.0' — an address to listen on, e.g. 127.0.0.1, "
+        "0.0.0.0 or ::",
+    ),
+    (
+        "access_log not a boolean",
+        {"server.access_log": "sometimes"},
+        "server.access_log: expected true or false, got 'sometimes'",
+    ),
+    (
+        "upstream tls for an http url",
+        {"upstream.tls": {"verify": False}},
+        "upstream.tls: set, but url 'http://127.0.0.1:5000' is not https:// — TLS settings apply "
+        "to an https:// upstream only; use an https:// URL or remove upstream.tls",
+    ),
+    (
+        "server_name with scheme and port",
+        {"upstream.url": "https://10.0.0.5", "upstream.tls.server_name": "https://backend:443"},
+        "upstream.tls.server_name: invalid server_name 'https://backend:443' — a DNS name the "
+        "upstream's certificate is issued for, without scheme, port or path, e.g. backend.internal",
+    ),
+    (
+        "unknown key in server.tls",
+        {"server.tls.certfile": "/etc/cert.pem"},
+        "server.tls.certfile: unknown key — remove it or check the spelling (valid keys: "
+        "cert_file, key_file, ca_file)",
+    ),
 ]
 
 
@@ -342,6 +381,142 @@ def test_every_problem_is_reported_one_per_line() -> None:
     """Several independent mistakes are all reported in one error, one line each."""
     lines = _error_lines(_with({"upstream.url": "ftp://x", "state.timeout": "soon", "oops": 1}))
     assert [line.split(": ")[1] for line in lines] == ["upstream.url", "state.timeout", "oops"]
+
+
+# TLS files: `{name}` is a file of the test's PKI (tests/pki.py) or its directory.
+TLS_FILE_CASES: list[tuple[str, dict[str, str], str]] = [
+    (
+        "certificate without key",
+        {"server.tls.cert_file": "{proxy_cert}"},
+        "server.tls.key_file: required with cert_file — to serve HTTPS pollguard needs both the "
+        "certificate and its private key (both may name one PEM file holding the two)",
+    ),
+    (
+        "key without certificate",
+        {"server.tls.key_file": "{proxy_key}"},
+        "server.tls.cert_file: required with key_file — to serve HTTPS pollguard needs both the "
+        "certificate and its private key (both may name one PEM file holding the two)",
+    ),
+    (
+        "client CA without certificate",
+        {"server.tls.ca_file": "{ca}"},
+        "server.tls.ca_file: set without cert_file — client certificates can only be required "
+        "over TLS; set cert_file and key_file too, or remove ca_file",
+    ),
+    (
+        "missing certificate file",
+        {"server.tls.cert_file": "{dir}/nope.pem", "server.tls.key_file": "{proxy_key}"},
+        "server.tls.cert_file: no file at '{dir}/nope.pem' — give the path of an existing PEM file",
+    ),
+    (
+        "key path is a directory",
+        {"server.tls.cert_file": "{proxy_cert}", "server.tls.key_file": "{dir}"},
+        "server.tls.key_file: '{dir}' is a directory — give the path of a PEM file",
+    ),
+    (
+        "a key where the certificate goes",
+        {"server.tls.cert_file": "{proxy_key}", "server.tls.key_file": "{proxy_key}"},
+        "server.tls.cert_file: '{proxy_key}' holds no usable PEM certificate ([X509: "
+        "NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found) — give the certificate in PEM "
+        "form (-----BEGIN CERTIFICATE-----)",
+    ),
+    (
+        "key of another certificate",
+        {"server.tls.cert_file": "{proxy_cert}", "server.tls.key_file": "{client_key}"},
+        "server.tls.key_file: '{client_key}' is not the private key of cert_file '{proxy_cert}', "
+        "or not an unencrypted PEM key ([X509: KEY_VALUES_MISMATCH] key values mismatch) — give "
+        "the key the certificate was issued for, without a passphrase",
+    ),
+    (
+        "upstream CA file that holds no certificate",
+        {"upstream.url": "https://backend", "upstream.tls.ca_file": "{client_key}"},
+        "upstream.tls.ca_file: '{client_key}' holds no usable PEM certificate ([X509: "
+        "NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found) — give the certificate in PEM "
+        "form (-----BEGIN CERTIFICATE-----)",
+    ),
+    (
+        "client certificate without key",
+        {"upstream.url": "https://backend", "upstream.tls.cert_file": "{client_cert}"},
+        "upstream.tls.key_file: required with cert_file — to present a client certificate "
+        "pollguard needs both the certificate and its private key (both may name one PEM file "
+        "holding the two)",
+    ),
+]
+
+
+def _pki_files(pki: Pki) -> dict[str, str]:
+    return {
+        "ca": pki.ca_file,
+        "dir": str(Path(pki.ca_file).parent),
+        "proxy_cert": pki.proxy.cert_file,
+        "proxy_key": pki.proxy.key_file,
+        "client_cert": pki.client.cert_file,
+        "client_key": pki.client.key_file,
+    }
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [pytest.param(changes, expected, id=name) for name, changes, expected in TLS_FILE_CASES],
+)
+def test_tls_files_are_checked_at_load(pki: Pki, changes: dict[str, str], expected: str) -> None:
+    """A TLS file that is missing, unpaired, or can't be loaded is named by its field, with the reason and the fix."""
+    files = _pki_files(pki)
+    changed = {path: value.format(**files) for path, value in changes.items()}
+    assert _error_lines(_with(changed)) == [f"{SOURCE}: {expected.format(**files)}"]
+
+
+def test_valid_tls_settings_load_and_render_back(pki: Pki, tmp_path: Path) -> None:
+    """server.tls and upstream.tls with usable files load, and render to YAML that loads back equal; a combined PEM (key and certificate in one file) serves as both."""
+    combined = tmp_path / "client-combined.pem"
+    combined.write_text(
+        Path(pki.client.key_file).read_text() + Path(pki.client.cert_file).read_text()
+    )
+    cfg = _parse(
+        _with(
+            {
+                "upstream.url": "https://10.0.0.5:8443",
+                "upstream.tls": {
+                    "ca_file": pki.ca_file,
+                    "cert_file": str(combined),
+                    "key_file": str(combined),
+                    "server_name": "backend.internal",
+                },
+                "server.tls": {
+                    "cert_file": pki.proxy.cert_file,
+                    "key_file": pki.proxy.key_file,
+                    "ca_file": pki.ca_file,
+                },
+            }
+        )
+    )
+    assert cfg.server.tls.enabled
+    assert (cfg.upstream.tls.verify, cfg.upstream.tls.server_name) == (True, "backend.internal")
+    assert parse_config(render_config(cfg), env={}) == cfg
+
+
+def test_blank_tls_paths_mean_unset() -> None:
+    """An empty TLS path (an unset `${VAR:-}`) is no file: TLS off on that side."""
+    cfg = _parse(
+        _with(
+            {
+                "upstream.url": "https://backend",
+                "upstream.tls": {"ca_file": "${UPSTREAM_CA:-}", "server_name": ""},
+                "server.tls": {"cert_file": "", "key_file": " "},
+            }
+        )
+    )
+    assert (cfg.upstream.tls.ca_file, cfg.upstream.tls.server_name) == (None, None)
+    assert not cfg.server.tls.enabled
+
+
+def test_render_leaves_out_upstream_tls_for_http() -> None:
+    """upstream.tls is rendered under an https:// URL only, so the output always loads back."""
+    plain = yaml.safe_load(render_config(_parse(_valid())))
+    secure = yaml.safe_load(render_config(_parse(_with({"upstream.url": "https://b"}))))
+    assert "tls" not in plain["upstream"]
+    assert secure["upstream"]["tls"]["verify"] is True
+    assert plain["server"]["tls"] == {"cert_file": None, "key_file": None, "ca_file": None}
 
 
 def test_workers_above_one_need_redis() -> None:
@@ -539,6 +714,21 @@ def test_defaults() -> None:
         upstream.max_header_fields,
     ) == (256, 5.0, 65536, 200)
     server = cfg.server
+    assert (server.host, server.port, server.workers, server.log_level) == (
+        "127.0.0.1",
+        8080,
+        1,
+        "info",
+    )
+    assert (server.access_log, server.tls.enabled) == (False, False)
+    tls = upstream.tls
+    assert (tls.ca_file, tls.verify, tls.cert_file, tls.key_file, tls.server_name) == (
+        None,
+        True,
+        None,
+        None,
+        None,
+    )
     assert (server.send_timeout, server.shutdown_timeout) == (60.0, 30.0)
     assert (server.max_head_size, server.max_header_fields) == (65536, 200)
     assert (state.breaker_cooldown, state.memory_max_records) == (2.0, 100_000)
@@ -655,6 +845,19 @@ WARNING_CASES: list[tuple[str, dict[str, Any], list[str]]] = [
 def test_config_warnings(changes: dict[str, Any], expected: list[str]) -> None:
     """Suspicious but legal job settings produce one explanatory warning each."""
     assert config_warnings(_parse(_with(changes))) == expected
+
+
+def test_ca_file_with_verification_off_is_a_warning(pki: Pki) -> None:
+    """upstream.tls.ca_file is legal but unused with verify: false; the warning says so."""
+    changes = {
+        "jobs.recording.reprepare_window": "15m",
+        "upstream.url": "https://backend",
+        "upstream.tls": {"ca_file": pki.ca_file, "verify": False},
+    }
+    assert config_warnings(_parse(_with(changes))) == [
+        "upstream.tls: ca_file is unused while verify is false — remove ca_file, or set "
+        "verify: true to check the upstream's certificate against it"
+    ]
 
 
 def test_render_masks_secrets() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -42,19 +43,27 @@ class ServerStartError(RuntimeError):
 class ThreadedServer:
     """An ASGI app under uvicorn on a loopback port, in a daemon thread of this process."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, **options: Any) -> None:
+        """`options` go to uvicorn.Config as they are: `ssl_certfile=…, ssl_keyfile=…` serve HTTPS."""
         self.port = port if port is not None else free_port()
-        config = uvicorn.Config(
-            app, host=LOOPBACK, port=self.port, log_level="warning", access_log=False, lifespan="on"
+        self.config = uvicorn.Config(
+            app,
+            host=LOOPBACK,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            **options,
         )
-        self._server = uvicorn.Server(config)
+        self._scheme = "https" if options.get("ssl_certfile") else "http"
+        self._server = uvicorn.Server(self.config)
         self._thread = threading.Thread(
             target=self._server.run, name=f"sim-{self.port}", daemon=True
         )
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{self._scheme}://{LOOPBACK}:{self.port}"
 
     def start(self, timeout: float = DEFAULT_START_TIMEOUT_SECONDS) -> None:
         self._thread.start()
@@ -96,10 +105,14 @@ class PollguardProcess:
         config: dict[str, Any],
         port: int | None = None,
         extra_env: dict[str, str] | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`client_tls`: for a config with server.tls, the context a client trusting pollguard's
+        certificate uses (its health is checked over https:// with it)."""
         self.config = config
         self.port = port if port is not None else free_port()
         self._extra_env = extra_env or {}
+        self.client_tls = client_tls
         self._workdir = tempfile.TemporaryDirectory(prefix="pollguard-demo-")
         self.config_path = Path(self._workdir.name) / "pollguard.yaml"
         self.log_path = Path(self._workdir.name) / "pollguard.log"
@@ -107,7 +120,8 @@ class PollguardProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        scheme = "http" if self.client_tls is None else "https"
+        return f"{scheme}://{LOOPBACK}:{self.port}"
 
     def command(self) -> list[str]:
         return [
@@ -139,7 +153,7 @@ class PollguardProcess:
 
     def _wait_until_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with httpx.Client(timeout=0.5) as client:
+        with httpx.Client(timeout=0.5, verify=self.client_tls or True) as client:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
                     raise ServerStartError(
