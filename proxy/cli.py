@@ -16,6 +16,7 @@ from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.server_http import PROTOCOL_PATH
+from proxy.server_ws import WS_PROTOCOL_PATH
 
 EXIT_CONFIG_ERROR = 2
 DEFAULT_HOST = "127.0.0.1"
@@ -85,6 +86,15 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=config.server.shutdown_timeout,  # type: ignore[arg-type]
         # uvicorn's httptools protocol with bounded request heads and no trailers as headers.
         http=PROTOCOL_PATH,
+        # WebSockets: uvicorn's websockets protocol, closing with 1001 at shutdown. The client
+        # side gets the upstream side's limits: the same largest message (larger: close 1009),
+        # the same pings (a client that vanished or stopped reading is found within
+        # ping_interval + ping_timeout), and per-message-deflate when the client offers it.
+        ws=WS_PROTOCOL_PATH,
+        ws_max_size=config.websocket.max_message_size,
+        ws_ping_interval=config.websocket.ping_interval,
+        ws_ping_timeout=config.websocket.ping_timeout,
+        ws_per_message_deflate=True,
     )
     return 0
 

@@ -180,6 +180,21 @@ class Upstream:
         pollguard opens to the upstream uses it (forwarding, re-prepare, WebSocket)."""
         return self._ssl
 
+    @property
+    def server_hostname(self) -> str | None:
+        """The TLS server name (SNI) to send; None means the URL's host."""
+        return None
+
+    @property
+    def host_header(self) -> bytes:
+        """The Host sent upstream unless upstream.preserve_host: the URL's host[:port]."""
+        return self._host_header
+
+    @property
+    def path_prefix(self) -> bytes:
+        """The URL's path without its trailing slash, put before every forwarded target."""
+        return self._prefix
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 

@@ -139,7 +139,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "unknown top-level key",
         {"colour": "red"},
         "colour: unknown key — remove it or check the spelling (valid keys: upstream, server, "
-        "state, admin, jobs, routes)",
+        "state, admin, websocket, jobs, routes)",
     ),
     (
         "unknown nested key",
