@@ -27,6 +27,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.typing import Subprotocol
 from websockets.uri import WebSocketURI
 
@@ -43,8 +44,19 @@ from proxy.ws_relay import UPSTREAM_MAX_QUEUE, Relay, RelayPatrol
 
 logger = logging.getLogger("pollguard.websocket")
 
-# How long the upstream may take to answer our close frame before its connection is dropped.
-UPSTREAM_CLOSE_TIMEOUT = 5.0
+# How long the upstream may take to answer our close frame before its connection is dropped: a
+# healthy one answers within a round trip; one that has not in 2 s is stuck, or its answer is
+# queued behind data pollguard stopped reading (a client that stopped reading).
+UPSTREAM_CLOSE_TIMEOUT = 2.0
+# per-message-deflate towards the upstream without context takeover either way: an idle
+# connection then holds no zlib state (measured, 1,000 idle WebSockets: 154 → 124 MiB RSS).
+# The upstream hop is usually a LAN, where what compressing each message alone costs in ratio
+# matters little; towards the client (the internet) uvicorn keeps its context.
+UPSTREAM_DEFLATE = ClientPerMessageDeflateFactory(
+    server_no_context_takeover=True,
+    client_no_context_takeover=True,
+    compress_settings={"memLevel": 5},
+)
 UNAVAILABLE_RETRY_AFTER = 5  # seconds, as for HTTP's 502 upstream-unavailable
 _HTTP_RESPONSE = "websocket.http.response"
 
@@ -92,22 +104,38 @@ class WebSocketProxy:
         self.patrol = RelayPatrol(settings.idle_timeout, settings.send_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay: Relay | None = None
         try:
-            await self._proxy(scope, receive, send)
+            # The handshake in a frame of its own: what only it needs (headers, the connect
+            # object) is freed before the connection settles in for its lifetime.
+            relay = await self._open(scope, receive, send)
+            if relay is None:
+                return
+            self.patrol.add(relay)
+            await relay.run()
         except asyncio.CancelledError:
             # Ours (a client that stopped reading) or the server's (its shutdown grace is
             # over): the connection is over either way, and a traceback helps no one.
+            if relay is not None and relay.ended is None:
+                logger.warning(
+                    "websocket cancelled by server shutdown (request_id=%s)", relay.request_id
+                )
             if (task := asyncio.current_task()) is not None:
                 task.uncancel()
+        finally:
+            if relay is not None:
+                self.patrol.discard(relay)
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _open(self, scope: Scope, receive: Receive, send: Send) -> Relay | None:
+        """The opening handshake on both sides: the accepted relay, or None when it was refused
+        (the client has its answer) or the client left."""
         if (await receive())["type"] != "websocket.connect":
-            return  # gone before the handshake reached us
+            return None  # gone before the handshake reached us
         settings = self.settings
         if scope["path"].startswith(self._admin_prefix):
             problem = Problem(404, "not-found", "pollguard's own endpoints are not WebSockets")
             await _refuse_with_problem(scope, send, problem, new_request_id())
-            return
+            return None
         peer = scope.get("client")
         try:
             headers, request_id, host = forwarded_request_headers(
@@ -119,14 +147,14 @@ class WebSocketProxy:
             )
         except BadRequest as exc:
             await _refuse_with_problem(scope, send, Problem(400, "bad-request", str(exc)), b"")
-            return
+            return None
         rid = request_id.decode("latin-1")
         opening = self._connect(scope, headers, host)
         try:
             upstream = await opening
         except InvalidStatus as exc:
             await self._pass_refusal(scope, send, exc, request_id)
-            return
+            return None
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             problem = _problem_for(exc, opening, settings.connect_timeout)
             UPSTREAM_ERRORS.labels(problem.code).inc()
@@ -137,7 +165,7 @@ class WebSocketProxy:
                 rid,
             )
             await _refuse_with_problem(scope, send, problem, request_id)
-            return
+            return None
         relay = Relay(receive, send, upstream, max_size=settings.max_message_size, request_id=rid)
         try:
             accept_headers = client_response_headers(
@@ -152,19 +180,11 @@ class WebSocketProxy:
             )
         except OSError:
             upstream.transport.abort()  # the client left while the upstream was answering
-            return
+            return None
         except BaseException:
             upstream.transport.abort()
             raise
-        self.patrol.add(relay)
-        try:
-            await relay.run()
-        except asyncio.CancelledError:
-            if relay.ended is None:
-                logger.warning("websocket cancelled by server shutdown (request_id=%s)", rid)
-            raise
-        finally:
-            self.patrol.discard(relay)
+        return relay
 
     def _connect(
         self, scope: Scope, headers: list[tuple[bytes, bytes]], host: bytes | None
@@ -192,6 +212,8 @@ class WebSocketProxy:
             subprotocols=[Subprotocol(name) for name in offered] or None,
             additional_headers=upstream_request_headers(headers),
             user_agent_header=None,
+            compression=None,
+            extensions=[UPSTREAM_DEFLATE],
             proxy=None,
             open_timeout=settings.connect_timeout,
             ping_interval=settings.ping_interval,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -40,6 +42,10 @@ IDLE_REASON = "idle timeout"
 SHUTDOWN_REASON = "server shutting down"
 STALLED_REASON = "client stopped reading"
 
+# Closing handshakes started by the patrol or shutdown, which may outlive their relay's ASGI
+# task: held here until done (the event loop keeps only weak references to tasks).
+_CLOSING: set[asyncio.Task[None]] = set()
+
 _IDLE = "idle"
 _SHUTDOWN = "shutdown"
 _STALLED = "stalled"
@@ -57,10 +63,8 @@ class Relay:
 
     __slots__ = (
         "_client_open",
-        "_closer",
         "_loop",
         "_max_size",
-        "_pump",
         "_receive",
         "_send",
         "_upstream_closing",
@@ -89,8 +93,6 @@ class Relay:
         self.request_id = request_id
         self._loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
-        self._pump: asyncio.Task[None] | None = None
-        self._closer: asyncio.Task[None] | None = None
         self._client_open = True  # no websocket.close sent, no websocket.disconnect received
         self._upstream_closing = False  # we started closing (or dropped) the upstream
         self._upstream_done = False  # the upstream connection ended on its side
@@ -99,7 +101,7 @@ class Relay:
         self.ended: str | None = None  # why pollguard itself ended this relay, if it did
 
     async def run(self) -> None:
-        pump = self._pump = self._loop.create_task(self._from_upstream())
+        pump = self._loop.create_task(self._from_upstream())
         try:
             await self._from_client()
             await pump
@@ -207,7 +209,12 @@ class Relay:
         self.ended = why
         reason = IDLE_REASON if why == _IDLE else SHUTDOWN_REASON
         logger.info("websocket closed: %s (request_id=%s)", reason, self.request_id)
-        self._closer = self._loop.create_task(self._close_both(GOING_AWAY, reason))
+        self._background(self._close_both(GOING_AWAY, reason))
+
+    def _background(self, closing: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(closing)
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
 
     async def _close_both(self, code: int, reason: str) -> None:
         await self._close_client(code, reason)
@@ -226,7 +233,7 @@ class Relay:
         )
         self._client_open = False
         if not self._upstream_done and not self._upstream_closing:
-            self._closer = self._loop.create_task(self._close_upstream(GOING_AWAY, STALLED_REASON))
+            self._background(self._close_upstream(GOING_AWAY, STALLED_REASON))
         if self.task is not None:
             self.task.cancel()
 

@@ -8,6 +8,7 @@ Every path echoes, except:
   message of n bytes, `cmd:flood:<count>:<n>` sends count binary messages of n bytes (counting
   each send that completed in `flood_sent`) and then `flood-done`;
 - `/refuse/<status>` answers the handshake with that status, a JSON body and a Set-Cookie;
+- every 101 carries `Set-Cookie: session=abc; Path=/`;
 - `/redirect` answers 302 with a Location; `/slow` never answers the handshake.
 Subprotocols: the server speaks `chat.v2` and `chat.v1` (that preference) and picks the first
 of those the client offered, or none.
@@ -16,6 +17,7 @@ of those the client offered, or none.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ from websockets.typing import Subprotocol
 
 SERVER_SUBPROTOCOLS = ("chat.v2", "chat.v1")
 REFUSAL_BODY = b'{"error":"nope"}'
+UPGRADE_COOKIE = "session=abc; Path=/"
 
 
 @dataclass
@@ -53,9 +56,9 @@ class Seen:
 
 
 class WsUpstream:
-    def __init__(self, max_size: int | None = 64 * 1024 * 1024) -> None:
+    def __init__(self, *, compression: str | None = "deflate") -> None:
         self.seen = Seen()
-        self._max_size = max_size
+        self._compression = compression
         self._changed = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
@@ -111,8 +114,10 @@ class WsUpstream:
             "127.0.0.1",
             0,
             process_request=self._process_request,
+            process_response=_set_cookie_on_upgrade,
             select_subprotocol=_select_subprotocol,
-            max_size=self._max_size,
+            max_size=None,
+            compression=self._compression,
             ping_interval=None,
         ) as server:
             self._server = server
@@ -141,7 +146,7 @@ class WsUpstream:
             headers = Headers([("Location", "/echo"), ("Content-Length", "0")])
             return Response(302, "Found", headers, b"")
         if path == "/slow":
-            await asyncio.sleep(3600)
+            await connection.wait_closed()  # never answers; ends when the peer gives up
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -173,10 +178,18 @@ class WsUpstream:
             await ws.send(b"x" * int(args[0]))
         elif verb == "flood":
             count, size = int(args[0]), int(args[1])
+            block = os.urandom(size - 4)  # incompressible: per-message-deflate can't shrink it
             for index in range(count):
-                await ws.send(index.to_bytes(4, "big") + b"y" * (size - 4))
+                await ws.send(index.to_bytes(4, "big") + block)
                 self._note(lambda seen: setattr(seen, "flood_sent", seen.flood_sent + 1))
             await ws.send("flood-done")
+
+
+def _set_cookie_on_upgrade(
+    connection: ServerConnection, request: Request, response: Response
+) -> None:
+    if response.status_code == 101:
+        response.headers["Set-Cookie"] = UPGRADE_COOKIE
 
 
 def _select_subprotocol(
