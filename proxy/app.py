@@ -96,6 +96,7 @@ class PollguardApp:
                 idle_timeout=websocket.idle_timeout,
                 connect_timeout=websocket.connect_timeout_within(config.upstream),
                 send_timeout=config.server.send_timeout,
+                upstream_deflate=websocket.upstream_deflate,
                 trusted_proxies=config.upstream.trusted_proxies,
                 preserve_host=config.upstream.preserve_host,
             ),

@@ -280,6 +280,7 @@ class WebSocketConfig(_Section):
     ping_timeout: Duration | None = DEFAULT_WS_PING_TIMEOUT
     idle_timeout: Duration | None = None
     connect_timeout: Duration | None = None
+    upstream_deflate: bool = True
 
     def connect_timeout_within(self, upstream: UpstreamConfig) -> float:
         """The opening-handshake deadline: our own, else the upstream's connect timeout."""

@@ -90,6 +90,7 @@ def render_config(cfg: Config) -> str:
             "idle_timeout": _optional_duration(websocket.idle_timeout),
             # null: upstream.connect_timeout (kept null so the rendered file follows it).
             "connect_timeout": _optional_duration(websocket.connect_timeout),
+            "upstream_deflate": websocket.upstream_deflate,
         },
         "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
         "routes": [

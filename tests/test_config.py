@@ -801,6 +801,7 @@ def test_websocket_defaults() -> None:
     )
     assert (websocket.idle_timeout, websocket.connect_timeout) == (None, None)
     assert websocket.connect_timeout_within(cfg.upstream) == 3.0
+    assert websocket.upstream_deflate is True
 
 
 def test_websocket_settings_and_null_disables() -> None:
@@ -813,6 +814,7 @@ def test_websocket_settings_and_null_disables() -> None:
                 "websocket.ping_interval": None,
                 "websocket.idle_timeout": "5m",
                 "websocket.connect_timeout": "750ms",
+                "websocket.upstream_deflate": False,
             }
         )
     )
@@ -826,6 +828,7 @@ def test_websocket_settings_and_null_disables() -> None:
         "ping_timeout": "20s",
         "idle_timeout": "5m",
         "connect_timeout": "750ms",
+        "upstream_deflate": False,
     }
     assert parse_config(render_config(cfg), env={}) == cfg
 

@@ -7,8 +7,11 @@ import asyncio
 import json
 import re
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -392,6 +395,62 @@ async def test_metrics_count_websockets(proxy: ProxyProcess) -> None:
             await metric('pollguard_websocket_handshake_failures_total{status="403"}')
             == before_refused + 1
         )
+
+
+@pytest.mark.anyio
+async def test_preserved_host_and_no_upstream_deflate(upstream: WsUpstream) -> None:
+    """upstream.preserve_host: the client's Host reaches the upstream byte for byte;
+    websocket.upstream_deflate false: pollguard offers the upstream no extension, while the
+    client still gets per-message-deflate from pollguard."""
+    config = {
+        "upstream": {"url": upstream.url, "preserve_host": True},
+        "websocket": {"upstream_deflate": False},
+    }
+    with running_proxy(config) as proxy:
+        path = "/echo/preserved-host"
+        # The client's Host is the URI's; the TCP connection goes to the proxy.
+        async with connect(f"ws://app.example:8443{path}", host="127.0.0.1", port=proxy.port) as ws:
+            assert ws.response is not None
+            assert ws.response.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
+            await ws.send("hi")
+            assert await ws.recv() == "hi"
+    fields = handshake_on(upstream, path)
+    assert fields["host"] == ["app.example:8443"]
+    assert "sec-websocket-extensions" not in fields
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and its key, made with the openssl command."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.anyio
+async def test_tls_upstream_over_wss(self_signed: tuple[Path, Path]) -> None:
+    """An https:// upstream is reached over wss://, verified with the upstream's TLS context
+    and its host name (SNI)."""
+    cert, key = self_signed
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    with WsUpstream(tls=tls) as secure:
+        # ssl.create_default_context() trusts SSL_CERT_FILE: the test certificate, here.
+        with ProxyProcess(
+            {"upstream": {"url": secure.url}}, extra_env={"SSL_CERT_FILE": str(cert)}
+        ) as proxy:
+            async with connect(ws_url(proxy, "/echo/tls")) as ws:
+                await ws.send("over tls")
+                assert await ws.recv() == "over tls"
+        assert handshake_on(secure, "/echo/tls")["host"] == [f"localhost:{secure.port}"]
 
 
 def test_websocket_handshake_head_over_the_limit_is_431(

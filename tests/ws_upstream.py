@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -56,9 +57,12 @@ class Seen:
 
 
 class WsUpstream:
-    def __init__(self, *, compression: str | None = "deflate") -> None:
+    def __init__(
+        self, *, compression: str | None = "deflate", tls: ssl.SSLContext | None = None
+    ) -> None:
         self.seen = Seen()
         self._compression = compression
+        self._tls = tls
         self._changed = threading.Condition()
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
@@ -69,6 +73,8 @@ class WsUpstream:
 
     @property
     def url(self) -> str:
+        if self._tls is not None:
+            return f"https://localhost:{self.port}"
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> WsUpstream:
@@ -118,6 +124,7 @@ class WsUpstream:
             select_subprotocol=_select_subprotocol,
             max_size=None,
             compression=self._compression,
+            ssl=self._tls,
             ping_interval=None,
         ) as server:
             self._server = server
