@@ -1,5 +1,5 @@
 """The WebSocket server protocol `pollguard serve` runs: uvicorn's websockets (sans-I/O)
-protocol with two corrections a proxy needs to pass closes on faithfully.
+protocol with the corrections a proxy needs to pass closes on faithfully.
 
 1. Shutdown says 1001. At SIGTERM uvicorn closes every open WebSocket at once with 1012
    (Service Restart) and tells the app the same. A server going down is 1001 Going Away
@@ -13,6 +13,8 @@ protocol with two corrections a proxy needs to pass closes on faithfully.
    (no status) — the code of a close frame that carried none. RFC 6455 §7.1.5 calls a drop
    1006; the relay needs the difference, because it drops the upstream connection for a client
    that dropped, and closes it cleanly for one that closed.
+4. A client that stopped reading is dropped when the app gives up on it, instead of being
+   closed "gracefully" behind a write buffer that never drains.
 
 `uvicorn --factory proxy.app:create_app` users get the same with
 `--ws proxy.server_ws:PollguardWebSocketProtocol`.
@@ -61,13 +63,18 @@ class PollguardWebSocketProtocol(WebSocketsSansIOProtocol):
             self.handshake_complete = True
 
     def connection_lost(self, exc: Any) -> None:
-        if (
-            self.handshake_complete
-            and not self.disconnected
-            and not self.close_sent
-            and self.conn.close_rcvd is None
-        ):
-            # No close frame came: uvicorn's connection_lost reports 1006 for a connection
-            # whose handshake it believes incomplete, and marks it complete again itself.
+        if self.handshake_complete and not self.disconnected and self.conn.close_rcvd is None:
+            # No close frame came (a drop, or no answer to our ping or close): uvicorn's
+            # connection_lost reports 1006 for a connection whose handshake it believes
+            # incomplete, and marks it complete again itself.
             self.handshake_complete = False
         super().connection_lost(exc)
+
+    async def run_asgi(self) -> None:
+        await super().run_asgi()
+        if not self.writable.is_set() and not self.disconnected:
+            # The app ended while its client took no data (pollguard: server.send_timeout, or
+            # the shutdown grace cut it short). uvicorn's transport.close() would wait for a
+            # write buffer that never drains, holding the connection for as long as the client
+            # lives: drop it.
+            self.transport.abort()

@@ -8,8 +8,9 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import httpx
 import pytest
@@ -59,6 +60,28 @@ async def sends_stalled(upstream: WsUpstream, quiet: float = 0.5, within: float 
             return sent
         await asyncio.sleep(0.05)
     raise AssertionError(f"upstream sends never stalled ({last} done)")
+
+
+def established(local_port: int, remote_port: int) -> bool:
+    """An ESTABLISHED IPv4 TCP connection from local_port to remote_port (in /proc/net/tcp)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = fields[1], fields[2], fields[3]
+        if (
+            state == "01"
+            and int(local.split(":")[1], 16) == local_port
+            and int(remote.split(":")[1], 16) == remote_port
+        ):
+            return True
+    return False
+
+
+async def until(condition: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s")
+        await asyncio.sleep(0.02)
 
 
 @pytest.mark.anyio
@@ -113,7 +136,8 @@ async def test_idle_websocket_is_closed_with_1001_on_both_sides(upstream: WsUpst
 async def test_client_that_stops_reading_is_ended_after_send_timeout(
     plain_upstream: WsUpstream,
 ) -> None:
-    """A client that takes no byte for server.send_timeout: its upstream gets 1001."""
+    """A client that takes no byte for server.send_timeout: its upstream gets 1001, and its
+    own connection is dropped."""
     config = {
         "upstream": {"url": plain_upstream.url},
         "server": {"send_timeout": "1s"},
@@ -127,12 +151,39 @@ async def test_client_that_stops_reading_is_ended_after_send_timeout(
             await sends_stalled(upstream, quiet=0.2)
             stalled_at = time.monotonic()
             closed = await asyncio.to_thread(closed_on, upstream, "/stall", 10.0)
-            ws.transport.abort()
+            # The client's own connection is dropped, not left behind a buffer that never drains.
+            client_port = ws.transport.get_extra_info("sockname")[1]
+            await until(lambda: not established(proxy.port, client_port), within=2.0)
+            ws.transport.abort()  # it never reads again: no closing handshake to wait for
         assert (closed.code, closed.reason) == (1001, "client stopped reading")
         # send_timeout, then the upstream's close echo is awaited (UPSTREAM_CLOSE_TIMEOUT): it
         # can't come, it is queued behind the flood pollguard stopped reading.
         assert closed.at - stalled_at < 1.0 + UPSTREAM_CLOSE_TIMEOUT + 1.5
         assert "websocket client accepted no data" in proxy.logs()
+
+
+@pytest.mark.anyio
+async def test_client_that_misses_its_pings_has_its_upstream_dropped(upstream: WsUpstream) -> None:
+    """A client that completed its handshake and then went silent (no pong): after
+    ping_interval + ping_timeout its upstream connection is dropped (the upstream sees 1006)."""
+    config = {
+        "upstream": {"url": upstream.url},
+        "websocket": {"ping_interval": "0.5s", "ping_timeout": "0.5s"},
+    }
+    with running_proxy(config) as proxy:
+        head = (
+            f"GET /silent HTTP/1.1\r\nHost: 127.0.0.1:{proxy.port}\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as silent:
+            silent.sendall(head)
+            assert silent.recv(65536).startswith(b"HTTP/1.1 101 ")
+            upstream.wait_for(lambda seen: any(p == "/silent" for p, _ in seen.handshakes))
+            opened = time.monotonic()
+            closed = await asyncio.to_thread(closed_on, upstream, "/silent", 5.0)
+    assert closed.code == 1006
+    assert closed.at - opened < 0.5 + 0.5 + 1.0
 
 
 @pytest.mark.anyio
