@@ -22,16 +22,17 @@ protocol with the corrections a proxy needs to pass closes on faithfully.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-from proxy.ws_policy import GOING_AWAY
+from proxy.ws_policy import GOING_AWAY, SHUTDOWN_REASON
+
+if TYPE_CHECKING:
+    from uvicorn._types import ASGISendEvent
 
 WS_PROTOCOL_PATH = "proxy.server_ws:PollguardWebSocketProtocol"
-SHUTDOWN_REASON = "server shutting down"
 
 
 class PollguardWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -53,7 +54,10 @@ class PollguardWebSocketProtocol(WebSocketsSansIOProtocol):
         )
         self.conn.send_close(GOING_AWAY, SHUTDOWN_REASON)
         self.transport.write(b"".join(self.conn.data_to_send()))
-        self.transport.close()
+        if self.writable.is_set():
+            self.transport.close()
+        else:
+            self.transport.abort()  # a client not reading would hold the shutdown to its grace
 
     async def send(self, message: ASGISendEvent) -> None:
         await super().send(message)

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidMessage, InvalidStatus
@@ -193,7 +194,7 @@ class WebSocketProxy:
     ) -> _UpstreamConnect:
         upstream, settings = self.upstream, self.settings
         secure = upstream.ssl_context is not None
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        raw_path: bytes = scope.get("raw_path") or quote(scope["path"]).encode()
         offered: Sequence[str] = scope.get("subprotocols") or ()
         tls: dict[str, Any] = {}
         if secure:

@@ -38,6 +38,9 @@ _SENDABLE_REGISTERED = frozenset(
 
 UPSTREAM_LOST_REASON = "upstream connection lost"
 TOO_BIG_REASON = "message too big"
+IDLE_REASON = "idle timeout"
+SHUTDOWN_REASON = "server shutting down"
+STALLED_REASON = "client stopped reading"
 
 # The handshake's own fields: each side's are negotiated between that side and pollguard.
 _HANDSHAKE_OWN = frozenset(

@@ -24,8 +24,11 @@ from proxy.client import Message, Receive, Send
 from proxy.metrics import WEBSOCKETS
 from proxy.ws_policy import (
     GOING_AWAY,
+    IDLE_REASON,
     MESSAGE_TOO_BIG,
     NO_STATUS_RECEIVED,
+    SHUTDOWN_REASON,
+    STALLED_REASON,
     TOO_BIG_REASON,
     close_for_client,
     close_for_upstream,
@@ -38,9 +41,6 @@ logger = logging.getLogger("pollguard.websocket")
 UPSTREAM_MAX_QUEUE = (4, 1)
 # The patrol's longest period; shorter for short idle or send timeouts (a quarter of them).
 PATROL_SECONDS = 1.0
-IDLE_REASON = "idle timeout"
-SHUTDOWN_REASON = "server shutting down"
-STALLED_REASON = "client stopped reading"
 
 # Closing handshakes started by the patrol or shutdown, which may outlive their relay's ASGI
 # task: held here until done (the event loop keeps only weak references to tasks).
@@ -65,8 +65,10 @@ class Relay:
         "_client_open",
         "_loop",
         "_max_size",
+        "_pump",
         "_receive",
         "_send",
+        "_unblocking",
         "_upstream_closing",
         "_upstream_done",
         "ended",
@@ -93,6 +95,8 @@ class Relay:
         self.request_id = request_id
         self._loop = asyncio.get_running_loop()
         self.task = asyncio.current_task()
+        self._pump: asyncio.Task[None] | None = None  # upstream → client
+        self._unblocking = False  # _from_client cancelled the pump's send to a departed client
         self._client_open = True  # no websocket.close sent, no websocket.disconnect received
         self._upstream_closing = False  # we started closing (or dropped) the upstream
         self._upstream_done = False  # the upstream connection ended on its side
@@ -101,7 +105,7 @@ class Relay:
         self.ended: str | None = None  # why pollguard itself ended this relay, if it did
 
     async def run(self) -> None:
-        pump = self._loop.create_task(self._from_upstream())
+        pump = self._pump = self._loop.create_task(self._from_upstream())
         try:
             await self._from_client()
             await pump
@@ -135,6 +139,12 @@ class Relay:
                 self.last_activity = loop.time()
             elif kind == "websocket.disconnect":
                 self._client_open = False
+                if self.sending_since is not None and self._pump is not None:
+                    # The other pump waits to send to a client that will never read again
+                    # (the server waits for it to drain): free it to read on to the upstream's
+                    # close frame.
+                    self._unblocking = True
+                    self._pump.cancel()
                 if not self._upstream_done:
                     mapped = close_for_upstream(
                         message.get("code", NO_STATUS_RECEIVED), message.get("reason") or ""
@@ -150,13 +160,30 @@ class Relay:
         try:
             while True:
                 data = await upstream.recv()
+                if not self._client_open:
+                    # The client is closing or gone: read on and discard, so the upstream's
+                    # close frame, behind these messages, reaches the closing handshake.
+                    continue
                 message: Message
                 if isinstance(data, str):
                     message = {"type": "websocket.send", "text": data}
                 else:
                     message = {"type": "websocket.send", "bytes": data}
                 now = self.sending_since = loop.time()
-                await send(message)
+                try:
+                    await send(message)
+                except OSError:  # uvicorn's ClientDisconnected: _from_client closes the upstream
+                    self.sending_since = None
+                    self._client_open = False
+                    continue
+                except asyncio.CancelledError:
+                    if not self._unblocking:
+                        raise
+                    self._unblocking = False
+                    if (task := asyncio.current_task()) is not None:
+                        task.uncancel()
+                    self.sending_since = None
+                    continue
                 self.sending_since = None
                 self.last_activity = now
                 stats.messages_to_client += 1
@@ -166,8 +193,6 @@ class Relay:
             received = None if closed.rcvd is None else (closed.rcvd.code, closed.rcvd.reason)
             sent = None if closed.sent is None else (closed.sent.code, closed.sent.reason)
             await self._close_client(*close_for_client(received, sent, closed.rcvd_then_sent))
-        except OSError:
-            pass  # the client left (uvicorn's ClientDisconnected); _from_client sees it too
 
     # closing ----------------------------------------------------------------------------------
     async def _close_client(self, code: int, reason: str) -> None:

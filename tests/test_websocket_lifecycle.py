@@ -39,13 +39,19 @@ def plain_upstream() -> Iterator[WsUpstream]:
         yield server
 
 
-def connect_reading_slowly(port: int, path: str) -> connect:
+def connect_reading_slowly(port: int, path: str, close_timeout: float = 0.5) -> connect:
     """A client whose kernel receive buffer is small (no autotuning up to tcp_rmem's 32 MiB)
     and whose library queues one frame: it holds little, so what the upstream could not send
     was held back on the way, not swallowed by the client."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    return connect(f"ws://127.0.0.1:{port}{path}", sock=sock, max_size=None, max_queue=1)
+    return connect(
+        f"ws://127.0.0.1:{port}{path}",
+        sock=sock,
+        max_size=None,
+        max_queue=1,
+        close_timeout=close_timeout,
+    )
 
 
 async def sends_stalled(upstream: WsUpstream, quiet: float = 0.5, within: float = 20.0) -> int:
@@ -105,6 +111,30 @@ async def test_slow_reader_slows_the_upstream(plain_upstream: WsUpstream) -> Non
     assert held_back < count
     assert indexes == list(range(count))
     assert growth_mib < 40, f"proxy grew {growth_mib:.1f} MiB while the client read nothing"
+
+
+@pytest.mark.anyio
+async def test_client_close_during_a_flood_reaches_the_upstream_at_once(
+    plain_upstream: WsUpstream,
+) -> None:
+    """A client closing while the upstream streams at it: the upstream gets the client's code,
+    and the closing handshake completes at once (pollguard reads past the messages in flight
+    to the upstream's close frame instead of timing out)."""
+    upstream = plain_upstream
+    with running_proxy({"upstream": {"url": upstream.url}}) as proxy:
+        # The client stays connected after its close frame, reading nothing: pollguard's
+        # answer to it is stuck behind the messages it did not read.
+        async with connect_reading_slowly(proxy.port, "/flood-close", close_timeout=10) as ws:
+            upstream.seen.flood_sent = 0
+            await ws.send("cmd:flood:400:65536")
+            await sends_stalled(upstream, quiet=0.2)
+            closing = time.monotonic()
+            client_close = asyncio.create_task(ws.close(4003, "enough"))
+            closed = await asyncio.to_thread(closed_on, upstream, "/flood-close", 5.0)
+            ws.transport.abort()
+            await client_close
+    assert (closed.code, closed.reason) == (4003, "enough")
+    assert closed.at - closing < 1.0
 
 
 @pytest.mark.anyio
