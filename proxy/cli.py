@@ -88,8 +88,9 @@ def _serve(args: argparse.Namespace) -> int:
         http=PROTOCOL_PATH,
         # WebSockets: uvicorn's websockets protocol, closing with 1001 at shutdown. The client
         # side gets the upstream side's limits: the same largest message (larger: close 1009),
-        # the same pings (a client that vanished or stopped reading is found within
-        # ping_interval + ping_timeout), and per-message-deflate when the client offers it.
+        # the same pings (a client that vanished is found within ping_interval + ping_timeout;
+        # one that stopped reading, within server.send_timeout), and per-message-deflate when
+        # the client offers it.
         ws=WS_PROTOCOL_PATH,
         ws_max_size=config.websocket.max_message_size,
         ws_ping_interval=config.websocket.ping_interval,
