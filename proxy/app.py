@@ -22,6 +22,7 @@ from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
 from proxy.tls import client_context
 from proxy.upstream import Upstream, UpstreamSettings
+from proxy.websocket import WebSocketProxy, WebSocketSettings
 
 logger = logging.getLogger("pollguard")
 
@@ -68,7 +69,8 @@ def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
 
 
 class PollguardApp:
-    """Dispatches admin paths to the admin app and everything else to the forwarder."""
+    """Dispatches admin paths to the admin app, WebSockets to their proxy, and everything else
+    to the forwarder."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -99,6 +101,22 @@ class PollguardApp:
             send_timeout=config.server.send_timeout,
         )
         self.admin = create_admin_app(self._prefix, self.upstream, None)
+        websocket = config.websocket
+        self.websockets = WebSocketProxy(
+            self.upstream,
+            WebSocketSettings(
+                max_message_size=websocket.max_message_size,
+                ping_interval=websocket.ping_interval,
+                ping_timeout=websocket.ping_timeout,
+                idle_timeout=websocket.idle_timeout,
+                connect_timeout=websocket.connect_timeout_within(config.upstream),
+                send_timeout=config.server.send_timeout,
+                upstream_deflate=websocket.upstream_deflate,
+                trusted_proxies=config.upstream.trusted_proxies,
+                preserve_host=config.upstream.preserve_host,
+            ),
+            self._prefix,
+        )
 
     async def startup(self) -> None:
         config = self.config
@@ -155,6 +173,9 @@ class PollguardApp:
         )
 
     async def shutdown(self) -> None:
+        # Under pollguard serve every WebSocket is closed by now (proxy.server_ws, at SIGTERM);
+        # under another server, this closes the rest with 1001.
+        await self.websockets.close_all(self.config.server.shutdown_timeout)
         if self.guard is not None:
             # Episodes that just ended are forgotten in the background: let those writes land
             # (each is bounded by state.timeout) before the store closes.
@@ -183,8 +204,12 @@ class PollguardApp:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
         elif kind == "websocket":
-            # Upgrade is hop-by-hop and not proxied; refuse cleanly instead of hanging.
-            await send({"type": "websocket.close", "code": 1003})
+            try:
+                await self.websockets(scope, receive, send)
+            except Exception:
+                logger.exception(
+                    "unexpected error while proxying WebSocket %s", log_safe(scope["path"])
+                )
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -20,6 +20,7 @@ from proxy.config import (
     DEFAULT_WORKERS,
     LOG_LEVELS,
     ServerConfig,
+    WebSocketConfig,
     load_config,
 )
 from proxy.config_loading import translate_validation_error
@@ -27,6 +28,7 @@ from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.server_http import PROTOCOL_PATH
+from proxy.server_ws import WS_PROTOCOL_PATH
 from proxy.tls import uvicorn_ssl_options
 
 EXIT_CONFIG_ERROR = 2
@@ -79,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     # The factory (also used by `uvicorn --factory`) reads the path back from the environment,
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
-    uvicorn.run("proxy.app:create_app", factory=True, **uvicorn_options(server))
+    uvicorn.run("proxy.app:create_app", factory=True, **uvicorn_options(server, config.websocket))
     return 0
 
 
@@ -89,7 +91,7 @@ def effective_server(server: ServerConfig, args: argparse.Namespace) -> ServerCo
     return server.model_copy(update=given)
 
 
-def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
+def uvicorn_options(server: ServerConfig, websocket: WebSocketConfig) -> dict[str, Any]:
     """How `pollguard serve` runs uvicorn; README's plain `uvicorn --factory` line mirrors it."""
     tls = server.tls
     return {
@@ -112,6 +114,16 @@ def uvicorn_options(server: ServerConfig) -> dict[str, Any]:
         # HTTPS when server.tls has a certificate; scope["scheme"] is then "https", and so is
         # the X-Forwarded-Proto pollguard sends upstream.
         **uvicorn_ssl_options(tls.cert_file, tls.key_file, tls.ca_file),
+        # WebSockets: uvicorn's websockets protocol, closing with 1001 at shutdown. The client
+        # side gets the upstream side's limits: the same largest message (larger: close 1009),
+        # the same pings (a client that vanished is found within ping_interval + ping_timeout;
+        # one that stopped reading, within server.send_timeout), and per-message-deflate when
+        # the client offers it.
+        "ws": WS_PROTOCOL_PATH,
+        "ws_max_size": websocket.max_message_size,
+        "ws_ping_interval": websocket.ping_interval,
+        "ws_ping_timeout": websocket.ping_timeout,
+        "ws_per_message_deflate": True,
     }
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "StateConfig",
     "UpstreamConfig",
     "UpstreamTLSConfig",
+    "WebSocketConfig",
     "format_duration",
     "format_size",
     "load_config",
@@ -90,6 +91,11 @@ DEFAULT_MEMORY_MAX_RECORDS = 100_000
 DEFAULT_KEY_PREFIX = "pollguard:"
 DEFAULT_STORE_TIMEOUT = 0.25
 DEFAULT_ADMIN_PREFIX = "/-/"
+# WebSocket pass-through. 16 MiB is uvicorn's and most browsers' working limit; 20 s pings keep
+# idle connections alive through NAT and load balancers that drop silent flows after 30-60 s.
+DEFAULT_WS_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_WS_PING_INTERVAL = 20.0
+DEFAULT_WS_PING_TIMEOUT = 20.0
 DEFAULT_PENDING_STATUS = frozenset({202})
 # Only answers that mean "the result is there" end an episode by default: a 404/401/403 may be
 # another tenant's answer about the same key, and must not switch the guard off for its owner.
@@ -294,6 +300,22 @@ class AdminConfig(Section):
         return prefix
 
 
+class WebSocketConfig(Section):
+    """WebSocket pass-through; `null` disables a ping or idle timer. connect_timeout `null` means
+    upstream.connect_timeout (see `connect_timeout_within`)."""
+
+    max_message_size: Annotated[ByteSize, Field(ge=1)] = DEFAULT_WS_MAX_MESSAGE_SIZE
+    ping_interval: Duration | None = DEFAULT_WS_PING_INTERVAL
+    ping_timeout: Duration | None = DEFAULT_WS_PING_TIMEOUT
+    idle_timeout: Duration | None = None
+    connect_timeout: Duration | None = None
+    upstream_deflate: bool = True
+
+    def connect_timeout_within(self, upstream: UpstreamConfig) -> float:
+        """The opening-handshake deadline: our own, else the upstream's connect timeout."""
+        return upstream.connect_timeout if self.connect_timeout is None else self.connect_timeout
+
+
 def _no_dot_segments(path: str) -> str:
     segments = path.split("?", 1)[0].split("/")
     if any(segment in (".", "..") for segment in segments):
@@ -409,6 +431,7 @@ class Config(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    websocket: WebSocketConfig = Field(default_factory=WebSocketConfig)
     jobs: Mapping[str, JobConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
 

@@ -57,6 +57,7 @@ def check_workers(cfg: Config, workers: int) -> None:
 def render_config(cfg: Config) -> str:
     """The effective config as YAML that loads back to the same values; secrets masked."""
     upstream, server, state, admin = cfg.upstream, cfg.server, cfg.state, cfg.admin
+    websocket = cfg.websocket
     plain: dict[str, Any] = {
         "upstream": {
             "url": upstream.url,
@@ -95,6 +96,15 @@ def render_config(cfg: Config) -> str:
             "remembered_records": state.remembered_records,
         },
         "admin": {"prefix": admin.prefix, "token": None if admin.token is None else MASK},
+        "websocket": {
+            "max_message_size": format_size(websocket.max_message_size),
+            "ping_interval": _optional_duration(websocket.ping_interval),
+            "ping_timeout": _optional_duration(websocket.ping_timeout),
+            "idle_timeout": _optional_duration(websocket.idle_timeout),
+            # null: upstream.connect_timeout (kept null so the rendered file follows it).
+            "connect_timeout": _optional_duration(websocket.connect_timeout),
+            "upstream_deflate": websocket.upstream_deflate,
+        },
         "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
         "routes": [
             {"path": r.path, "methods": sorted(r.methods), "job": r.job, "key": r.key}
@@ -102,6 +112,10 @@ def render_config(cfg: Config) -> str:
         ],
     }
     return yaml.safe_dump(_escape_env_refs(plain), sort_keys=False, allow_unicode=True)
+
+
+def _optional_duration(seconds: float | None) -> str | None:
+    return None if seconds is None else format_duration(seconds)
 
 
 def _plain_job(job: JobConfig) -> dict[str, Any]:

@@ -1,17 +1,18 @@
 """Prometheus counters: what the guard decided, and what failed at the edges.
 
-Counted only on guarded requests and error paths; the unguarded hot path touches none of them.
+Counted only on guarded requests, error paths and WebSockets; the unguarded HTTP hot path
+touches none of them.
 Each worker process keeps its own counters (scrape each, or run one worker per replica).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client import metrics as prometheus_metrics
-from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -115,6 +116,66 @@ UPSTREAM_ERRORS = Counter(
     ["code"],
     registry=REGISTRY,
 )
+
+WEBSOCKET_HANDSHAKE_FAILURES = Counter(
+    "pollguard_websocket_handshake_failures",
+    "WebSocket handshakes refused, by the status answered: the upstream's own refusal (401, "
+    "403, 404…) or pollguard's (400, 404, 502, 504)",
+    ["status"],
+    registry=REGISTRY,
+)
+
+
+class WebSocketStats:
+    """Plain counters the WebSocket relay bumps per message (an attribute increment, not a
+    prometheus_client call with its lock); read only when /-/metrics is scraped."""
+
+    __slots__ = (
+        "bytes_to_client",
+        "bytes_to_upstream",
+        "messages_to_client",
+        "messages_to_upstream",
+        "open",
+    )
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.messages_to_upstream = 0
+        self.bytes_to_upstream = 0
+        self.messages_to_client = 0
+        self.bytes_to_client = 0
+
+
+WEBSOCKETS = WebSocketStats()
+
+
+class _WebSocketCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        stats = WEBSOCKETS
+        yield GaugeMetricFamily(
+            "pollguard_websocket_connections",
+            "WebSocket connections open through pollguard (accepted, not yet closed)",
+            value=stats.open,
+        )
+        messages = CounterMetricFamily(
+            "pollguard_websocket_messages",
+            "WebSocket messages relayed, by direction (to_upstream, to_client)",
+            labels=["direction"],
+        )
+        messages.add_metric(["to_upstream"], stats.messages_to_upstream)
+        messages.add_metric(["to_client"], stats.messages_to_client)
+        yield messages
+        payload = CounterMetricFamily(
+            "pollguard_websocket_bytes",
+            "WebSocket message payload bytes relayed (text as UTF-8), by direction",
+            labels=["direction"],
+        )
+        payload.add_metric(["to_upstream"], stats.bytes_to_upstream)
+        payload.add_metric(["to_client"], stats.bytes_to_client)
+        yield payload
+
+
+REGISTRY.register(_WebSocketCollector())
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

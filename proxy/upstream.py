@@ -194,6 +194,16 @@ class Upstream:
         (upstream.tls.server_name); None means the URL's host. Always None for http://."""
         return self._server_hostname
 
+    @property
+    def host_header(self) -> bytes:
+        """The Host sent upstream unless upstream.preserve_host: the URL's host[:port]."""
+        return self._host_header
+
+    @property
+    def path_prefix(self) -> bytes:
+        """The URL's path without its trailing slash, put before every forwarded target."""
+        return self._prefix
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 

@@ -93,10 +93,10 @@ def test_state_unavailable_is_a_503_with_retry_after() -> None:
 
 
 def test_decision_modules_import_no_io_library() -> None:
-    """policy, routes, answers, headers, problems, recent and logtext import neither httpx, redis, starlette nor uvicorn."""
+    """policy, routes, answers, headers, problems, recent, logtext and ws_policy import neither httpx, redis, starlette, uvicorn nor websockets."""
     code = (
-        "import sys; import proxy.policy, proxy.routes, proxy.answers, proxy.headers, proxy.problems, proxy.recent, proxy.logtext; "
-        "print(sorted(m for m in ('httpx', 'redis', 'starlette', 'uvicorn', 'httptools') if m in sys.modules))"
+        "import sys; import proxy.policy, proxy.routes, proxy.answers, proxy.headers, proxy.problems, proxy.recent, proxy.logtext, proxy.ws_policy; "
+        "print(sorted(m for m in ('httpx', 'redis', 'starlette', 'uvicorn', 'httptools', 'websockets') if m in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True

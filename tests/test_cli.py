@@ -213,14 +213,14 @@ def test_bad_serve_flags_are_checked_like_the_config(flag: str, value: str, mess
 
 def test_uvicorn_options_follow_the_server_section(pki: Pki) -> None:
     """server.access_log, shutdown_timeout and tls reach uvicorn; ca_file requires client certificates."""
-    server = parse_config(
+    config = parse_config(
         "upstream: {url: 'http://b'}\n"
         "server:\n  access_log: true\n  shutdown_timeout: 5s\n"
         f"  tls: {{cert_file: {pki.proxy.cert_file}, key_file: {pki.proxy.key_file}, "
         f"ca_file: {pki.ca_file}}}\n",
         env={},
-    ).server
-    options = uvicorn_options(server)
+    )
+    options = uvicorn_options(config.server, config.websocket)
     assert options["access_log"] is True
     assert options["timeout_graceful_shutdown"] == 5.0
     assert (options["ssl_certfile"], options["ssl_keyfile"]) == (
@@ -233,7 +233,8 @@ def test_uvicorn_options_follow_the_server_section(pki: Pki) -> None:
         False,
         False,
     )
-    plain = uvicorn_options(parse_config("upstream: {url: 'http://b'}\n", env={}).server)
+    bare = parse_config("upstream: {url: 'http://b'}\n", env={})
+    plain = uvicorn_options(bare.server, bare.websocket)
     assert plain["access_log"] is False
     assert not any(name.startswith("ssl_") for name in plain)
 

@@ -140,7 +140,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "unknown top-level key",
         {"colour": "red"},
         "colour: unknown key — remove it or check the spelling (valid keys: upstream, server, "
-        "state, admin, jobs, routes)",
+        "state, admin, websocket, jobs, routes)",
     ),
     (
         "unknown nested key",
@@ -990,3 +990,64 @@ def test_job_name_with_colon_is_rejected() -> None:
         parse_config(text, env={})
     assert "jobs.a:b" in str(caught.value)
     assert "invalid job name 'a:b'" in str(caught.value)
+
+
+def test_websocket_defaults() -> None:
+    """websocket: 16 MiB messages, 20 s pings with a 20 s timeout, no idle timeout, and the
+    upstream's connect timeout for the handshake."""
+    cfg = _parse(_valid())
+    websocket = cfg.websocket
+    assert (websocket.max_message_size, websocket.ping_interval, websocket.ping_timeout) == (
+        16 * 1024 * 1024,
+        20.0,
+        20.0,
+    )
+    assert (websocket.idle_timeout, websocket.connect_timeout) == (None, None)
+    assert websocket.connect_timeout_within(cfg.upstream) == 3.0
+    assert websocket.upstream_deflate is True
+
+
+def test_websocket_settings_and_null_disables() -> None:
+    """Sizes and durations take units; null turns pings off; connect_timeout overrides the
+    upstream's; the rendered config loads back equal."""
+    cfg = _parse(
+        _with(
+            {
+                "websocket.max_message_size": "1MiB",
+                "websocket.ping_interval": None,
+                "websocket.idle_timeout": "5m",
+                "websocket.connect_timeout": "750ms",
+                "websocket.upstream_deflate": False,
+            }
+        )
+    )
+    websocket = cfg.websocket
+    assert (websocket.max_message_size, websocket.ping_interval) == (1024 * 1024, None)
+    assert (websocket.idle_timeout, websocket.connect_timeout_within(cfg.upstream)) == (300.0, 0.75)
+    rendered = yaml.safe_load(render_config(cfg))["websocket"]
+    assert rendered == {
+        "max_message_size": "1MiB",
+        "ping_interval": None,
+        "ping_timeout": "20s",
+        "idle_timeout": "5m",
+        "connect_timeout": "750ms",
+        "upstream_deflate": False,
+    }
+    assert parse_config(render_config(cfg), env={}) == cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"websocket.idle_timeout": 0},
+            f"websocket.idle_timeout: duration must be greater than 0, got 0 — {DURATION_FIX}",
+        ),
+        ({"websocket.max_message_size": "lots"}, "websocket.max_message_size: invalid size"),
+        ({"websocket.ping": "20s"}, "websocket.ping: unknown key"),
+    ],
+)
+def test_invalid_websocket_settings_name_the_field(changes: dict[str, Any], expected: str) -> None:
+    """A bad websocket: value is reported with its dotted path."""
+    (line,) = _error_lines(_with(changes))
+    assert line.startswith(f"{SOURCE}: {expected}")
