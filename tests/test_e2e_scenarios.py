@@ -203,7 +203,7 @@ async def test_old_fixed_delay_client_ends_on_terminal_500_not_its_retry_limit()
 
 def test_demo_command_runs_every_scenario_as_promised() -> None:
     """`python -m proxy demo --scenario all --speed 3` exits 0 with a summary row per scenario,
-    each marked as promised."""
+    each marked as promised: live-status's WebSocket client followed its job through pollguard."""
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "demo", "--scenario", "all", "--speed", "3"],
         stdout=subprocess.PIPE,
@@ -223,6 +223,9 @@ def test_demo_command_runs_every_scenario_as_promised() -> None:
         "healthy",
         "stuck-once",
         "worker-offline",
+        "live-status",
     ]
     assert "500 job-stuck" in rows[2]
-    assert "all as promised" in output
+    assert "followed to ready, 1000" in rows[3] and "5 msgs" in rows[3]
+    assert "WS   <- job #1 ready" in output
+    assert "1 followed live, all as promised" in output

@@ -231,8 +231,8 @@ async def test_player_stops_on_not_found_and_on_unreachable(stack: Stack) -> Non
 
 
 def test_demo_parser_defaults_and_scenario_selection() -> None:
-    """No options → stuck-once and worker-offline on both paths; --scenario X → pollguard only,
-    --direct → direct only, `all` → every scenario; --speed must be positive."""
+    """No options → stuck-once, worker-offline and live-status on both paths; --scenario X →
+    pollguard only, --direct → direct only, `all` → every scenario; --speed must be positive."""
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers()
     add_demo_parser(subparsers)
@@ -240,7 +240,7 @@ def test_demo_parser_defaults_and_scenario_selection() -> None:
     default = parser.parse_args(["demo"])
     assert default.func is run_demo_command
     options = demo_options(default)
-    assert options.scenarios == ("stuck-once", "worker-offline")
+    assert options.scenarios == ("stuck-once", "worker-offline", "live-status")
     assert options.paths == (Path.POLLGUARD, Path.DIRECT) and options.speed == 1.0
     one = demo_options(parser.parse_args(["demo", "--scenario", "healthy", "--speed", "2"]))
     assert (one.scenarios, one.paths, one.timings.stuck_after) == (

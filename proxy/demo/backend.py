@@ -66,6 +66,9 @@ class Job:
     number: int  # 1 for the call's first job, 2 for the next, ...
     status: JobStatus = JobStatus.QUEUED
     created_at: float = field(default_factory=time.monotonic)
+    # Every status the job has had, in order: a status feed replays what it has not sent yet,
+    # so a client sees each step even when two happen between its looks.
+    history: list[JobStatus] = field(default_factory=lambda: [JobStatus.QUEUED])
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,15 @@ class Job:
             "job_number": self.number,
             "status": str(self.status),
         }
+
+
+@dataclass(frozen=True)
+class JobHistory:
+    """One job as a status feed sees it."""
+
+    run_id: str
+    number: int
+    statuses: tuple[JobStatus, ...]
 
 
 class Backend:
@@ -104,6 +116,17 @@ class Backend:
 
     def job(self, run_id: str) -> Job | None:
         return self._jobs.get(run_id)
+
+    def call_jobs(self, call_sid: str) -> tuple[list[JobHistory], bool]:
+        """Every job of `call_sid` in creation order with its status history, and whether the
+        recording is ready, read together (one lock) so the two always agree."""
+        with self._lock:
+            jobs = [
+                JobHistory(job.run_id, job.number, tuple(job.history))
+                for job in self._jobs.values()
+                if job.call_sid == call_sid
+            ]
+            return jobs, call_sid in self._ready
 
     def snapshot(self) -> dict[str, Any]:
         """Counters as plain JSON: jobs created and forced prepares per call, requests per
@@ -205,6 +228,7 @@ class Backend:
             return  # failed or cancelled while downloading: its result is thrown away
         with self._lock:
             job.status = JobStatus.SUCCEEDED
+            job.history.append(JobStatus.SUCCEEDED)
             self._ready.add(job.call_sid)
             if self._active_by_call.get(job.call_sid) == job.run_id:
                 del self._active_by_call[job.call_sid]
@@ -213,6 +237,7 @@ class Backend:
     def _set_status(self, job: Job, status: JobStatus) -> None:
         with self._lock:
             job.status = status
+            job.history.append(status)
 
     def _emit(self, call_sid: str, message: str) -> None:
         if self._on_event is not None:

@@ -104,7 +104,8 @@ def add_simulate_backend_parser(subparsers: Subparsers) -> None:
         "simulate-backend",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run the legacy recordings backend simulator (for trying configs by hand)",
-        description="Serve a simulated legacy recordings API, stuck-queue bug included. "
+        description="Serve a simulated legacy recordings API, stuck-queue bug included, with a "
+        "WebSocket status feed per call at /api/recordings/{call_sid}/events. "
         "Counters: GET /_sim/counters; switch faults at run time: POST /_sim/faults "
         '{"worker_mode": "ok", "prepare_fails": false, "latency_ms": 0}.',
     )
@@ -162,6 +163,7 @@ def run_simulate_backend_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.demo.simulator import create_simulator
+    from proxy.server_ws import WS_PROTOCOL_PATH
 
     simulator = create_simulator(
         simulator_settings(args),
@@ -175,6 +177,18 @@ def run_simulate_backend_command(args: argparse.Namespace) -> int:
         sids = ", ".join(call_sid_for(tenant, i) for i in range(CALLS_LISTED_PER_TENANT))
         print(f"  tenant {tenant}: Authorization: Bearer {token} (or Cookie: session={token})")
         print(f"    calls: {sids}, ... ; no recording: {unrecorded_call_sid(tenant)}")
-    print("  all calls: GET /_sim/calls", flush=True)
-    uvicorn.run(simulator.app, host=args.host, port=args.port, log_level=args.log_level)
+    print(
+        "  all calls: GET /_sim/calls; a call's live job status: WebSocket "
+        "/api/recordings/<call_sid>/events",
+        flush=True,
+    )
+    # pollguard's WebSocket server protocol: uvicorn's own logs an ERROR line for every feed
+    # handshake the simulator refuses (401, 404).
+    uvicorn.run(
+        simulator.app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        ws=WS_PROTOCOL_PATH,
+    )
     return 0

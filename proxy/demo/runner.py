@@ -21,10 +21,11 @@ from proxy.demo.client import (
     play,
 )
 from proxy.demo.guard_config import GuardTimings, pollguard_config
-from proxy.demo.scenarios import SCENARIOS, Path, Scenario
+from proxy.demo.live import LiveOutcome, LiveResult, follow
+from proxy.demo.scenarios import SCENARIOS, ClientKind, Path, Scenario
 from proxy.demo.servers import PollguardProcess, ServerStartError, ThreadedServer
 from proxy.demo.simulator import create_simulator
-from proxy.demo.verdicts import Verdict, judge, outcome_text
+from proxy.demo.verdicts import Verdict, exchanges_text, judge, judge_live, outcome_text
 
 DEMO_TENANT = "alice"
 DEMO_BACKEND_RETRY_AFTER_SECONDS = 1  # the legacy 2s, compressed like the guard's timings
@@ -56,7 +57,7 @@ class DemoOptions:
 class RunReport:
     scenario: Scenario
     path: Path
-    result: ClientResult
+    result: ClientResult | LiveResult
     jobs_created: int
     forced_prepares: int
     verdict: Verdict
@@ -123,19 +124,37 @@ async def run_one(
             raise
         await all_started.wait()
         timeline.start_clock_once()
-        timeline.line(label, f"client starts polling {base_url} ({scenario.story})")
-        call_sid = call_sid_for(DEMO_TENANT, 0)
-        result = await play(
-            base_url,
-            call_sid,
-            token_for(DEMO_TENANT),
-            options.client_settings(),
-            on_event=lambda event: timeline.client_event(label, event),
+        action = (
+            "opens the job's status feed on"
+            if scenario.client is ClientKind.WEBSOCKET
+            else "starts polling"
         )
+        timeline.line(label, f"client {action} {base_url} ({scenario.story})")
+        call_sid = call_sid_for(DEMO_TENANT, 0)
+        result: ClientResult | LiveResult
+        if scenario.client is ClientKind.WEBSOCKET:
+            result = await follow(
+                base_url,
+                call_sid,
+                token_for(DEMO_TENANT),
+                on_event=lambda text: timeline.line(label, text),
+            )
+        else:
+            result = await play(
+                base_url,
+                call_sid,
+                token_for(DEMO_TENANT),
+                options.client_settings(),
+                on_event=lambda event: timeline.client_event(label, event),
+            )
         counters = simulator.backend.snapshot()
         jobs = int(counters["jobs_created"].get(call_sid, 0))
         forced = int(counters["forced_prepares"].get(call_sid, 0))
-        verdict = judge(scenario, path, result, jobs, options.timings)
+        verdict = (
+            judge_live(result, jobs)
+            if isinstance(result, LiveResult)
+            else judge(scenario, path, result, jobs, options.timings)
+        )
         timeline.line(
             label,
             f"=> {outcome_text(result)}: {'as promised' if verdict.ok else 'NOT as promised'}",
@@ -152,7 +171,7 @@ def format_summary(reports: list[RunReport]) -> str:
         "scenario",
         "path",
         "outcome",
-        "polls",
+        "polls/msgs",
         "jobs",
         "re-prepares",
         "time",
@@ -164,7 +183,7 @@ def format_summary(reports: list[RunReport]) -> str:
             r.scenario.name,
             str(r.path),
             outcome_text(r.result),
-            str(r.result.polls),
+            exchanges_text(r.result),
             str(r.jobs_created),
             str(r.forced_prepares),
             f"{r.result.elapsed:.1f}s",
@@ -211,8 +230,10 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         print(f"error{hint}: {failure}", file=out)
     all_ok = not failures and all(r.verdict.ok for r in reports)
     played = sum(r.result.outcome is Outcome.PLAYED for r in reports)
+    followed = sum(r.result.outcome is LiveOutcome.FOLLOWED for r in reports)
+    live = f"{followed} followed live, " if followed else ""
     print(
-        f"\n{len(reports)} runs, {played} played, "
+        f"\n{len(reports)} runs, {played} played, {live}"
         f"{'all as promised' if all_ok else 'SOME NOT AS PROMISED'} "
         f"({time.monotonic() - timeline.started:.1f}s)",
         file=out,

@@ -13,11 +13,17 @@ class Path(StrEnum):
     DIRECT = "direct"
 
 
+class ClientKind(StrEnum):
+    POLLING = "polling"  # the audio player polling the file URL (proxy.demo.client)
+    WEBSOCKET = "websocket"  # a player following the job's status feed (proxy.demo.live)
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
     worker_mode: WorkerMode
     story: str
+    client: ClientKind = ClientKind.POLLING
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -30,6 +36,12 @@ SCENARIOS: dict[str, Scenario] = {
             "the first download job hangs forever; a fresh job would succeed",
         ),
         Scenario("worker-offline", WorkerMode.OFFLINE, "no worker picks up any job, ever"),
+        Scenario(
+            "live-status",
+            WorkerMode.OK,
+            "a WebSocket client follows the job's live status",
+            ClientKind.WEBSOCKET,
+        ),
     )
 }
-SIDE_BY_SIDE_SCENARIOS = ("stuck-once", "worker-offline")
+SIDE_BY_SIDE_SCENARIOS = ("stuck-once", "worker-offline", "live-status")

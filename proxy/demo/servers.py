@@ -21,6 +21,7 @@ import uvicorn
 import yaml
 
 import proxy
+from proxy.server_ws import WS_PROTOCOL_PATH
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_START_TIMEOUT_SECONDS = 15.0
@@ -44,8 +45,12 @@ class ThreadedServer:
     """An ASGI app under uvicorn on a loopback port, in a daemon thread of this process."""
 
     def __init__(self, app: Any, port: int | None = None, **options: Any) -> None:
-        """`options` go to uvicorn.Config as they are: `ssl_certfile=…, ssl_keyfile=…` serve HTTPS."""
+        """`options` go to uvicorn.Config as they are: `ssl_certfile=…, ssl_keyfile=…` serve HTTPS.
+        WebSockets get pollguard's server protocol unless `ws=` says otherwise: uvicorn's own
+        logs an ERROR line for every handshake the app refuses with an HTTP answer (the
+        simulator's status feed refuses 401/404 that way)."""
         self.port = port if port is not None else free_port()
+        options.setdefault("ws", WS_PROTOCOL_PATH)
         self.config = uvicorn.Config(
             app,
             host=LOOPBACK,

@@ -1,5 +1,6 @@
 """A Starlette app that behaves like the legacy recordings API *before* any fix, stuck-queue bug
-included. Endpoints under /_sim/ let tests and the demo read counters and switch faults."""
+included, with a WebSocket status feed per call (proxy.demo.events). Endpoints under /_sim/ let
+tests and the demo read counters and switch faults."""
 
 from __future__ import annotations
 
@@ -10,16 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from proxy.demo.backend import Backend, EventListener, Faults, SimulatorSettings, WorkerMode
 from proxy.demo.catalog import TENANT_TOKENS, Call, recording_bytes, seeded_calls
+from proxy.demo.events import EVENTS_PATH, run_feed
 from proxy.demo.ranges import RangeNotSatisfiable, parse_single_range
 
 Handler = Callable[[Request], Awaitable[Response]]
 FILE_METHODS = "GET, HEAD, OPTIONS"
+POLICY_VIOLATION = 1008  # a refusal under a server without the WebSocket denial extension
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class Simulator:
     backend: Backend
 
 
-def tenant_of(request: Request) -> str | None:
+def tenant_of(request: HTTPConnection) -> str | None:
     """The tenant named by `Authorization: Bearer <token>` or the `session` cookie."""
     authorization = request.headers.get("authorization", "")
     scheme, _, token = authorization.partition(" ")
@@ -37,12 +41,12 @@ def tenant_of(request: Request) -> str | None:
     return TENANT_TOKENS.get(request.cookies.get("session", ""))
 
 
-def _json(body: dict[str, Any], status: int, request: Request, **headers: str) -> Response:
+def _json(body: dict[str, Any], status: int, request: HTTPConnection, **headers: str) -> Response:
     response = JSONResponse(body, status_code=status, headers=headers)
     return _with_cors(response, request)
 
 
-def _with_cors(response: Response, request: Request) -> Response:
+def _with_cors(response: Response, request: HTTPConnection) -> Response:
     origin = request.headers.get("origin")
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
@@ -71,7 +75,7 @@ def create_simulator(
 
         return wrap
 
-    def owned_call(request: Request) -> tuple[Call | None, Response | None]:
+    def owned_call(request: HTTPConnection) -> tuple[Call | None, Response | None]:
         tenant = tenant_of(request)
         if tenant is None:
             return None, _json({"error": "unauthorized"}, 401, request)
@@ -169,6 +173,25 @@ def create_simulator(
         backend.cancel(job)
         return _json(job.as_json(), 200, request)
 
+    async def recording_events(websocket: WebSocket) -> None:
+        """The call's job status feed; refused like the file endpoint (401, 404) before the
+        upgrade, with the same JSON bodies."""
+        if backend.faults.latency_seconds > 0:
+            await asyncio.sleep(backend.faults.latency_seconds)
+        call, refusal = owned_call(websocket)
+        if call is not None and not call.has_recording_url:
+            call, refusal = None, _json({"error": "not_found"}, 404, websocket)
+        if call is None:
+            refusal = refusal or _json({"error": "not_found"}, 404, websocket)
+            backend.record_request("WS events", refusal.status_code)
+            if "websocket.http.response" in websocket.scope.get("extensions", {}):
+                await websocket.send_denial_response(refusal)
+            else:
+                await websocket.close(POLICY_VIOLATION)
+            return
+        backend.record_request("WS events", 101)
+        await run_feed(websocket, backend, call.call_sid)
+
     async def counters(request: Request) -> Response:
         return JSONResponse(backend.snapshot())
 
@@ -223,6 +246,7 @@ def create_simulator(
         Route("/api/recordings/runs/{run_id}/status", run_status, methods=["GET"]),
         Route("/api/recordings/runs/{run_id}/cancel", run_cancel, methods=["POST"]),
         Route("/api/recordings/{call_sid}/prepare", prepare, methods=["POST"]),
+        WebSocketRoute(EVENTS_PATH, recording_events),
         Route("/_sim/counters", counters, methods=["GET"]),
         Route("/_sim/faults", set_faults, methods=["POST"]),
         Route("/_sim/calls", list_calls, methods=["GET"]),

@@ -6,8 +6,13 @@ from dataclasses import dataclass
 
 from proxy.demo.backend import WorkerMode
 from proxy.demo.client import ClientResult, Outcome
+from proxy.demo.events import NORMAL_CLOSURE
 from proxy.demo.guard_config import GuardTimings
+from proxy.demo.live import LiveOutcome, LiveResult
 from proxy.demo.scenarios import Path, Scenario
+
+UNAUTHENTICATED = 401
+LIVE_STEPS = ("#1 queued", "#1 running", "#1 ready")
 
 
 @dataclass(frozen=True)
@@ -40,7 +45,28 @@ def judge(
     )
 
 
-def outcome_text(result: ClientResult) -> str:
+def judge_live(result: LiveResult, jobs_created: int) -> Verdict:
+    """A WebSocket passes through pollguard untouched: both paths must see the same feed — the
+    backend's own 401 without credentials, every step of the one job, the greeting acknowledged,
+    and the backend's 1000 close."""
+    return Verdict(
+        result.outcome is LiveOutcome.FOLLOWED
+        and result.unauthenticated_status == UNAUTHENTICATED
+        and result.statuses == LIVE_STEPS
+        and result.acked
+        and result.close_code == NORMAL_CLOSURE
+        and jobs_created == 1,
+        "401 without token; queued, running, ready; ack; 1000",
+    )
+
+
+def outcome_text(result: ClientResult | LiveResult) -> str:
+    if isinstance(result, LiveResult):
+        if result.outcome is LiveOutcome.FOLLOWED:
+            return f"followed to ready, {result.close_code}"
+        if result.outcome is LiveOutcome.CLOSED:
+            return f"closed {result.close_code} {result.close_reason}".rstrip()
+        return f"{result.outcome} {result.error}".strip()
     if result.outcome is Outcome.TERMINAL:
         code = result.problem_code or "?"
         return f"{result.statuses[-1] if result.statuses else '?'} {code}"
@@ -49,3 +75,10 @@ def outcome_text(result: ClientResult) -> str:
     if result.outcome is Outcome.GAVE_UP:
         return f"gave up after {result.polls} polls"
     return f"{result.outcome} {result.error}".strip()
+
+
+def exchanges_text(result: ClientResult | LiveResult) -> str:
+    """The table's polls/msgs column: polls made, or feed messages received."""
+    if isinstance(result, LiveResult):
+        return f"{result.messages} msgs"
+    return str(result.polls)
