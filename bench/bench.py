@@ -1,9 +1,10 @@
 """Benchmark pollguard against nginx and the Python proxies, in one run, on one machine.
 
 Usage (normally through bench/run, which installs everything first):
-    python bench/bench.py [--quick] [--rounds N] [--peers a,b] [--report-only]
+    python bench/bench.py [--quick] [--rounds N] [--peers a,b] [--ws-only] [--report-only]
 Peers are measured in alternating order, round after round, so machine drift hits all of
-them equally; the report shows medians with min–max.
+them equally; the report shows medians with min–max. Each round measures HTTP, then WebSockets
+(bench/ws.py) in a second process of the same peer.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import checks
@@ -25,6 +28,7 @@ import peers
 import procs
 import report
 import upstream
+import ws
 
 REPO = peers.BENCH_DIR.parent
 WORK = peers.BENCH_DIR / ".work"
@@ -74,6 +78,18 @@ class Sample:
     frozen_after_bad: int = 0
     checks: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    # The WebSocket scenario (bench/ws.py): the peer again, its upstream the echo server
+    ws_rt_per_s: float | None = None  # echo round trips, 32 connections, 64 B text
+    ws_rt_p50_ms: float | None = None
+    ws_rt_p99_ms: float | None = None
+    ws_rt_cpu_us: float | None = None
+    ws_bulk_per_s: float | None = None  # 1 MiB binary echoes, 4 connections (= MiB/s each way)
+    ws_base_rss_mib: float | None = None  # the fresh process, before any WebSocket
+    ws_idle_open: int | None = None
+    ws_idle_rss_mib: float | None = None  # with 1,000 idle WebSockets open
+    ws_idle_kib_per_conn: float | None = None
+    ws_bad: int = 0  # refused, broken or wrong echoes
+    ws_error: str | None = None
 
 
 def _redis_command(port: int, command: bytes) -> bytes:
@@ -122,10 +138,37 @@ def _per_request(before: int | None, after: int | None, requests: int) -> float 
     return (after - before) / requests
 
 
+@dataclass(frozen=True)
+class WsSetup:
+    tool: Path
+    echo_port: int
+
+
 def measure(
-    peer: peers.Peer, ctx: peers.Context, ref: checks.Reference, opts: dict[str, int]
+    peer: peers.Peer,
+    ctx: peers.Context,
+    ref: checks.Reference | None,
+    opts: dict[str, int],
+    ws_setup: WsSetup | None,
 ) -> Sample:
+    """One round of one peer: HTTP (unless `ref` is None: --ws-only), then WebSockets."""
     sample = Sample()
+    if ref is not None:
+        _measure_http(peer, ctx, ref, opts, sample)
+    if ws_setup is not None and peer.websocket:
+        fields = ws.measure(peer, ctx, ws_setup.tool, ws_setup.echo_port, opts)
+        for name, value in fields.items():
+            setattr(sample, name, value)
+    return sample
+
+
+def _measure_http(
+    peer: peers.Peer,
+    ctx: peers.Context,
+    ref: checks.Reference,
+    opts: dict[str, int],
+    sample: Sample,
+) -> None:
     if peer.needs_redis and ctx.redis_port:
         _redis_command(ctx.redis_port, b"FLUSHALL")
     started = time.perf_counter()
@@ -195,7 +238,21 @@ def measure(
     finally:
         if running.proc is not None:
             procs.stop(running.proc)
-    return sample
+
+
+def _start_ws() -> tuple[WsSetup | None, Any, str | None]:
+    """Build wsbench and start its echo server: (setup, echo process, why not)."""
+    why = ws.available()
+    if why is not None:
+        return None, None, why
+    try:
+        tool = ws.build_tool(WORK)
+        echo_proc, echo_port = ws.start_echo(WORK, tool)
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        return None, None, f"{type(exc).__name__}: {exc}"
+    except subprocess.CalledProcessError as exc:
+        return None, None, f"cc failed: {exc.stderr.strip()[-500:]}"
+    return WsSetup(tool, echo_port), echo_proc, None
 
 
 def _log(message: str) -> None:
@@ -209,8 +266,11 @@ def run(args: argparse.Namespace) -> int:
     if args.seconds:
         opts["seconds"] = args.seconds
     selected = [p for p in peers.PEERS if not args.peers or p.name in args.peers.split(",")]
+    if args.ws_only:
+        selected = [p for p in selected if p.websocket]
     WORK.mkdir(parents=True, exist_ok=True)
     procs.install_cleanup()
+    procs.raise_nofile_limit()  # inherited: 1,000 WebSockets through a peer are 2,000 sockets
     pinning = (
         f"proxy pinned to core {procs.PROXY_CORE}; wrk, nginx upstream, redis and curl on core "
         f"{procs.LOAD_CORE} (taskset)"
@@ -219,17 +279,30 @@ def run(args: argparse.Namespace) -> int:
     )
     _log(pinning)
     meta = report.collect_meta(REPO, pinning, opts, quick=args.quick)
-    _log("generating upstream files (50 MiB, 500 MiB) in bench/.work")
-    files = upstream.prepare_files(WORK)
-    upstream_proc, upstream_port = upstream.start_upstream(WORK, files)
+    ws_setup, echo_proc, ws_unavailable = _start_ws()
+    meta["ws"] = ws.describe(ws_unavailable, ws_only=args.ws_only)
+    if ws_unavailable:
+        _log(f"WebSocket scenario: n/a ({ws_unavailable})")
+    if args.ws_only:
+        if ws_setup is None:
+            _log("FAILED: --ws-only, but the WebSocket scenario can't run")
+            return 1
+        upstream_proc, upstream_port, ref = None, ws_setup.echo_port, None
+    else:
+        _log("generating upstream files (50 MiB, 500 MiB) in bench/.work")
+        files = upstream.prepare_files(WORK)
+        upstream_proc, upstream_port = upstream.start_upstream(WORK, files)
+        ref = checks.Reference(files=files, upstream_port=upstream_port)
     redis_port = None
     redis_proc = None
-    if any(p.needs_redis for p in selected):
+    if not args.ws_only and any(p.needs_redis for p in selected):
         try:
             redis_proc, redis_port = upstream.start_redis(WORK)
         except (OSError, RuntimeError, TimeoutError) as exc:
             _log(f"redis-server could not start: {exc}")
-    background = procs.children(upstream_proc.pid) + ([redis_proc.pid] if redis_proc else [])
+    background = (procs.children(upstream_proc.pid) if upstream_proc else []) + (
+        [redis_proc.pid] if redis_proc else []
+    )
     ctx = peers.Context(
         work=WORK,
         upstream_port=upstream_port,
@@ -237,7 +310,6 @@ def run(args: argparse.Namespace) -> int:
         redis_pid=redis_proc.pid if redis_proc else None,
         background_pids=tuple(background),
     )
-    ref = checks.Reference(files=files, upstream_port=upstream_port)
 
     unavailable: dict[str, str] = {}
     for peer in selected:
@@ -254,13 +326,22 @@ def run(args: argparse.Namespace) -> int:
         order = runnable[round_number - 1 :] + runnable[: round_number - 1]  # rotate the start
         for peer in order:
             _log(f"round {round_number}/{opts['rounds']}: {peer.name}")
-            sample = measure(peer, ctx, ref, opts)
+            sample = measure(peer, ctx, ref, opts, ws_setup)
             failed = [c["name"] for c in sample.checks if not c["passed"]]
-            _log(
-                f"  {peer.name}: small {sample.small_rps} req/s, p99 {sample.small_p99_ms} ms, "
-                f"202 {sample.pending_rps} req/s, downloads {sample.download_s} s, "
-                f"peak RSS {sample.peak_rss_mib} MiB, checks failed {failed}, error {sample.error}"
-            )
+            if ref is not None:
+                _log(
+                    f"  {peer.name}: small {sample.small_rps} req/s, p99 {sample.small_p99_ms} "
+                    f"ms, 202 {sample.pending_rps} req/s, downloads {sample.download_s} s, peak "
+                    f"RSS {sample.peak_rss_mib} MiB, checks failed {failed}, error {sample.error}"
+                )
+            if ws_setup is not None and peer.websocket:
+                _log(
+                    f"  {peer.name}: WebSocket echo {_r(sample.ws_rt_per_s)} round trips/s "
+                    f"(p99 {sample.ws_rt_p99_ms} ms), 1 MiB {_r(sample.ws_bulk_per_s)} MiB/s, "
+                    f"{sample.ws_idle_open} idle: RSS {_r(sample.ws_idle_rss_mib)} MiB "
+                    f"(fresh {_r(sample.ws_base_rss_mib)}), bad {sample.ws_bad}, "
+                    f"error {sample.ws_error}"
+                )
             if sample.frozen_frozen_rps is not None:
                 segments = ", ".join(
                     f"{segment} {getattr(sample, f'frozen_{segment}_rps')} req/s "
@@ -272,10 +353,12 @@ def run(args: argparse.Namespace) -> int:
             samples[peer.name].append(asdict(sample))
     # Deterministic instruction counts: full runs only (valgrind is slow; --quick is CI's).
     counted = None
-    if not args.quick and any(p.is_pollguard for p in runnable):
+    if not args.quick and not args.ws_only and any(p.is_pollguard for p in runnable):
         _log("instructions per request under callgrind: this tree and " + ", ".join(AGAINST))
         counted = instructions.measure_safely(ctx, AGAINST)
-    procs.stop(upstream_proc)
+    for proc in (upstream_proc, echo_proc):
+        if proc is not None:
+            procs.stop(proc)
 
     results = {
         "meta": meta,
@@ -292,11 +375,15 @@ def run(args: argparse.Namespace) -> int:
         "instructions": counted,
     }
     RESULTS_JSON.write_text(json.dumps(results, indent=2))
-    # A --quick smoke run (CI) must not overwrite the committed full-run report.
-    out = RESULTS_JSON.parent if args.quick else REPO / "docs"
+    # A --quick smoke run (CI) or a partial one must not overwrite the committed full report.
+    out = RESULTS_JSON.parent if args.quick or args.ws_only else REPO / "docs"
     report.write(results, out / "benchmarks.md", out / "benchmarks.png")
     _log(f"wrote {out / 'benchmarks.md'} and {out / 'benchmarks.png'}")
     return _exit_code(results)
+
+
+def _r(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
 
 
 def _exit_code(results: dict[str, Any]) -> int:
@@ -305,7 +392,12 @@ def _exit_code(results: dict[str, Any]) -> int:
     for peer in results["peers"]:
         if not peer["is_pollguard"]:
             continue
-        if peer["unavailable"] or not peer["samples"] or any(s["error"] for s in peer["samples"]):
+        samples = peer["samples"]
+        if (
+            peer["unavailable"]
+            or not samples
+            or any(s.get("error") or s.get("ws_error") for s in samples)
+        ):
             broken.append(peer["name"])
     if broken:
         _log(f"FAILED: pollguard could not be benchmarked: {', '.join(broken)}")
@@ -326,6 +418,11 @@ def main() -> int:
     )
     parser.add_argument(
         "--peers", help="comma-separated subset of: " + ", ".join(p.name for p in peers.PEERS)
+    )
+    parser.add_argument(
+        "--ws-only",
+        action="store_true",
+        help="only the WebSocket scenario (report in bench/.work, docs/ untouched)",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="re-render docs/ from bench/.work/results.json"

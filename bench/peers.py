@@ -55,6 +55,7 @@ class Peer:
     start: Callable[[Context], Running]
     is_pollguard: bool = False
     needs_redis: bool = False
+    websocket: bool = True  # measured in the WebSocket scenario (bench/ws.py)
 
 
 def _uvicorn(ctx: Context, name: str, target: list[str], env: dict[str, str]) -> Running:
@@ -147,11 +148,21 @@ def _start_pollguard(ctx: Context, redis: bool) -> Running:
 
 PEERS: list[Peer] = [
     Peer("direct", "no proxy: wrk straight to the nginx upstream (the limit)", None, _start_direct),
-    Peer("nginx", "nginx proxy_pass, upstream keepalive, buffering off", None, _start_nginx),
-    Peer("asgiproxy", "asgiproxy (aiohttp) on uvicorn", "asgiproxy", _start_asgiproxy),
+    Peer(
+        "nginx",
+        "nginx proxy_pass, upstream keepalive, buffering off; Upgrade passed for WebSockets",
+        None,
+        _start_nginx,
+    ),
+    Peer(
+        "asgiproxy",
+        "asgiproxy (aiohttp; WebSockets over aiohttp's client) on uvicorn",
+        "asgiproxy",
+        _start_asgiproxy,
+    ),
     Peer(
         "fastapi-proxy-lib",
-        "fastapi-proxy-lib (httpx) on uvicorn",
+        "fastapi-proxy-lib (httpx; WebSockets over httpx-ws) on uvicorn",
         "fastapi_proxy_lib",
         _start_fastapi_proxy_lib,
     ),
@@ -169,6 +180,7 @@ PEERS: list[Peer] = [
         lambda ctx: _start_pollguard(ctx, redis=True),
         is_pollguard=True,
         needs_redis=True,
+        websocket=False,  # WebSockets never touch the store: the pollguard row covers it
     ),
 ]
 

@@ -36,6 +36,11 @@ TARGET_STARTUP_MS = 1000.0
 STORE_TIMEOUT_MS = 250.0  # state.timeout's default; the bench config leaves it
 TARGET_FROZEN_P99_MS = STORE_TIMEOUT_MS + 50.0
 TARGET_FROZEN_RATIO = 0.5
+TARGET_WS_VS_BEST_PYTHON = 1.5
+TARGET_WS_IDLE_RSS_MIB = 150.0
+WS_PYTHON_PEERS = ("asgiproxy", "fastapi-proxy-lib")
+# The direct row must stay well above every proxy, or the load generator is what is measured.
+WS_HEADROOM = 3.0
 FROZEN_SEGMENTS = [
     ("normal", "normal"),
     ("frozen", "Redis frozen (SIGSTOP)"),
@@ -247,6 +252,125 @@ def _frozen_section(peers: list[dict[str, Any]], opts: dict[str, int]) -> list[s
     return out
 
 
+def _ws_values(peer: dict[str, Any], key: str) -> list[float]:
+    return [s[key] for s in peer["samples"] if s.get(key) is not None and not s.get("ws_error")]
+
+
+def ws_median(peer: dict[str, Any], key: str) -> float | None:
+    values = _ws_values(peer, key)
+    return statistics.median(values) if values else None
+
+
+def _ws_cell(peer: dict[str, Any], key: str, digits: int = 0) -> str:
+    values = _ws_values(peer, key)
+    if not values:
+        return "**error**" if any(s.get("ws_error") for s in peer["samples"]) else "n/a"
+    middle = _fmt(statistics.median(values), digits)
+    if len(values) == 1:
+        return middle
+    return f"{middle} ({_fmt(min(values), digits)}–{_fmt(max(values), digits)})"
+
+
+def _ws_target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
+    def get(name: str, key: str) -> float | None:
+        return ws_median(by_name[name], key) if name in by_name else None
+
+    lines: list[str] = []
+
+    def verdict(label: str, ok: bool | None, detail: str) -> None:
+        mark = "n/a" if ok is None else ("met" if ok else "**missed**")
+        lines.append(f"| {label} | {detail} | {mark} |")
+
+    pollguard = get("pollguard", "ws_rt_per_s")
+    python = [(rate, name) for name in WS_PYTHON_PEERS if (rate := get(name, "ws_rt_per_s"))]
+    best_rate, best_name = max(python) if python else (None, None)
+    ratio = pollguard / best_rate if pollguard and best_rate else None
+    verdict(
+        f"echo round trips/s ≥ {TARGET_WS_VS_BEST_PYTHON} × the best Python peer",
+        None if ratio is None else ratio >= TARGET_WS_VS_BEST_PYTHON,
+        "n/a" if ratio is None else f"{ratio:.2f} × {best_name}",
+    )
+    idle = get("pollguard", "ws_idle_rss_mib")
+    opened = get("pollguard", "ws_idle_open")
+    verdict(
+        f"RSS with 1,000 idle WebSockets ≤ {TARGET_WS_IDLE_RSS_MIB:.0f} MiB",
+        None
+        if idle is None or opened is None
+        else idle <= TARGET_WS_IDLE_RSS_MIB and opened == 1000,
+        "n/a" if idle is None else f"{idle:.1f} MiB ({opened:.0f} open)",
+    )
+    direct = get("direct", "ws_rt_per_s")
+    fastest = max(
+        (rate for name in (*WS_PYTHON_PEERS, "pollguard") if (rate := get(name, "ws_rt_per_s"))),
+        default=None,
+    )
+    headroom = direct / fastest if direct and fastest else None
+    verdict(
+        f"load generator not the limit: direct ≥ {WS_HEADROOM:.0f} × the fastest Python proxy",
+        None if headroom is None else headroom >= WS_HEADROOM,
+        "n/a" if headroom is None else f"{headroom:.1f} ×",
+    )
+    return lines
+
+
+def ws_section(peers: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """Echo round trips, 1 MiB messages and 1,000 idle WebSockets (bench/ws.py)."""
+    info = meta.get("ws")
+    if not info:
+        return []
+    out = ["", "## WebSocket (issue 9)", ""]
+    if info.get("unavailable"):
+        return [*out, f"n/a: {info['unavailable']}"]
+    measured = [
+        p
+        for p in peers
+        if any(s.get("ws_rt_per_s") is not None or s.get("ws_error") for s in p["samples"])
+    ]
+    bulk_mib = info["bulk_bytes"] / (1024 * 1024)
+    out += [
+        f"| peer | echo round trips/s | p50 ms | p99 ms | CPU µs/round trip | {bulk_mib:g} MiB "
+        "binary echoes/s | RSS MiB, fresh | RSS MiB, "
+        f"{info['idle_connections']:,} idle | KiB per idle WebSocket | bad |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for peer in measured:
+        bad = sum(s.get("ws_bad", 0) for s in peer["samples"])
+        out.append(
+            f"| {_label(peer)} | {_ws_cell(peer, 'ws_rt_per_s')} | "
+            f"{_ws_cell(peer, 'ws_rt_p50_ms', 2)} | {_ws_cell(peer, 'ws_rt_p99_ms', 2)} | "
+            f"{_ws_cell(peer, 'ws_rt_cpu_us')} | {_ws_cell(peer, 'ws_bulk_per_s', 1)} | "
+            f"{_ws_cell(peer, 'ws_base_rss_mib', 1)} | "
+            f"{_ws_cell(peer, 'ws_idle_rss_mib', 1)} | "
+            f"{_ws_cell(peer, 'ws_idle_kib_per_conn')} | {bad} |"
+        )
+    by_name = {p["name"]: p for p in measured}
+    out += [
+        "",
+        "| target (issue 9; medians of this run) | measured | |",
+        "|---|---:|---|",
+        *_ws_target_lines(by_name),
+        "",
+        "Each peer runs a second time for this part, with the same upstream for all: bench/wsbench.c "
+        "(built with `cc -O2`), an epoll echo server in C that sends every frame back and "
+        "negotiates no extension, pinned with the load generator, also bench/wsbench.c, to the "
+        "load core. Echo round trips: "
+        f"{info['connections']} connections, each with one {info['message_bytes']} B text "
+        f"message in flight (send, wait for the echo, compare it, send again); the client offers "
+        f"no compression. {bulk_mib:g} MiB: {info['bulk_connections']} connections, one binary "
+        "message each in flight (echoes/s × size = MiB/s each way). CPU µs/round trip: the proxy "
+        "process's utime+stime over the run ÷ round trips (nginx: its worker). Idle: "
+        f"{info['idle_connections']:,} WebSockets opened (64 handshakes at a time, offering "
+        "per-message-deflate as browsers do), RSS (VmRSS) read 1 s after the last one opened, "
+        "then all closed; fresh: the same process before its first WebSocket; KiB per idle "
+        "WebSocket = (idle − fresh) ÷ open. Then round trips and 1 MiB messages, each after a "
+        "warm-up. bad: refused handshakes, broken connections and wrong echoes. The Python peers "
+        "run under the same uvicorn flags as above (uvicorn's default WebSocket protocol); "
+        "asgiproxy's aiohttp connector and fastapi-proxy-lib's WebSocket client have their "
+        "100-connection limits lifted (bench/apps), or WebSocket 101 onwards waits or is refused.",
+    ]
+    return out
+
+
 def _instructions_label(tree: dict[str, Any]) -> str:
     if tree["ref"] is not None:
         return str(tree["label"])
@@ -378,6 +502,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{cell(peer, 'rss_growth_mib', 1)} | {cell(peer, 'startup_ms')} |"
         )
     out += _frozen_section(peers, opts)
+    out += ws_section(peers, meta)
     out += instructions_section(results.get("instructions"))
     out += [
         "",
@@ -420,6 +545,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             ]
         errors = {s["error"] for s in peer["samples"] if s.get("error")}
         details += [f"- {peer['name']}: error: {e}" for e in sorted(errors)]
+        ws_errors = {s["ws_error"] for s in peer["samples"] if s.get("ws_error")}
+        details += [f"- {peer['name']}: WebSocket error: {e}" for e in sorted(ws_errors)]
+        ws_bad = sum(s.get("ws_bad", 0) for s in peer["samples"])
+        if ws_bad:
+            details.append(f"- {peer['name']}: {ws_bad} refused, broken or wrong WebSocket echoes")
         bad = sum(s.get("small_bad", 0) + s.get("pending_bad", 0) for s in peer["samples"])
         if bad:
             details.append(

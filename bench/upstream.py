@@ -134,11 +134,17 @@ http {{
 
 
 def nginx_proxy_config(work: Path, listen_port: int, upstream_port: int) -> str:
+    # WebSockets as nginx's documentation proxies them: Upgrade passed on, `Connection: upgrade`
+    # for an upgrade and none otherwise, so plain HTTP keeps its upstream keepalive.
     return (
         _main_block(work, "nginx-proxy")
         + f"""
 http {{
 {_common_http(work, "nginx-proxy")}
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        '' '';
+    }}
     upstream backend {{
         server 127.0.0.1:{upstream_port};
         keepalive {KEEPALIVE_CONNECTIONS};
@@ -148,7 +154,8 @@ http {{
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
-            proxy_set_header Connection "";
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
             proxy_buffering off;
             proxy_request_buffering off;
         }}
