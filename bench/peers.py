@@ -141,9 +141,17 @@ def _start_pollguard(ctx: Context, redis: bool) -> Running:
     name = "pollguard-redis" if redis else "pollguard"
     config = ctx.work / f"{name}.yaml"
     config.write_text(pollguard_config(ctx, redis))
-    return _uvicorn(
-        ctx, name, ["--factory", "proxy.app:create_app"], {"POLLGUARD_CONFIG": str(config)}
-    )
+    # The server protocols `pollguard serve` runs (bounded request heads, no trailers as headers,
+    # 1001 at shutdown): measured as deployed, their cost included.
+    target = [
+        "--factory",
+        "proxy.app:create_app",
+        "--http",
+        "proxy.server_http:PollguardHttpProtocol",
+        "--ws",
+        "proxy.server_ws:PollguardWebSocketProtocol",
+    ]
+    return _uvicorn(ctx, name, target, {"POLLGUARD_CONFIG": str(config)})
 
 
 PEERS: list[Peer] = [
