@@ -54,6 +54,9 @@ class Sample:
     pending_p99_ms: float | None = None
     pending_cpu_us: float | None = None
     pending_bad: int = 0
+    # pollguard only: the same 202 on a route no job guards — what guarding costs, alone.
+    open_rps: float | None = None
+    open_cpu_us: float | None = None
     foreign_cores: float | None = None
     redis_per_get: float | None = None  # Redis commands per unguarded GET (should be 0)
     redis_per_202: float | None = None  # Redis commands per guarded pending answer
@@ -210,6 +213,22 @@ def _measure_http(
         sample.pending_rps, sample.pending_p99_ms = pending.req_per_s, pending.p99_ms
         sample.pending_cpu_us = pending.cpu_us_per_request
         sample.pending_bad = pending.non_2xx + pending.socket_errors
+        if peer.is_pollguard:
+            unguarded = load.run_wrk(
+                running.port,
+                peers.OPEN_PATH,
+                opts["seconds"],
+                pids,
+                ctx.background_pids,
+                script=peers.PENDING_SCRIPT,
+                script_env={
+                    "BENCH_PENDING_KEYS": str(peers.PENDING_KEYS),
+                    "BENCH_PENDING_PREFIX": peers.OPEN_PREFIX,
+                },
+            )
+            sample.open_rps = unguarded.req_per_s
+            sample.open_cpu_us = unguarded.cpu_us_per_request
+            sample.pending_bad += unguarded.non_2xx + unguarded.socket_errors
         with load.PeakRss(pids) as during_50:
             sample.download_s = load.timed_downloads(
                 running.port, "/files/50m.bin", upstream.SMALL_FILE_BYTES, opts["downloads"]

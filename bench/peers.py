@@ -28,6 +28,8 @@ UVICORN_FLAGS = [
 ]
 PENDING_PATH = "/pending/job1"  # the spot check; the load spreads over many keys (below)
 PENDING_SCRIPT = BENCH_DIR / "pending_keys.lua"
+OPEN_PATH = "/open/job1"  # the same 202 as /pending/, on a route no job guards
+OPEN_PREFIX = "/open/job"
 PENDING_KEYS = 1000
 
 

@@ -108,6 +108,11 @@ http {{
             default_type application/json;
             return 202 '{{"status":"pending"}}';
         }}
+        location /open/ {{
+            add_header Retry-After {RETRY_AFTER_SECONDS} always;
+            default_type application/json;
+            return 202 '{{"status":"pending"}}';
+        }}
         location /prepare/ {{ default_type application/json; return 200 '{{"status":"ok"}}'; }}
         location /files/ {{ root {files.www}; }}
         location = /text {{

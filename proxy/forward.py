@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from proxy.answers import GuardAnswer
 from proxy.client import ClientLink, Message, Patrol, Receive, Send
 from proxy.errors import (
     BadRequest,
@@ -23,7 +22,7 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamTimeout,
 )
-from proxy.guard import GuardTarget, JobGuard
+from proxy.guard import JobGuard
 from proxy.headers import (
     REQUEST_ID,
     RawHeaders,
@@ -113,22 +112,26 @@ class Forwarder:
             except UpstreamError as exc:
                 await _upstream_failed(exc, client, method)
                 return
-            answer: GuardAnswer | None = None
+            out_headers = _client_headers(response, request_id)
+            status = response.status
             if target_job is not None and self.guard is not None:
                 try:
-                    answer = await self._review(target_job, response, client_headers, request_id)
+                    answer = await self.guard.review(
+                        target_job, status, out_headers, client_headers, request_id
+                    )
+                    if answer is not None and answer.body is not None:
+                        # pollguard replaces this body: free the upstream connection first.
+                        await _drain(response)
                 except BaseException:
                     response.abort()  # whatever went wrong, the upstream connection is not leaked
                     raise
-            if answer is not None and answer.body is not None:
-                await client.send_whole(
-                    answer.status, answer.headers, answer.body, method == "HEAD"
-                )
-                return
-            if answer is not None:
-                status, out_headers = answer.status, answer.headers
-            else:
-                status, out_headers = response.status, _client_headers(response, request_id)
+                if answer is not None:
+                    if answer.body is not None:
+                        await client.send_whole(
+                            answer.status, answer.headers, answer.body, method == "HEAD"
+                        )
+                        return
+                    status, out_headers = answer.status, answer.headers
             await _stream(response, status, out_headers, method == "HEAD", client)
         except asyncio.CancelledError:
             # Ours (the client left, or stopped reading) or the server's (shutdown past its
@@ -136,23 +139,6 @@ class Forwarder:
             await client.end_cancelled()
         finally:
             client.stop()
-
-    async def _review(
-        self,
-        target: GuardTarget,
-        response: UpstreamResponse,
-        client_headers: Sequence[tuple[bytes, bytes]],
-        request_id: bytes,
-    ) -> GuardAnswer | None:
-        assert self.guard is not None
-        headers = _client_headers(response, request_id)
-        answer = await self.guard.review(
-            target, response.status, headers, client_headers, request_id
-        )
-        if answer is not None and answer.body is not None:
-            # pollguard replaces this body: free the upstream connection before answering.
-            await _drain(response)
-        return answer
 
 
 def _client_headers(response: UpstreamResponse, request_id: bytes) -> RawHeaders:
