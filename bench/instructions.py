@@ -76,8 +76,14 @@ def _pending(index: int) -> str:
     return f"/pending/job{index % PENDING_KEYS}"
 
 
+def _open(index: int) -> str:
+    return f"{peers.OPEN_PREFIX}{index % PENDING_KEYS}"
+
+
 KINDS = [
     Kind("small_get", "small GET", "memory", 200, _small),
+    # The same 202 as /pending/ on a route no job guards: guarded minus this is the guard.
+    Kind("open_202", "unguarded 202", "memory", 202, _open),
     Kind("guarded_202_memory", "guarded 202 (memory)", "memory", 202, _pending),
     Kind("guarded_202_redis", "guarded 202 (Redis)", "redis", 202, _pending),
 ]
@@ -447,7 +453,7 @@ def main() -> int:
     try:
         www = WORK / "www"
         www.mkdir(parents=True, exist_ok=True)
-        # Only /small and /pending are asked for: no need to generate the download files.
+        # Only /small, /pending and /open are asked for: no need to generate the download files.
         files = upstream.UpstreamFiles(
             www, b"", www / "files" / "50m.bin", www / "files" / "500m.bin"
         )

@@ -22,7 +22,7 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamTimeout,
 )
-from proxy.guard import JobGuard
+from proxy.guard import NEEDS_STORE, JobGuard
 from proxy.headers import (
     REQUEST_ID,
     RawHeaders,
@@ -116,9 +116,11 @@ class Forwarder:
             status = response.status
             if target_job is not None and self.guard is not None:
                 try:
-                    answer = await self.guard.review(
-                        target_job, status, out_headers, client_headers, request_id
-                    )
+                    answer = self.guard.review_at_once(target_job, status, out_headers, request_id)
+                    if answer is NEEDS_STORE:
+                        answer = await self.guard.review(
+                            target_job, status, out_headers, client_headers, request_id
+                        )
                     if answer is not None and answer.body is not None:
                         # pollguard replaces this body: free the upstream connection first.
                         await _drain(response)

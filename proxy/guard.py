@@ -8,13 +8,14 @@ status and headers to send and, when pollguard replaces the upstream body, that 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
@@ -48,6 +49,15 @@ TARGET_CACHE_SIZE = 4096
 TARGET_CACHE_MAX_PATH = 256  # characters of the path, bytes of the raw path
 # What the lock is released with when the re-prepare never reported (cancelled, or a bug).
 _INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
+
+
+class _NeedsStore(enum.Enum):
+    NEEDS_STORE = "needs-store"
+
+
+# What `review_at_once` answers when the decision needs the shared store (or a re-prepare).
+NEEDS_STORE: Final = _NeedsStore.NEEDS_STORE
+AtOnce = GuardAnswer | None | Literal[_NeedsStore.NEEDS_STORE]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +142,40 @@ class JobGuard:
             return None
         return GuardTarget(job, match)
 
+    def review_at_once(
+        self, target: GuardTarget, status: int, upstream_headers: RawHeaders, request_id: bytes
+    ) -> AtOnce:
+        """`review` for the answers that need no I/O, without a coroutine (most polls): any
+        answer that is not pending, and a PASS decided from a record this process holds (the
+        memory store's own, or one remembered from Redis). NEEDS_STORE: await `review`."""
+        job, key = target.job, target.match.key
+        if status not in job.pending_status:
+            self._not_pending(job, key, status)
+            return None
+        if job.shadow:
+            return NEEDS_STORE
+        now = self._clock()
+        if self._recent is not None:
+            state = self._recent.get(job.name, key, now)
+        else:
+            state = self.store.observe_local(job.name, key, now, self._record_ttl[job.name])
+        if state is None:
+            return NEEDS_STORE
+        raw_retry_after = header_value(upstream_headers, b"retry-after")
+        retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
+        decision = decide(state, job.limits, now, retry_after)
+        if decision.verdict is not Verdict.PASS:
+            return NEEDS_STORE
+        return self._answer(target, status, decision, upstream_headers, request_id)
+
+    def _not_pending(self, job: GuardedJob, key: str, status: int) -> None:
+        if ends_episode(status, job.end_status):
+            # Off the response path: a player's Range requests on a ready file each end the
+            # episode, and none of them should wait for a Redis DEL.
+            task = asyncio.ensure_future(self._forget(job, key))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
     async def review(
         self,
         target: GuardTarget,
@@ -142,12 +186,7 @@ class JobGuard:
     ) -> GuardAnswer | None:
         job, key = target.job, target.match.key
         if status not in job.pending_status:
-            if ends_episode(status, job.end_status):
-                # Off the response path: a player's Range requests on a ready file each end
-                # the episode, and none of them should wait for a Redis DEL.
-                task = asyncio.ensure_future(self._forget(job, key))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            self._not_pending(job, key, status)
             return None
         now = self._clock()
         raw_retry_after = header_value(upstream_headers, b"retry-after")

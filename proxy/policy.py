@@ -127,6 +127,12 @@ def ends_episode(status: int, end_status: frozenset[int]) -> bool:
     return status in end_status
 
 
+# delay-seconds values already parsed: unlike an HTTP-date, one means the same at any `now`, and
+# a backend sends the same few on every poll. Bounded (emptied when full): upstreams choose them.
+_DELAYS: dict[str, float | None] = {}
+_DELAYS_SIZE = 256
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait per a Retry-After value: delay-seconds or HTTP-date (RFC 9110 §10.2.3).
 
@@ -135,13 +141,20 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     """
     if value is None:
         return None
+    if value in _DELAYS:
+        return _DELAYS[value]
     text = value.strip()
     if text.isascii() and text.isdigit():  # delay-seconds: 1*DIGIT, ASCII digits only
         try:
-            delay = float(int(text))
+            delay: float | None = float(int(text))
         except (ValueError, OverflowError):  # more digits than int()/float() accept
-            return None
-        return delay if math.isfinite(delay) else None
+            delay = None
+        if delay is not None and not math.isfinite(delay):
+            delay = None
+        if len(_DELAYS) >= _DELAYS_SIZE:
+            _DELAYS.clear()
+        _DELAYS[value] = delay
+        return delay
     try:
         when = parsedate_to_datetime(text)
     except (ValueError, TypeError, IndexError, OverflowError):

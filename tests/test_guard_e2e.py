@@ -16,7 +16,7 @@ import yaml
 from proxy import guard as guard_module
 from proxy.app import guarded_job
 from proxy.config import parse_config
-from proxy.guard import JobGuard
+from proxy.guard import NEEDS_STORE, JobGuard
 from proxy.reprepare import Repreparer
 from proxy.routes import RouteSpec, RouteTable
 from proxy.stores import MemoryJobStore
@@ -450,6 +450,34 @@ async def test_only_end_statuses_end_an_episode() -> None:
         fresh = await guard.store.observe("recording", CALL, now[0] + 2, 60)
     assert kept == before
     assert fresh.episode_start == now[0] + 2
+
+
+@pytest.mark.anyio
+async def test_review_at_once_answers_what_review_would_or_defers_to_it() -> None:
+    """The no-I/O review answers a PASS (Retry-After, no-store) and a non-pending status as
+    review does, and defers everything that needs the store or a re-prepare (stuck, past
+    max_wait) instead of deciding it from what it holds."""
+    now = [1000.0]
+    async with in_process_guard("http://127.0.0.1:9", now) as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        pending = [(b"retry-after", b"3")]
+        at_once = guard.review_at_once(target, 202, pending, b"rid")
+        assert at_once is not NEEDS_STORE and at_once is not None
+        assert at_once == await guard.review(target, 202, pending, [], b"rid")
+        assert (at_once.status, at_once.body) == (202, None)
+        assert {(b"retry-after", b"3"), (b"cache-control", b"no-store")} <= set(at_once.headers)
+        assert guard.review_at_once(target, 404, pending, b"rid") is None
+        now[0] += 2.0  # past stuck_after (1s): a re-prepare is due
+        assert guard.review_at_once(target, 202, pending, b"rid") is NEEDS_STORE
+        now[0] += 20.0  # past max_wait (10s)
+        assert guard.review_at_once(target, 202, pending, b"rid") is NEEDS_STORE
+        problem = await guard.review(target, 202, pending, [], b"rid")
+        assert problem is not None and problem.status == 500
+        assert guard.review_at_once(target, 200, pending, b"rid") is None
+        await guard.settled()
+        fresh = await guard.store.observe("recording", CALL, now[0], 60)
+    assert fresh.episode_start == now[0]  # the 200 ended the episode
 
 
 @pytest.mark.anyio

@@ -7,6 +7,7 @@ from email.utils import formatdate
 
 import pytest
 
+from proxy import policy as policy_module
 from proxy.policy import (
     LOCK_MARGIN_SECONDS,
     TTL_MARGIN_SECONDS,
@@ -252,6 +253,19 @@ def test_parse_retry_after(value: str | None, expected: float | None) -> None:
     """Delay-seconds and all three HTTP-date forms parse; anything else is None."""
     assert http_date(T0 + 30) == "Tue, 14 Nov 2023 22:13:50 GMT"  # the literals above: T0 + 30
     assert parse_retry_after(value, T0) == expected
+
+
+def test_parse_retry_after_answers_the_same_when_asked_again() -> None:
+    """Remembered delay-seconds answer as parsed; a date still depends on `now`; the memory of
+    parsed values stays bounded however many different ones an upstream sends."""
+    for _ in range(2):
+        assert parse_retry_after(" 7", T0) == 7.0
+        assert parse_retry_after("9" * 5000, T0) is None
+        assert parse_retry_after(http_date(T0 + 90), T0) == 90.0
+        assert parse_retry_after(http_date(T0 + 90), T0 + 30) == 60.0
+    for n in range(3 * policy_module._DELAYS_SIZE):
+        assert parse_retry_after(str(n), T0) == float(n)
+    assert len(policy_module._DELAYS) <= policy_module._DELAYS_SIZE
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,19 @@ async def test_observe_creates_a_fresh_episode_once(store: JobStore) -> None:
 
 
 @pytest.mark.anyio
+async def test_observe_local_is_observe_or_nothing(store: JobStore) -> None:
+    """Without I/O a store answers exactly what observe would (the memory store, whose records
+    are in this process), or None (Redis: the guard then awaits observe)."""
+    local = store.observe_local("rec", "K1", T0, LONG_TTL)
+    if isinstance(store, MemoryJobStore):
+        assert local == JobState(T0, T0, 0.0, 0, 0.0, 1)
+        assert await store.observe("rec", "K1", T0 + 5, LONG_TTL) == local
+    else:
+        assert local is None
+        assert await store.observe("rec", "K1", T0, LONG_TTL) == JobState(T0, T0, 0.0, 0, 0.0, 1)
+
+
+@pytest.mark.anyio
 async def test_concurrent_observes_each_get_their_own_record(store: JobStore) -> None:
     """200 observes at once (batched into pipelines on Redis): each key gets its record, one key one episode."""
     keys = [f"K{index % 100}" for index in range(200)]

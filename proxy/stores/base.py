@@ -48,6 +48,11 @@ class JobStore(Protocol):
         """
         ...
 
+    def observe_local(self, job: str, key: str, now: float, ttl: float) -> JobState | None:
+        """`observe` without I/O where the store can (it holds its records in this process);
+        None where it cannot (call `observe`)."""
+        ...
+
     async def swap(
         self, job: str, key: str, expected_version: int, new: JobState, ttl: float
     ) -> JobState | None:

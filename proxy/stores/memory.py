@@ -77,6 +77,9 @@ class MemoryJobStore:
         return self._max_records
 
     async def observe(self, job: str, key: str, now: float, ttl: float) -> JobState:
+        return self.observe_local(job, key, now, ttl)
+
+    def observe_local(self, job: str, key: str, now: float, ttl: float) -> JobState:
         # Runs once per guarded poll, so the lookup is written out here rather than through
         # _live_entry(). Concurrent requests may pass slightly out-of-order clocks: store time
         # never runs back.

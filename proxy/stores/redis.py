@@ -161,6 +161,11 @@ class RedisJobStore:
         """The circuit breaker's current state (for tests and diagnostics)."""
         return self._calls.breaker
 
+    def observe_local(self, job: str, key: str, now: float, ttl: float) -> None:
+        """Records live in Redis: every read is a round trip (the guard's RecentRecords is what
+        spares some)."""
+        return None
+
     async def observe(self, job: str, key: str, now: float, ttl: float) -> JobState:
         """One EVALSHA. Observes that arrive while another is in flight wait for it and then
         go out together in one pipeline (auto-pipelining): under load a replica pays one
