@@ -132,7 +132,9 @@ def _label(peer: dict[str, Any]) -> str:
     return name + (" ✗" if failed_checks(peer) else "")
 
 
-def _target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
+def _target_lines(
+    by_name: dict[str, dict[str, Any]], instructions: dict[str, Any] | None = None
+) -> list[str]:
     def get(name: str, key: str) -> float | None:
         return median(by_name[name], key) if name in by_name else None
 
@@ -164,6 +166,7 @@ def _target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
         None if g_ratio is None else g_ratio >= TARGET_GUARDED_RATIO,
         "n/a" if g_ratio is None else f"{g_ratio:.2f} ×{vs_small}",
     )
+    lines += _instructions_target_lines(instructions)
     per_202 = get("pollguard+redis", "redis_per_202")
     verdict(
         "Redis calls per guarded 202 ≤ 1 (commandstats: upper bound on round trips)",
@@ -215,6 +218,23 @@ def _target_lines(by_name: dict[str, dict[str, Any]]) -> list[str]:
         "n/a" if startup is None else f"{startup:.0f} ms",
     )
     return lines
+
+
+def _instructions_target_lines(data: dict[str, Any] | None) -> list[str]:
+    """The guarded-path target again in instructions (callgrind), which the machine's other
+    load and its per-instruction speed on this path do not move."""
+    trees = (data or {}).get("trees") or []
+    if not trees:
+        return []
+    unguarded = _instructions_median(trees[0], "open_202")
+    guarded = _instructions_median(trees[0], "guarded_202_redis")
+    ratio = unguarded / guarded if unguarded and guarded else None
+    mark = "n/a" if ratio is None else ("met" if ratio >= TARGET_GUARDED_RATIO else "**missed**")
+    detail = "n/a" if ratio is None else f"{ratio:.2f} ×"
+    return [
+        f"| the same in instructions per request (callgrind; unguarded ÷ guarded) | {detail} "
+        f"| {mark} |"
+    ]
 
 
 def _frozen_section(peers: list[dict[str, Any]], opts: dict[str, int]) -> list[str]:
@@ -406,6 +426,26 @@ def _instructions_spread(trees: list[dict[str, Any]]) -> float | None:
     return max(spreads) if spreads else None
 
 
+def _guard_cost_lines(trees: list[dict[str, Any]]) -> list[str]:
+    """What the guard itself costs per poll: the guarded 202 minus the same 202 unguarded."""
+    lines = []
+    for tree in trees:
+        unguarded = _instructions_median(tree, "open_202")
+        if not unguarded:
+            continue
+        parts = []
+        for key, store in (("guarded_202_memory", "memory"), ("guarded_202_redis", "Redis")):
+            guarded = _instructions_median(tree, key)
+            if guarded:
+                parts.append(
+                    f"{store} {guarded - unguarded:,.0f} instructions per poll "
+                    f"(unguarded ÷ guarded = {unguarded / guarded:.2f} ×)"
+                )
+        if parts:
+            lines.append(f"- The guard's own cost in {_instructions_label(tree)}: " + "; ".join(parts) + ".")
+    return ["", *lines] if lines else []
+
+
 def instructions_section(data: dict[str, Any] | None) -> list[str]:
     """Instructions per request under callgrind, per tree (bench/instructions.py)."""
     if not data:
@@ -435,6 +475,7 @@ def instructions_section(data: dict[str, Any] | None) -> list[str]:
         f"{data['pending_keys']} job keys whose episodes the warm-up opened (Redis: flushed "
         "before each run)." + versus,
     ]
+    out += _guard_cost_lines(trees)
     spread = _instructions_spread(trees)
     if spread is not None:
         out[-1] += (
@@ -514,7 +555,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "| target | measured | |",
         "|---|---:|---|",
     ]
-    out += _target_lines(by_name)
+    out += _target_lines(by_name, results.get("instructions"))
     out += ["", "## Peers", ""]
     out += [f"- **{p['name']}**: {p['description']}" for p in peers]
     out += [
