@@ -442,7 +442,9 @@ def _guard_cost_lines(trees: list[dict[str, Any]]) -> list[str]:
                     f"(unguarded ÷ guarded = {unguarded / guarded:.2f} ×)"
                 )
         if parts:
-            lines.append(f"- The guard's own cost in {_instructions_label(tree)}: " + "; ".join(parts) + ".")
+            lines.append(
+                f"- The guard's own cost in {_instructions_label(tree)}: " + "; ".join(parts) + "."
+            )
     return ["", *lines] if lines else []
 
 
