@@ -20,12 +20,22 @@ READY_RETRY_AFTER = 5
 
 
 def create_admin_app(
-    prefix: str, upstream: Upstream, store: JobStore | None, token: str | None = None
+    prefix: str,
+    upstream: Upstream,
+    store: JobStore | None,
+    token: str | None = None,
+    *,
+    store_required: bool = False,
 ) -> Starlette:
     """The admin endpoints; `store` is None when no Redis is configured (nothing to probe).
 
     health and ready stay open for orchestrators' probes; metrics needs `Authorization: Bearer
     <admin.token>` when a token is configured.
+
+    Ready fails only for what stops pollguard from serving: the upstream, and Redis when
+    `store_required` (state.on_error: fail, where guarded polls need it). With `on_error: pass`
+    a Redis outage is "degraded": requests still flow, unguarded, and an orchestrator that took
+    the replica out of service for it would turn a Redis blip into an outage.
     """
     expected = f"Bearer {token}".encode() if token else None
 
@@ -37,13 +47,21 @@ def create_admin_app(
         unreachable = await upstream.probe()
         if unreachable is not None:
             failing.append(f"upstream: {unreachable}")
+        store_down = False
         if store is not None:
             try:
                 await store.ping()
             except StoreUnavailable as exc:
-                failing.append(f"redis does not answer PING ({exc})")
+                store_down = True
+                if store_required:
+                    failing.append(f"redis does not answer PING ({exc})")
         if not failing:
-            return JSONResponse({"status": "ready"}, headers={"cache-control": "no-store"})
+            ready_body = (
+                {"status": "degraded", "store": "unavailable"}
+                if store_down
+                else {"status": "ready"}
+            )
+            return JSONResponse(ready_body, headers={"cache-control": "no-store"})
         request_id = sane_request_id(request.headers.get("x-request-id", "").encode() or None)
         problem = Problem(
             503, "dependency-unavailable", "; ".join(failing), retry_after=READY_RETRY_AFTER

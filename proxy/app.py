@@ -164,7 +164,13 @@ class PollguardApp:
             self.forwarder.guard = self.guard
         redis_store = self.store if config.state.redis_url else None
         token = config.admin.token.get_secret_value() if config.admin.token else None
-        self.admin = create_admin_app(self._prefix, self.upstream, redis_store, token)
+        self.admin = create_admin_app(
+            self._prefix,
+            self.upstream,
+            redis_store,
+            token,
+            store_required=config.state.on_error == "fail",
+        )
         logger.info(
             "pollguard forwarding to %s; %d guarded route(s); state in %s",
             config.upstream.url,

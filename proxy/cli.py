@@ -149,7 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pollguard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the proxy under uvicorn")
+    serve = commands.add_parser(
+        "serve",
+        help="run the proxy under uvicorn",
+        description="Run pollguard: forward every request to upstream.url and guard the "
+        "configured job routes. Settings come from the config file (server:, upstream:, "
+        "state:, jobs:, routes:, websocket:); a flag given here overrides its server.* field. "
+        "SIGTERM drains open requests for server.shutdown_timeout.",
+    )
     serve.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
     # No argparse defaults: a flag left out takes the config's value, whose default is declared
     # once, on the config field.
@@ -177,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
 
     check = commands.add_parser(
-        "check-config", help="validate a config file and print the effective config"
+        "check-config",
+        help="validate a config file and print the effective config",
+        description="Validate a config file as `serve` would load it (environment "
+        "interpolation included) and print the effective config; exit 2 naming the field "
+        "when it is invalid.",
     )
     check.add_argument("path", help="config file to check")
     check.set_defaults(func=_check_config)

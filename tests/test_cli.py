@@ -41,6 +41,20 @@ def test_version() -> None:
     assert result.stdout.strip() == f"pollguard {__version__}"
 
 
+@pytest.mark.parametrize("command", ["serve", "check-config"])
+def test_each_command_help_says_what_it_does(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pollguard <command> --help` opens with a description, and states each default once."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args([command, "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    description = out.split("\n\n")[1]
+    assert not description.startswith(("options:", "positional arguments:"))
+    assert len(description.split()) >= 10
+    for line in out.splitlines():
+        assert line.count("(default") <= 1, line
+
+
 def test_check_config_accepts_the_shipped_config_and_masks_secrets() -> None:
     """check-config on config.yaml exits 0 and prints the effective config with the admin token masked."""
     result = pollguard(
