@@ -42,7 +42,9 @@ def test_version() -> None:
 
 
 @pytest.mark.parametrize("command", ["serve", "check-config"])
-def test_each_command_help_says_what_it_does(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_each_command_help_says_what_it_does(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`pollguard <command> --help` opens with a description, and states each default once."""
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args([command, "--help"])
