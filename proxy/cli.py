@@ -27,6 +27,7 @@ from proxy.config_loading import translate_validation_error
 from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
+from proxy.healthcheck import check, probe_for
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
 from proxy.tls import uvicorn_ssl_options
@@ -140,6 +141,27 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _healthcheck(args: argparse.Namespace) -> int:
+    path = args.config or os.environ.get("POLLGUARD_CONFIG")
+    if not path:
+        print(
+            "pollguard healthcheck: no config — pass --config PATH or set POLLGUARD_CONFIG",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG_ERROR
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"pollguard: invalid config: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    server = effective_server(config.server, args)
+    failure = check(probe_for(config.model_copy(update={"server": server})), args.timeout)
+    if failure is not None:
+        print(f"pollguard healthcheck: unhealthy: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pollguard",
@@ -192,6 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("path", help="config file to check")
     check.set_defaults(func=_check_config)
+
+    health = commands.add_parser(
+        "healthcheck",
+        help="exit 0 when the pollguard on this host answers its health endpoint",
+        description="GET <admin.prefix>health where `serve` listens with the same config "
+        "(server.host and server.port, or the --host/--port given to serve; 0.0.0.0 and :: "
+        "are probed on loopback; https when server.tls is set, its certificate not checked). "
+        "Exit 0 on 200, 1 otherwise, 2 for a bad config: for container HEALTHCHECKs and exec "
+        "probes.",
+    )
+    health.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
+    health.add_argument("--host", type=_server_setting("host"), help="as given to serve")
+    health.add_argument("--port", type=_server_setting("port"), help="as given to serve")
+    health.add_argument(
+        "--timeout", type=float, default=2.0, help="seconds to wait for the answer (default: 2)"
+    )
+    health.set_defaults(func=_healthcheck, workers=None, log_level=None)
 
     add_demo_parser(commands)
     add_simulate_backend_parser(commands)

@@ -18,8 +18,10 @@ import pytest
 from proxy import __version__
 from proxy.cli import build_parser, effective_server, uvicorn_options
 from proxy.config import parse_config
+from proxy.healthcheck import probe_for
 from tests.conftest import free_port
 from tests.pki import Pki
+from tests.servers import running_proxy
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -309,3 +311,48 @@ def test_sigterm_lets_the_process_exit_cleanly(tmp_path: Path) -> None:
         assert proxy.process.returncode in (0, -15)
     assert "Application shutdown complete" in logs
     assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize(
+    ("server", "admin", "url"),
+    [
+        ("{}", "{}", "http://127.0.0.1:8080/-/health"),
+        ("{host: 0.0.0.0, port: 9000}", "{prefix: /_pg/}", "http://127.0.0.1:9000/_pg/health"),
+        ("{host: '::', port: 9001}", "{}", "http://[::1]:9001/-/health"),
+        ("{host: 10.1.2.3}", "{}", "http://10.1.2.3:8080/-/health"),
+    ],
+)
+def test_healthcheck_probes_where_serve_listens(server: str, admin: str, url: str) -> None:
+    """The probe takes port, prefix and scheme from the config; wildcard addresses go to loopback."""
+    config = parse_config(
+        f"upstream: {{url: 'http://b'}}\nserver: {server}\nadmin: {admin}\n", env={}
+    )
+    assert probe_for(config).url == url
+
+
+def test_healthcheck_probes_https_when_serve_does(pki: Pki) -> None:
+    """With server.tls the probe speaks https."""
+    config = parse_config(
+        "upstream: {url: 'http://b'}\n"
+        f"server: {{tls: {{cert_file: {pki.proxy.cert_file}, key_file: {pki.proxy.key_file}}}}}\n",
+        env={},
+    )
+    assert probe_for(config).url == "https://127.0.0.1:8080/-/health"
+
+
+def test_healthcheck_exit_codes_follow_the_live_process(tmp_path: Path) -> None:
+    """0 while pollguard serves (address from the config file, as a container's HEALTHCHECK
+    finds it), 1 naming the URL once it is gone, 2 for a config it cannot read."""
+    port = free_port()
+    config_file = tmp_path / "pollguard.yaml"
+    config_file.write_text(
+        f"upstream: {{url: 'http://127.0.0.1:9'}}\nserver: {{host: 0.0.0.0, port: {port}}}\n"
+    )
+    with running_proxy({"upstream": {"url": "http://127.0.0.1:9"}}, port=port):
+        alive = pollguard("healthcheck", "--config", str(config_file))
+    gone = pollguard("healthcheck", "--config", str(config_file), "--timeout", "0.5")
+    broken = pollguard("healthcheck", env={"POLLGUARD_CONFIG": str(tmp_path / "missing.yaml")})
+    assert (alive.returncode, alive.stderr) == (0, "")
+    assert gone.returncode == 1
+    assert f"unhealthy: http://127.0.0.1:{port}/-/health" in gone.stderr
+    assert broken.returncode == 2 and "missing.yaml" in broken.stderr
