@@ -28,6 +28,7 @@ from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.healthcheck import check, probe_for
+from proxy.logformat import FORMATTERS
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
 from proxy.tls import uvicorn_ssl_options
@@ -46,10 +47,13 @@ class DeliberateAbortFilter(logging.Filter):
         return record.msg != _DELIBERATE_ABORT
 
 
-def _log_config(level: str) -> dict[str, Any]:
+def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
+    # uvicorn's lines and pollguard's alike, each with its time and level (logging.format).
+    formatter = {"()": f"proxy.logformat.{FORMATTERS[log_format].__name__}"}
+    config["formatters"] = {"default": formatter, "access": dict(formatter)}
     config["filters"] = {"deliberate_abort": {"()": f"{__name__}.DeliberateAbortFilter"}}
     config["handlers"]["default"]["filters"] = ["deliberate_abort"]
     config["loggers"]["pollguard"] = {
@@ -82,7 +86,8 @@ def _serve(args: argparse.Namespace) -> int:
     # The factory (also used by `uvicorn --factory`) reads the path back from the environment,
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
-    uvicorn.run("proxy.app:create_app", factory=True, **uvicorn_options(server, config.websocket))
+    options = uvicorn_options(server, config.websocket, config.logging.format)
+    uvicorn.run("proxy.app:create_app", factory=True, **options)
     return 0
 
 
@@ -92,7 +97,9 @@ def effective_server(server: ServerConfig, args: argparse.Namespace) -> ServerCo
     return server.model_copy(update=given)
 
 
-def uvicorn_options(server: ServerConfig, websocket: WebSocketConfig) -> dict[str, Any]:
+def uvicorn_options(
+    server: ServerConfig, websocket: WebSocketConfig, log_format: str = "text"
+) -> dict[str, Any]:
     """How `pollguard serve` runs uvicorn; README's plain `uvicorn --factory` line mirrors it."""
     tls = server.tls
     return {
@@ -100,7 +107,7 @@ def uvicorn_options(server: ServerConfig, websocket: WebSocketConfig) -> dict[st
         "port": server.port,
         "workers": server.workers,
         "log_level": server.log_level,
-        "log_config": _log_config(server.log_level),
+        "log_config": _log_config(server.log_level, log_format),
         "access_log": server.access_log,
         # pollguard writes X-Forwarded-* itself, trusting only upstream.trusted_proxies.
         "proxy_headers": False,

@@ -426,12 +426,19 @@ def _not_a_param(name: str, route: RouteConfig) -> str:
     )
 
 
+class LoggingConfig(Section):
+    """How log lines look (proxy.logformat); the level is server.log_level."""
+
+    format: Literal["text", "json"] = "text"
+
+
 class Config(Section):
     upstream: UpstreamConfig
     server: ServerConfig = Field(default_factory=ServerConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
     websocket: WebSocketConfig = Field(default_factory=WebSocketConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     jobs: Mapping[str, JobConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
 

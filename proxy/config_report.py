@@ -105,6 +105,7 @@ def render_config(cfg: Config) -> str:
             "connect_timeout": _optional_duration(websocket.connect_timeout),
             "upstream_deflate": websocket.upstream_deflate,
         },
+        "logging": {"format": cfg.logging.format},
         "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
         "routes": [
             {"path": r.path, "methods": sorted(r.methods), "job": r.job, "key": r.key}

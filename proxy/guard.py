@@ -454,12 +454,22 @@ class JobGuard:
         tally.value += 1
         if not logger.isEnabledFor(logging.INFO):
             return
+        key, rid = log_safe(target.match.key), log_safe(request_id)
         logger.info(
             "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
             target.job.name,
-            log_safe(target.match.key),
+            key,
             decision_name,
             decision.pending_seconds,
             decision.attempts,
-            log_safe(request_id),
+            rid,
+            # The same as fields, for logging.format: json.
+            extra={
+                "job": target.job.name,
+                "key": key,
+                "decision": decision_name,
+                "pending_seconds": round(decision.pending_seconds, 3),
+                "attempts": decision.attempts,
+                "request_id": rid,
+            },
         )

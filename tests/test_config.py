@@ -140,7 +140,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "unknown top-level key",
         {"colour": "red"},
         "colour: unknown key — remove it or check the spelling (valid keys: upstream, server, "
-        "state, admin, websocket, jobs, routes)",
+        "state, admin, websocket, logging, jobs, routes)",
     ),
     (
         "unknown nested key",
@@ -170,6 +170,11 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "bad on_error",
         {"state.on_error": "ignore"},
         "state.on_error: invalid value 'ignore' — use 'pass' or 'fail'",
+    ),
+    (
+        "bad log format",
+        {"logging.format": "xml"},
+        "logging.format: invalid value 'xml' — use 'text' or 'json'",
     ),
     (
         "bad mode",
