@@ -64,15 +64,23 @@ def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     return config
 
 
+def _config_path(args: argparse.Namespace, command: str) -> str | None:
+    """--config, else POLLGUARD_CONFIG; None (after saying so) when neither is given."""
+    path: str | None = args.config or os.environ.get("POLLGUARD_CONFIG")
+    if not path:
+        print(
+            f"pollguard {command}: no config — pass --config PATH or set POLLGUARD_CONFIG",
+            file=sys.stderr,
+        )
+        return None
+    return path
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    path = args.config or os.environ.get("POLLGUARD_CONFIG")
-    if not path:
-        print(
-            "pollguard serve: no config — pass --config PATH or set POLLGUARD_CONFIG",
-            file=sys.stderr,
-        )
+    path = _config_path(args, "serve")
+    if path is None:
         return EXIT_CONFIG_ERROR
     try:
         config = load_config(path)
@@ -149,12 +157,8 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _healthcheck(args: argparse.Namespace) -> int:
-    path = args.config or os.environ.get("POLLGUARD_CONFIG")
-    if not path:
-        print(
-            "pollguard healthcheck: no config — pass --config PATH or set POLLGUARD_CONFIG",
-            file=sys.stderr,
-        )
+    path = _config_path(args, "healthcheck")
+    if path is None:
         return EXIT_CONFIG_ERROR
     try:
         config = load_config(path)
