@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from proxy import __version__
+from proxy.clihelp import DefaultsHelpFormatter
 from proxy.config import (
     DEFAULT_HOST,
     DEFAULT_LOG_LEVEL,
@@ -177,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pollguard",
         description="Reverse proxy that ends endless 202 polling on stuck background jobs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"pollguard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -43,7 +43,9 @@ def test_version() -> None:
     assert result.stdout.strip() == f"pollguard {__version__}"
 
 
-@pytest.mark.parametrize("command", ["serve", "check-config"])
+@pytest.mark.parametrize(
+    "command", ["serve", "check-config", "healthcheck", "demo", "simulate-backend"]
+)
 def test_each_command_help_says_what_it_does(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -57,6 +59,7 @@ def test_each_command_help_says_what_it_does(
     assert len(description.split()) >= 10
     for line in out.splitlines():
         assert line.count("(default") <= 1, line
+    assert "(default: None)" not in out and "(default: False)" not in out
 
 
 def test_check_config_accepts_the_shipped_config_and_masks_secrets() -> None:

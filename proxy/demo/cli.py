@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from proxy.clihelp import DefaultsHelpFormatter
 from proxy.demo.backend import Faults, SimulatorSettings, WorkerMode
 from proxy.demo.catalog import (
     DEFAULT_RECORDING_SIZE,
@@ -44,7 +45,7 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     """Register `demo`."""
     parser = subparsers.add_parser(
         "demo",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         help="run pollguard in front of a simulated stuck backend and show the difference",
         description="Start the bundled legacy-backend simulator and pollguard (memory store, "
         "minutes compressed to seconds) on free loopback ports, run a polling "
@@ -102,7 +103,7 @@ def add_simulate_backend_parser(subparsers: Subparsers) -> None:
     """Register `simulate-backend`."""
     parser = subparsers.add_parser(
         "simulate-backend",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         help="run the legacy recordings backend simulator (for trying configs by hand)",
         description="Serve a simulated legacy recordings API, stuck-queue bug included, with a "
         "WebSocket status feed per call at /api/recordings/{call_sid}/events. "
