@@ -30,6 +30,7 @@ from proxy.policy import (
     after_reprepare,
     decide,
     ends_episode,
+    pass_retry_after,
     record_ttl,
 )
 from proxy.recent import RecentRecords, trust_seconds
@@ -47,6 +48,7 @@ STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log l
 # MB at worst (~1.7 KB per entry with both paths at the limit).
 TARGET_CACHE_SIZE = 4096
 TARGET_CACHE_MAX_PATH = 256  # characters of the path, bytes of the raw path
+_PASS = str(Verdict.PASS)
 # What the lock is released with when the re-prepare never reported (cancelled, or a bug).
 _INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
 
@@ -163,10 +165,17 @@ class JobGuard:
             return NEEDS_STORE
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
-        decision = decide(state, job.limits, now, retry_after)
-        if decision.verdict is not Verdict.PASS:
+        if logger.isEnabledFor(logging.INFO):
+            # The decision line needs decide()'s whole Decision (pending time, attempts).
+            decision = decide(state, job.limits, now, retry_after)
+            if decision.verdict is not Verdict.PASS:
+                return NEEDS_STORE
+            return self._answer(target, status, decision, upstream_headers, request_id)
+        seconds = pass_retry_after(state, job.limits, now, retry_after)
+        if seconds is None:
             return NEEDS_STORE
-        return self._answer(target, status, decision, upstream_headers, request_id)
+        self._count(target, _PASS)
+        return answers.pending(status, upstream_headers, seconds)
 
     def _not_pending(self, job: GuardedJob, key: str, status: int) -> None:
         if ends_episode(status, job.end_status):
@@ -444,14 +453,17 @@ class JobGuard:
         except StoreUnavailable as exc:
             self._log_store_error(exc)
 
-    def _log(
-        self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
-    ) -> None:
+    def _count(self, target: GuardTarget, decision_name: str) -> None:
         series = (target.job.name, decision_name, "shadow" if target.job.shadow else "enforce")
         tally = self._decision_tallies.get(series)
         if tally is None:
             tally = self._decision_tallies[series] = DECISIONS.labels(*series)
         tally.value += 1
+
+    def _log(
+        self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
+    ) -> None:
+        self._count(target, decision_name)
         if not logger.isEnabledFor(logging.INFO):
             return
         key, rid = log_safe(target.match.key), log_safe(request_id)

@@ -96,6 +96,22 @@ def decide(
     return Decision(Verdict.REPREPARE, retry_after, pending_seconds, attempts + 1, locked)
 
 
+def pass_retry_after(
+    state: JobState, limits: GuardLimits, now: float, upstream_retry_after: str | None
+) -> int | None:
+    """decide()'s PASS alone, for the many polls that are one: the Retry-After decide() would
+    send with PASS, or None when its verdict would be anything else. The same comparisons in
+    the same order as decide() (a property test holds the two together), without building a
+    Decision."""
+    pending_seconds = now - state.episode_start
+    if pending_seconds >= limits.max_wait or not now - state.clock_start < limits.stuck_after:
+        return None
+    requested = parse_retry_after(upstream_retry_after, now)
+    return retry_after_seconds(
+        requested, limits.retry_after, limits.retry_after_max, limits.max_wait - pending_seconds
+    )
+
+
 def _reprepared_retry_after(limits: GuardLimits, seconds_left: float) -> int:
     """Retry-After while a re-prepare runs, or after one: retry_after_reprepared, bounded."""
     return retry_after_seconds(

@@ -17,6 +17,7 @@ from proxy import guard as guard_module
 from proxy.app import guarded_job
 from proxy.config import parse_config
 from proxy.guard import NEEDS_STORE, JobGuard
+from proxy.metrics import REGISTRY
 from proxy.reprepare import Repreparer
 from proxy.routes import RouteSpec, RouteTable
 from proxy.stores import MemoryJobStore
@@ -372,6 +373,11 @@ class HeldBackend:
             server.close()
 
 
+def decisions(name: str) -> float:
+    labels = {"job": "recording", "decision": name, "mode": "enforce"}
+    return REGISTRY.get_sample_value("pollguard_decisions_total", labels) or 0.0
+
+
 @asynccontextmanager
 async def in_process_guard(upstream_url: str, now: list[float]) -> AsyncIterator[JobGuard]:
     """The guard `pollguard serve` builds from guard_config, on a memory store and the clock `now[0]`."""
@@ -466,7 +472,9 @@ async def test_review_at_once_answers_what_review_would_or_defers_to_it() -> Non
         target = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert target is not None
         pending = [(b"retry-after", b"3")]
+        passes = decisions("pass")
         at_once = guard.review_at_once(target, 202, pending, b"rid")
+        assert decisions("pass") == passes + 1  # counted, with or without the INFO line
         assert at_once is not NEEDS_STORE and at_once is not None
         assert at_once == await guard.review(target, 202, pending, [], b"rid")
         assert (at_once.status, at_once.body) == (202, None)

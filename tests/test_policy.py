@@ -6,6 +6,8 @@ from dataclasses import replace
 from email.utils import formatdate
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy import policy as policy_module
 from proxy.policy import (
@@ -17,6 +19,7 @@ from proxy.policy import (
     decide,
     ends_episode,
     parse_retry_after,
+    pass_retry_after,
     record_ttl,
     retry_after_seconds,
 )
@@ -350,3 +353,43 @@ def test_timeline_failed_reprepares_still_count() -> None:
         (660, Verdict.REPREPARE),
         (670, Verdict.JOB_STUCK),
     ]
+
+
+_seconds = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    episode=_seconds,
+    clock_after_episode=_seconds,
+    attempts=st.integers(min_value=0, max_value=5),
+    lock=st.sampled_from([0.0, 1e12]),
+    elapsed=st.floats(min_value=-10.0, max_value=2e6, allow_nan=False),
+    stuck_after=st.floats(min_value=0.001, max_value=1e5),
+    max_wait=st.floats(min_value=0.001, max_value=1e5),
+    retry_after_max=st.floats(min_value=1.0, max_value=100.0),
+    upstream=st.sampled_from([None, "", "0", "3", "120", " 7 ", "x", "1.5"]),
+)
+def test_pass_retry_after_is_decide_when_it_passes(
+    episode: float,
+    clock_after_episode: float,
+    attempts: int,
+    lock: float,
+    elapsed: float,
+    stuck_after: float,
+    max_wait: float,
+    retry_after_max: float,
+    upstream: str | None,
+) -> None:
+    """The no-Decision shortcut answers exactly decide()'s PASS Retry-After, and None for
+    every other verdict, over states, clocks and limits of every kind."""
+    state = JobState(
+        T0 + episode, T0 + episode + clock_after_episode, T0 + episode, attempts, T0 + lock, 1
+    )
+    limits = replace(
+        LIMITS, stuck_after=stuck_after, max_wait=max_wait, retry_after_max=retry_after_max
+    )
+    now = T0 + episode + elapsed
+    decision = decide(state, limits, now, upstream)
+    expected = decision.retry_after if decision.verdict is Verdict.PASS else None
+    assert pass_retry_after(state, limits, now, upstream) == expected
