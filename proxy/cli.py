@@ -240,13 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--host", type=_server_setting("host"), help="as given to serve")
     health.add_argument("--port", type=_server_setting("port"), help="as given to serve")
     health.add_argument(
-        "--timeout", type=float, default=2.0, help="seconds to wait for the answer (default: 2)"
+        "--timeout",
+        type=_positive_seconds,
+        default=2.0,
+        help="seconds to wait for the answer (default: 2)",
     )
     health.set_defaults(func=_healthcheck, workers=None, log_level=None)
 
     add_demo_parser(commands)
     add_simulate_backend_parser(commands)
     return parser
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < seconds <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be > 0 and <= 3600 seconds, got {text!r}")
+    return seconds
 
 
 def _server_setting(name: str) -> Callable[[str], object]:

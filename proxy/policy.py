@@ -147,6 +147,7 @@ def ends_episode(status: int, end_status: frozenset[int]) -> bool:
 # a backend sends the same few on every poll. Bounded (emptied when full): upstreams choose them.
 _DELAYS: dict[str, float | None] = {}
 _DELAYS_SIZE = 256
+_DELAYS_MAX_LENGTH = 32  # characters: a value this long is a day count no backend sends
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -167,9 +168,10 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
             delay = None
         if delay is not None and not math.isfinite(delay):
             delay = None
-        if len(_DELAYS) >= _DELAYS_SIZE:
-            _DELAYS.clear()
-        _DELAYS[value] = delay
+        if len(value) <= _DELAYS_MAX_LENGTH:
+            if len(_DELAYS) >= _DELAYS_SIZE:
+                _DELAYS.clear()
+            _DELAYS[value] = delay
         return delay
     try:
         when = parsedate_to_datetime(text)

@@ -359,3 +359,11 @@ def test_healthcheck_exit_codes_follow_the_live_process(tmp_path: Path) -> None:
     assert gone.returncode == 1
     assert f"unhealthy: http://127.0.0.1:{port}/-/health" in gone.stderr
     assert broken.returncode == 2 and "missing.yaml" in broken.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_healthcheck_timeout_must_be_a_sane_number_of_seconds(value: str) -> None:
+    """A bad --timeout is exit 2 naming the flag, not a traceback from the socket layer."""
+    result = pollguard("healthcheck", "--timeout", value)
+    assert result.returncode == 2
+    assert "argument --timeout:" in result.stderr and "Traceback" not in result.stderr

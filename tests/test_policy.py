@@ -269,6 +269,9 @@ def test_parse_retry_after_answers_the_same_when_asked_again() -> None:
     for n in range(3 * policy_module._DELAYS_SIZE):
         assert parse_retry_after(str(n), T0) == float(n)
     assert len(policy_module._DELAYS) <= policy_module._DELAYS_SIZE
+    huge = "9" * 60_000  # an upstream's 60 KB Retry-After is parsed, never kept
+    assert parse_retry_after(huge, T0) is None
+    assert huge not in policy_module._DELAYS
 
 
 @pytest.mark.parametrize(
