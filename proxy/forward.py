@@ -116,9 +116,10 @@ class Forwarder:
             status = response.status
             if target_job is not None and self.guard is not None:
                 try:
+                    # Most polls are decided at once; only the rest cost a coroutine.
                     answer = self.guard.review_at_once(target_job, status, out_headers, request_id)
                     if answer is NEEDS_STORE:
-                        answer = await self.guard.review(
+                        answer = await self.guard.review_shared(
                             target_job, status, out_headers, client_headers, request_id
                         )
                     if answer is not None and answer.body is not None:

@@ -154,8 +154,6 @@ class JobGuard:
         if status not in job.pending_status:
             self._not_pending(job, key, status)
             return None
-        if job.shadow:
-            return NEEDS_STORE
         now = self._clock()
         if self._recent is not None:
             state = self._recent.get(job.name, key, now)
@@ -165,17 +163,22 @@ class JobGuard:
             return NEEDS_STORE
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
+        # Only PASS may be decided from a record held here (true of any newer one too);
+        # everything else reads the shared record.
         if logger.isEnabledFor(logging.INFO):
             # The decision line needs decide()'s whole Decision (pending time, attempts).
             decision = decide(state, job.limits, now, retry_after)
             if decision.verdict is not Verdict.PASS:
                 return NEEDS_STORE
+            if job.shadow:
+                self._log(target, _PASS, decision, request_id)
+                return None
             return self._answer(target, status, decision, upstream_headers, request_id)
         seconds = pass_retry_after(state, job.limits, now, retry_after)
         if seconds is None:
             return NEEDS_STORE
         self._count(target, _PASS)
-        return answers.pending(status, upstream_headers, seconds)
+        return None if job.shadow else answers.pending(status, upstream_headers, seconds)
 
     def _not_pending(self, job: GuardedJob, key: str, status: int) -> None:
         if ends_episode(status, job.end_status):
@@ -193,25 +196,36 @@ class JobGuard:
         client_headers: Sequence[tuple[bytes, bytes]],
         request_id: bytes,
     ) -> GuardAnswer | None:
+        """What to answer instead of the upstream's response, or None to pass it through:
+        without I/O where `review_at_once` can decide, else from the shared record."""
+        answer = self.review_at_once(target, status, upstream_headers, request_id)
+        if answer is not NEEDS_STORE:
+            return answer
+        return await self.review_shared(
+            target, status, upstream_headers, client_headers, request_id
+        )
+
+    async def review_shared(
+        self,
+        target: GuardTarget,
+        status: int,
+        upstream_headers: RawHeaders,
+        client_headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> GuardAnswer | None:
+        """`review` for a pending answer `review_at_once` left to the shared record (it said
+        NEEDS_STORE): read it, decide, re-prepare if that is the verdict."""
         job, key = target.job, target.match.key
-        if status not in job.pending_status:
-            self._not_pending(job, key, status)
-            return None
         now = self._clock()
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
-        state = self._recent.get(job.name, key, now) if self._recent is not None else None
-        decision = decide(state, job.limits, now, retry_after) if state is not None else None
-        if state is None or decision is None or decision.verdict is not Verdict.PASS:
-            # Only PASS may be decided from a remembered record (true of any newer one too);
-            # everything else reads the shared record.
-            try:
-                state = await self.store.observe(job.name, key, now, self._record_ttl[job.name])
-            except StoreUnavailable as exc:
-                return self._store_failed(job, exc, upstream_headers, request_id)
-            if self._recent is not None:
-                self._remember(job, key, state, now)
-            decision = decide(state, job.limits, now, retry_after)
+        try:
+            state = await self.store.observe(job.name, key, now, self._record_ttl[job.name])
+        except StoreUnavailable as exc:
+            return self._store_failed(job, exc, upstream_headers, request_id)
+        if self._recent is not None:
+            self._remember(job, key, state, now)
+        decision = decide(state, job.limits, now, retry_after)
         if job.shadow:
             await self._shadow(target, state, decision, now, request_id)
             return None

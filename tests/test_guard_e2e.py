@@ -373,15 +373,17 @@ class HeldBackend:
             server.close()
 
 
-def decisions(name: str) -> float:
-    labels = {"job": "recording", "decision": name, "mode": "enforce"}
+def decisions(name: str, mode: str = "enforce") -> float:
+    labels = {"job": "recording", "decision": name, "mode": mode}
     return REGISTRY.get_sample_value("pollguard_decisions_total", labels) or 0.0
 
 
 @asynccontextmanager
-async def in_process_guard(upstream_url: str, now: list[float]) -> AsyncIterator[JobGuard]:
+async def in_process_guard(
+    upstream_url: str, now: list[float], **job: object
+) -> AsyncIterator[JobGuard]:
     """The guard `pollguard serve` builds from guard_config, on a memory store and the clock `now[0]`."""
-    config = parse_config(yaml.safe_dump(guard_config(upstream_url)), env={})
+    config = parse_config(yaml.safe_dump(guard_config(upstream_url, **job)), env={})
     repreparer = Repreparer(upstream_url, connect_timeout=1)
     try:
         yield JobGuard(
@@ -490,6 +492,24 @@ async def test_review_at_once_answers_what_review_would_or_defers_to_it() -> Non
         await guard.settled()
         fresh = await guard.store.observe("recording", CALL, now[0], 60)
     assert fresh.episode_start == now[0]  # the 200 ended the episode
+
+
+@pytest.mark.anyio
+async def test_shadow_mode_is_decided_at_once_but_never_answers() -> None:
+    """Shadow: a PASS is counted without I/O and the upstream's answer passes (None); what
+    needs the record goes to review, which decides, counts and still passes everything."""
+    now = [1000.0]
+    async with in_process_guard("http://127.0.0.1:9", now, mode="shadow") as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        passes = decisions("pass", "shadow")
+        assert guard.review_at_once(target, 202, [], b"rid") is None
+        assert decisions("pass", "shadow") == passes + 1
+        now[0] += 2.0  # past stuck_after: enforce mode would re-prepare
+        assert guard.review_at_once(target, 202, [], b"rid") is NEEDS_STORE
+        would = decisions("would re-prepare", "shadow")
+        assert await guard.review(target, 202, [], [], b"rid") is None
+        assert decisions("would re-prepare", "shadow") == would + 1
 
 
 @pytest.mark.anyio
