@@ -11,7 +11,8 @@ from starlette.routing import Route
 
 from proxy.errors import StoreUnavailable
 from proxy.headers import sane_request_id
-from proxy.metrics import CONTENT_TYPE, exposition
+from proxy.metrics import CONTENT_TYPE
+from proxy.metrics_export import exposition
 from proxy.problems import Problem
 from proxy.stores import JobStore
 from proxy.upstream import Upstream

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import time
 
 from proxy.admin import create_admin_app
 from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
-from proxy.forward import Forwarder, Receive, Scope, Send
+from proxy.forward import Forwarder, Message, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
 from proxy.headers import new_request_id
+from proxy.logformat import lean_log_records
 from proxy.logtext import log_safe
+from proxy.metrics_export import SharedMetrics, share_from_environment
 from proxy.policy import GuardLimits
 from proxy.problems import Problem
 from proxy.reprepare import Repreparer, ReprepareRequest
+from proxy.request_log import ADMIN, NO_RESPONSE, RequestLog
 from proxy.routes import RouteSpec, RouteTable
 from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
@@ -91,14 +95,24 @@ class PollguardApp:
             )
         )
         self.store: JobStore | None = None
+        self.shared_metrics: SharedMetrics | None = None
         self.guard: JobGuard | None = None
         self.repreparer: Repreparer | None = None
+        request_log = RequestLog(
+            metrics=config.metrics.requests,
+            access=config.access_log,
+            structured=config.logging.format == "json",
+        )
+        if config.access_log:
+            lean_log_records()
+        self.request_log = request_log if request_log.enabled else None
         self.forwarder = Forwarder(
             self.upstream,
             None,
             trusted_proxies=config.upstream.trusted_proxies,
             preserve_host=config.upstream.preserve_host,
             send_timeout=config.server.send_timeout,
+            request_log=request_log,
         )
         self.admin = create_admin_app(self._prefix, self.upstream, None)
         websocket = config.websocket
@@ -116,11 +130,15 @@ class PollguardApp:
                 preserve_host=config.upstream.preserve_host,
             ),
             self._prefix,
+            request_log,
         )
 
     async def startup(self) -> None:
         config = self.config
         raise_open_files_limit()
+        self.shared_metrics = share_from_environment()
+        if self.shared_metrics is not None:
+            self.shared_metrics.start()
         await self.upstream.start()
         if config.upstream.is_https and not config.upstream.tls.verify:
             logger.warning(
@@ -191,12 +209,17 @@ class PollguardApp:
             await self.repreparer.close()
         if self.store is not None:
             await self.store.close()
+        if self.shared_metrics is not None:
+            self.shared_metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             if scope["path"].startswith(self._prefix):
-                await self.admin(scope, receive, send)
+                if self.request_log is None:
+                    await self.admin(scope, receive, send)
+                else:
+                    await self._logged_admin(scope, receive, send, self.request_log)
                 return
             try:
                 await self.forwarder(scope, receive, send)
@@ -216,6 +239,26 @@ class PollguardApp:
                 logger.exception(
                     "unexpected error while proxying WebSocket %s", log_safe(scope["path"])
                 )
+
+    async def _logged_admin(
+        self, scope: Scope, receive: Receive, send: Send, request_log: RequestLog
+    ) -> None:
+        """The admin app, with its answer's status and size noted for the request log."""
+        started = time.perf_counter()
+        status, sent = NO_RESPONSE, 0
+
+        async def noting(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.admin(scope, receive, noting)
+        finally:
+            request_log.other(ADMIN, scope, status, time.perf_counter() - started, sent)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from proxy.config import (
     DEFAULT_PORT,
     DEFAULT_WORKERS,
     LOG_LEVELS,
+    LoggingConfig,
     ServerConfig,
     WebSocketConfig,
     load_config,
@@ -30,6 +32,7 @@ from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.healthcheck import check, probe_for
 from proxy.logformat import FORMATTERS
+from proxy.metrics_export import METRICS_DIR_ENV
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
 from proxy.tls import uvicorn_ssl_options
@@ -48,7 +51,7 @@ class DeliberateAbortFilter(logging.Filter):
         return record.msg != _DELIBERATE_ABORT
 
 
-def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
+def _log_config(level: str, log_format: str = "text", access_buffer: int = 0) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
@@ -60,6 +63,19 @@ def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     config["loggers"]["pollguard"] = {
         "handlers": ["default"],
         "level": level.upper(),
+        "propagate": False,
+    }
+    # Access lines (logging.access) go to stdout at INFO whatever the log level: turning them
+    # on is the choice, and other lines stay on stderr.
+    config["handlers"]["access"] = {
+        "formatter": "access",
+        "()": "proxy.logformat.BufferedStreamHandler",
+        "stream": "ext://sys.stdout",
+        "buffer_bytes": access_buffer,
+    }
+    config["loggers"]["pollguard.access"] = {
+        "handlers": ["access"],
+        "level": "INFO",
         "propagate": False,
     }
     return config
@@ -95,8 +111,15 @@ def _serve(args: argparse.Namespace) -> int:
     # The factory (also used by `uvicorn --factory`) reads the path back from the environment,
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
-    options = uvicorn_options(server, config.websocket, config.logging.format)
-    uvicorn.run("proxy.app:create_app", factory=True, **options)
+    options = uvicorn_options(server, config.websocket, config.logging)
+    if server.workers == 1:
+        uvicorn.run("proxy.app:create_app", factory=True, **options)
+        return 0
+    # Several workers: each writes its metrics into this directory, and a scrape of any of them
+    # sums all (proxy.metrics_export). Fresh for this run, so no dead run's counts are summed.
+    with tempfile.TemporaryDirectory(prefix="pollguard-metrics-") as metrics_dir:
+        os.environ[METRICS_DIR_ENV] = metrics_dir
+        uvicorn.run("proxy.app:create_app", factory=True, **options)
     return 0
 
 
@@ -107,17 +130,19 @@ def effective_server(server: ServerConfig, args: argparse.Namespace) -> ServerCo
 
 
 def uvicorn_options(
-    server: ServerConfig, websocket: WebSocketConfig, log_format: str = "text"
+    server: ServerConfig, websocket: WebSocketConfig, logs: LoggingConfig | None = None
 ) -> dict[str, Any]:
     """How `pollguard serve` runs uvicorn; README's plain `uvicorn --factory` line mirrors it."""
     tls = server.tls
+    logs = logs or LoggingConfig()
     return {
         "host": server.host,
         "port": server.port,
         "workers": server.workers,
         "log_level": server.log_level,
-        "log_config": _log_config(server.log_level, log_format),
-        "access_log": server.access_log,
+        "log_config": _log_config(server.log_level, logs.format, logs.access_buffer),
+        # pollguard writes its own access line (logging.access, proxy.request_log).
+        "access_log": False,
         # pollguard writes X-Forwarded-* itself, trusting only upstream.trusted_proxies.
         "proxy_headers": False,
         # The upstream's Server and Date headers reach the client, not uvicorn's.

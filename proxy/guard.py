@@ -22,7 +22,8 @@ from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, header_value
 from proxy.logtext import log_safe
-from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS, Tally
+from proxy.loop_metrics import Tally
+from proxy.metrics import DECISIONS, JOB_AGE, REPREPARES, STORE_ERRORS
 from proxy.policy import (
     Decision,
     GuardLimits,
@@ -49,6 +50,9 @@ STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log l
 TARGET_CACHE_SIZE = 4096
 TARGET_CACHE_MAX_PATH = 256  # characters of the path, bytes of the raw path
 _PASS = str(Verdict.PASS)
+# Decisions that escalate an episode, each observed in pollguard_job_age_seconds: the outcome of
+# every re-prepare, and every terminal answer sent.
+_ESCALATIONS = frozenset({"reprepared", "reprepare-failed", "job-stuck", "wait-exceeded"})
 # What the lock is released with when the re-prepare never reported (cancelled, or a bug).
 _INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
 
@@ -478,6 +482,8 @@ class JobGuard:
         self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
     ) -> None:
         self._count(target, decision_name)
+        if decision_name in _ESCALATIONS and not target.job.shadow:
+            JOB_AGE.labels(target.job.name, decision_name).observe(decision.pending_seconds)
         if not logger.isEnabledFor(logging.INFO):
             return
         key, rid = log_safe(target.match.key), log_safe(request_id)
