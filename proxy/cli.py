@@ -78,7 +78,7 @@ def _config_path(args: argparse.Namespace, command: str) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from proxy.supervisor import serve
 
     path = _config_path(args, "serve")
     if path is None:
@@ -96,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
     options = uvicorn_options(server, config.websocket, config.logging.format)
-    uvicorn.run("proxy.app:create_app", factory=True, **options)
+    serve("proxy.app:create_app", options)
     return 0
 
 
@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run pollguard: forward every request to upstream.url and guard the "
         "configured job routes. Settings come from the config file (server:, upstream:, "
         "state:, jobs:, routes:, websocket:); a flag given here overrides its server.* field. "
-        "SIGTERM drains open requests for server.shutdown_timeout.",
+        "SIGTERM drains open requests for server.shutdown_timeout; SIGHUP reloads jobs: and "
+        "routes: from the config file (every worker).",
     )
     serve.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
     # No argparse defaults: a flag left out takes the config's value, whose default is declared
