@@ -188,11 +188,13 @@ class Reloader:
         jobs = ", ".join(plan.jobs) if plan.jobs else "unchanged"
         routes = "changed" if plan.routes_changed else "unchanged"
         logger.info(
-            "config reloaded from %s: jobs %s (%d in effect), routes %s (%d in effect)",
+            "config reloaded from %s by process %d: jobs %s; routes %s; %d job(s) and %d "
+            "route(s) in effect",
             self.path,
+            os.getpid(),
             jobs,
-            len(config.jobs),
             routes,
+            len(config.jobs),
             len(config.routes),
         )
         for field in plan.restart_required:
