@@ -250,6 +250,8 @@ class Reloader:
     async def close(self) -> None:
         if self._loop is not None:
             self._loop.remove_signal_handler(RELOAD_SIGNAL)
+            # Not SIGHUP's default (ending the process) for the last moments of a shutdown.
+            signal.signal(RELOAD_SIGNAL, signal.SIG_IGN)
             self._loop = None
         task = self._signal_task
         if task is not None and not task.done():
