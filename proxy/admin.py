@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from proxy.headers import sane_request_id
 from proxy.metrics import CONTENT_TYPE
 from proxy.metrics_export import exposition
 from proxy.problems import Problem
+from proxy.reload import ReloadOutcome
 from proxy.stores import JobStore
 from proxy.upstream import Upstream
 
@@ -27,11 +29,13 @@ def create_admin_app(
     token: str | None = None,
     *,
     store_required: bool = False,
+    reload: Callable[[], Awaitable[ReloadOutcome]] | None = None,
 ) -> Starlette:
     """The admin endpoints; `store` is None when no Redis is configured (nothing to probe).
 
     health and ready stay open for orchestrators' probes; metrics needs `Authorization: Bearer
-    <admin.token>` when a token is configured.
+    <admin.token>` when a token is configured. POST reload (`reload`: proxy.reload) always needs
+    the token, and is refused 403 admin-disabled without one.
 
     Ready fails only for what stops pollguard from serving: the upstream, and Redis when
     `store_required` (state.on_error: fail, where guarded polls need it). With `on_error: pass`
@@ -86,6 +90,21 @@ def create_admin_app(
             exposition(), media_type=CONTENT_TYPE, headers={"cache-control": "no-store"}
         )
 
+    async def reload_config(request: Request) -> Response:
+        denied = admin_denied(request, token)
+        if denied is not None:
+            return _problem_response(denied, request)
+        if reload is None:
+            detail = "this process was not started from a config file (POLLGUARD_CONFIG)"
+            return _problem_response(Problem(409, "reload-unavailable", detail), request)
+        outcome = await reload()
+        if outcome.error is not None:
+            return _problem_response(Problem(422, "invalid-config", outcome.error), request)
+        return JSONResponse(
+            {"result": outcome.result, "restart_required": list(outcome.restart_required)},
+            headers={"cache-control": "no-store"},
+        )
+
     async def not_found(request: Request, exc: Exception) -> Response:
         problem = Problem(404, "not-found", f"no pollguard endpoint at {request.url.path}")
         return _problem_response(problem, request)
@@ -95,10 +114,22 @@ def create_admin_app(
             Route(prefix + "health", health, methods=["GET", "HEAD"]),
             Route(prefix + "ready", ready, methods=["GET", "HEAD"]),
             Route(prefix + "metrics", metrics, methods=["GET"]),
+            Route(prefix + "reload", reload_config, methods=["POST"]),
         ]
     )
     app.add_exception_handler(404, not_found)
     return app
+
+
+def admin_denied(request: Request, token: str | None) -> Problem | None:
+    """None when `request` may use an admin action (Authorization: Bearer <admin.token>);
+    else why not: 403 without a configured token, 401 for a missing or wrong one."""
+    if token is None:
+        return Problem(403, "admin-disabled", "set admin.token to enable this endpoint")
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return Problem(401, "unauthorized", "send Authorization: Bearer <admin.token>")
+    return None
 
 
 def _problem_response(problem: Problem, request: Request) -> Response:

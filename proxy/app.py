@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import ssl
 import time
 
@@ -19,6 +20,7 @@ from proxy.logtext import log_safe
 from proxy.metrics_export import SharedMetrics, share_from_environment
 from proxy.policy import GuardLimits
 from proxy.problems import Problem
+from proxy.reload import Reloader, under_serve
 from proxy.reprepare import Repreparer, ReprepareRequest
 from proxy.request_log import ADMIN, NO_RESPONSE, RequestLog
 from proxy.routes import RouteSpec, RouteTable
@@ -61,6 +63,18 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
     )
 
 
+def guard_rules(config: Config) -> tuple[dict[str, GuardedJob], RouteTable]:
+    """The guard's jobs and route table from `config` (at startup, and at each reload)."""
+    jobs = {name: guarded_job(name, job) for name, job in config.jobs.items()}
+    routes = RouteTable(
+        [
+            RouteSpec(path=r.path, methods=frozenset(r.methods), job=r.job, key=r.key)
+            for r in config.routes
+        ]
+    )
+    return jobs, routes
+
+
 def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
     """The one client TLS context for an https:// upstream (forwarding, re-prepare, WebSocket);
     None for http://."""
@@ -76,8 +90,10 @@ class PollguardApp:
     """Dispatches admin paths to the admin app, WebSockets to their proxy, and everything else
     to the forwarder."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        # Without the file it came from (an embedded app), the config cannot be reloaded.
+        self.reloader = Reloader(config_path, self) if config_path is not None else None
         self._prefix = config.admin.prefix
         self.upstream = Upstream(
             UpstreamSettings(
@@ -161,13 +177,7 @@ class PollguardApp:
                 ssl_context=self.upstream.ssl_context,
                 server_hostname=self.upstream.server_hostname,
             )
-            jobs = {name: guarded_job(name, job) for name, job in config.jobs.items()}
-            routes = RouteTable(
-                [
-                    RouteSpec(path=r.path, methods=frozenset(r.methods), job=r.job, key=r.key)
-                    for r in config.routes
-                ]
-            )
+            jobs, routes = guard_rules(config)
             self.guard = JobGuard(
                 jobs,
                 routes,
@@ -188,7 +198,10 @@ class PollguardApp:
             redis_store,
             token,
             store_required=config.state.on_error == "fail",
+            reload=self.reloader.reload_all if self.reloader is not None else None,
         )
+        if self.reloader is not None and under_serve():
+            self.reloader.install_signal_handler()
         logger.info(
             "pollguard forwarding to %s; %d guarded route(s); state in %s",
             config.upstream.url,
@@ -196,7 +209,19 @@ class PollguardApp:
             "redis" if config.state.redis_url else "memory",
         )
 
+    @property
+    def guarded(self) -> bool:
+        return self.guard is not None
+
+    def reconfigure(self, config: Config) -> None:
+        """Run `config` from now on; only its jobs and routes take effect (proxy.reload)."""
+        if self.guard is not None:
+            self.guard.reconfigure(*guard_rules(config))
+        self.config = config
+
     async def shutdown(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.close()
         # Under pollguard serve every WebSocket is closed by now (proxy.server_ws, at SIGTERM);
         # under another server, this closes the rest with 1001.
         await self.websockets.close_all(self.config.server.shutdown_timeout)
@@ -296,11 +321,16 @@ async def _internal_error(send: Send) -> None:
 
 def create_app(config: Config | None = None) -> PollguardApp:
     """ASGI factory: `uvicorn --factory proxy.app:create_app` with POLLGUARD_CONFIG set."""
+    path = None
     if config is None:
         path = os.environ.get(CONFIG_ENV)
         if not path:
             raise ConfigError(f"{CONFIG_ENV} is not set — point it at a pollguard config.yaml")
         config = load_config(path)
+        if under_serve():
+            # SIGHUP reloads once the app has started (its handler is the event loop's);
+            # until then, one must not end the process (SIGHUP's default).
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The server protocol of this process (pollguard serve's) bounds request heads by config.
     configure_server_protocol(config.server.max_head_size, config.server.max_header_fields)
-    return PollguardApp(config)
+    return PollguardApp(config, path)

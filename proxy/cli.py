@@ -7,7 +7,6 @@ import copy
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,7 +31,6 @@ from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.healthcheck import check, probe_for
 from proxy.logformat import FORMATTERS
-from proxy.metrics_export import METRICS_DIR_ENV
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
 from proxy.tls import uvicorn_ssl_options
@@ -94,7 +92,7 @@ def _config_path(args: argparse.Namespace, command: str) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from proxy.supervisor import serve
 
     path = _config_path(args, "serve")
     if path is None:
@@ -112,14 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
     options = uvicorn_options(server, config.websocket, config.logging)
-    if server.workers == 1:
-        uvicorn.run("proxy.app:create_app", factory=True, **options)
-        return 0
-    # Several workers: each writes its metrics into this directory, and a scrape of any of them
-    # sums all (proxy.metrics_export). Fresh for this run, so no dead run's counts are summed.
-    with tempfile.TemporaryDirectory(prefix="pollguard-metrics-") as metrics_dir:
-        os.environ[METRICS_DIR_ENV] = metrics_dir
-        uvicorn.run("proxy.app:create_app", factory=True, **options)
+    serve("proxy.app:create_app", options)
     return 0
 
 
@@ -214,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run pollguard: forward every request to upstream.url and guard the "
         "configured job routes. Settings come from the config file (server:, upstream:, "
         "state:, jobs:, routes:, websocket:); a flag given here overrides its server.* field. "
-        "SIGTERM drains open requests for server.shutdown_timeout.",
+        "SIGTERM drains open requests for server.shutdown_timeout; SIGHUP reloads jobs: and "
+        "routes: from the config file (every worker).",
     )
     serve.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
     # No argparse defaults: a flag left out takes the config's value, whose default is declared

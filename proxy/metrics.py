@@ -113,6 +113,16 @@ WEBSOCKET_HANDSHAKE_FAILURES = Counter(
     registry=REGISTRY,
 )
 
+CONFIG_RELOADS = Counter(
+    "pollguard_config_reloads",
+    "Config reloads (SIGHUP or POST reload), by result: reloaded (jobs or routes changed), "
+    "unchanged, invalid (the running config kept)",
+    ["result"],
+    registry=REGISTRY,
+)
+for _result in ("reloaded", "unchanged", "invalid"):
+    CONFIG_RELOADS.labels(_result)  # every series exported from the start, at 0
+
 
 class WebSocketStats:
     """Plain counters the WebSocket relay bumps per message (an attribute increment, not a

@@ -148,6 +148,13 @@ class SharedMetrics:
             mark_process_dead(self._pid, self.directory)  # type: ignore[no-untyped-call]
 
 
+def forget_worker(pid: int) -> None:
+    """A worker `pid` died without closing: drop its live gauges (its counters keep counting)."""
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if directory:
+        mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
 _shared: SharedMetrics | None = None
 
 
