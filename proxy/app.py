@@ -236,6 +236,8 @@ class PollguardApp:
             await self.store.close()
         if self.shared_metrics is not None:
             self.shared_metrics.close()
+        if self.request_log is not None:
+            self.request_log.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

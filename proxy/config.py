@@ -171,6 +171,13 @@ def _path_template(value: str) -> str:
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 ByteSize = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _size_or_zero(value: object) -> int:
+    return 0 if value == 0 or value == "0" else parse_size(value)
+
+
+ByteSizeOrZero = Annotated[int, BeforeValidator(_size_or_zero)]  # 0 switches something off
 HttpMethod = Annotated[str, AfterValidator(str.upper), _http_token("HTTP method")]
 HeaderName = Annotated[str, AfterValidator(str.lower), _http_token("header name")]
 TrustedProxy = Annotated[IPv4Network | IPv6Network, BeforeValidator(_to_network)]
@@ -438,7 +445,7 @@ class LoggingConfig(Section):
     # One line per request on stdout (proxy.request_log), whatever server.log_level says.
     access: bool = False
     # Access lines are written when this much is pending, or after a second (0: each at once).
-    access_buffer: ByteSize = Field(default=DEFAULT_ACCESS_BUFFER, le=MAX_ACCESS_BUFFER)
+    access_buffer: ByteSizeOrZero = Field(default=DEFAULT_ACCESS_BUFFER, le=MAX_ACCESS_BUFFER)
 
 
 class MetricsConfig(Section):

@@ -110,7 +110,11 @@ def render_config(cfg: Config) -> str:
             "connect_timeout": _optional_duration(websocket.connect_timeout),
             "upstream_deflate": websocket.upstream_deflate,
         },
-        "logging": {"format": cfg.logging.format, "access": cfg.logging.access},
+        "logging": {
+            "format": cfg.logging.format,
+            "access": cfg.logging.access,
+            "access_buffer": format_size(cfg.logging.access_buffer),
+        },
         "metrics": {"requests": cfg.metrics.requests},
         "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
         "routes": [

@@ -2,7 +2,7 @@
 RFC 3339 timestamp (UTC, milliseconds) and its level.
 
 - `text`: `2026-11-29T11:40:00.123Z INFO pollguard.guard: decision job=… key=…`
-- `json`: one object per line, `{"time": …, "level": …, "logger": …, "message": …}` plus the
+- `json`: one object per line, `{"time": …, "pid": …, "level": …, "logger": …, "message": …}` plus the
   structured fields a line was logged with (`request_id`, `job`, `key`, `decision`,
   `pending_seconds`, `attempts` on decision lines), written by python-json-logger, whose JSON
   encoding escapes every control character a value may hold.
@@ -71,6 +71,8 @@ class JsonLineFormatter(JsonFormatter):
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
     ) -> None:
         log_data["time"] = rfc3339(record.created)
+        # Which process wrote it: under --workers N, which worker.
+        log_data["pid"] = record.process
         super().add_fields(log_data, record, message_dict)
 
 

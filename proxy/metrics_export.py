@@ -99,10 +99,12 @@ def _key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> st
 class SharedMetrics:
     """This worker's side of the shared directory: its files, and scrapes of all of them."""
 
-    def __init__(self, directory: str, registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self, directory: str, registry: CollectorRegistry = REGISTRY, pid: int | None = None
+    ) -> None:
         self.directory = directory
         self._registry = registry
-        self._pid = os.getpid()
+        self._pid = os.getpid() if pid is None else pid  # names this worker's files
         self._files: dict[str, MmapedDict] = {}
         self._merged = CollectorRegistry(auto_describe=False)
         # prometheus_client's multiprocess helpers have no type hints (hence the ignores).

@@ -19,6 +19,7 @@ from time import perf_counter
 from typing import Any, NamedTuple
 
 from proxy.client import ClientLink
+from proxy.headers import sane_request_id
 from proxy.logtext import log_safe
 from proxy.loop_metrics import Distribution, Tally
 from proxy.metrics import REQUEST_DURATION, REQUESTS, UPSTREAM_DURATION
@@ -109,14 +110,23 @@ class RequestLog:
             target = scope.get("raw_path") or scope["path"].encode()
             if query := scope.get("query_string"):
                 target += b"?" + query
-            request_id = _header(scope["headers"], b"x-request-id") or "-"
+            given = _header(scope["headers"], b"x-request-id")
+            # The client's id as the forwarder would keep it; anything else is not shown.
+            sane = given is not None and sane_request_id(given) == given
+            request_id = given.decode("ascii") if sane and given is not None else "-"
             method = scope.get("method", "GET")
             self._write(
                 Finished(
                     kind, _peer(scope), method, target, status, sent_bytes, seconds, None,
-                    log_safe(request_id, 64),
+                    request_id,
                 )
             )  # fmt: skip
+
+    def flush(self) -> None:
+        """Write the access lines a buffering handler holds: at shutdown, since uvicorn ends the
+        process by re-raising its SIGTERM, so logging's own exit-time flush never runs."""
+        for handler in ACCESS_LOGGER.handlers:
+            handler.flush()
 
     def _count(self, kind: str, status: int) -> None:
         series = (kind, status)
@@ -129,7 +139,8 @@ class RequestLog:
     def _write(self, request: Finished) -> None:
         if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
             return
-        target = log_safe(request.target, ACCESS_TARGET_CHARS)
+        # A '"' would end the quoted request line early and let the rest pose as its fields.
+        target = log_safe(request.target, ACCESS_TARGET_CHARS).replace('"', "\\x22")
         status = request.status if request.status != NO_RESPONSE else "-"
         upstream = request.upstream_seconds
         upstream_text = f"{upstream:.6f}" if upstream is not None else "-"
@@ -214,8 +225,8 @@ def _peer(scope: Scope) -> str:
     return str(peer[0]) if peer else "-"
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     for field, value in headers:
         if field == name:
-            return value.decode("latin-1")
+            return value
     return None
