@@ -197,6 +197,8 @@ def _measure_http(
             small.cpu_us_per_request,
             small.non_2xx + small.socket_errors,
         )
+        if peer.small_only:
+            return
         pending = load.run_wrk(
             running.port,
             peers.PENDING_PATH,

@@ -30,6 +30,7 @@ PACKAGES = [
 ]
 TARGET_VS_ASGIPROXY = 2.5  # issue 8 (issue 5 asked 1.2)
 TARGET_GUARDED_RATIO = 0.8  # issue 8 (issue 5 asked 0.7)
+TARGET_OBSERVED_RATIO = 0.9  # issue 11: access log + request metrics on vs off
 TARGET_PEAK_RSS_MIB = 60.0
 TARGET_RSS_GROWTH_MIB = 10.0
 TARGET_STARTUP_MS = 1000.0
@@ -168,6 +169,14 @@ def _target_lines(
         "n/a" if g_ratio is None else f"{g_ratio:.3f} ×{vs_small}",
     )
     lines += _instructions_target_lines(instructions)
+    quiet, logged = get("pollguard-quiet", "small_rps"), get("pollguard+access", "small_rps")
+    o_ratio = logged / quiet if quiet and logged else None
+    verdict(
+        f"small GET with the access log and request metrics on ≥ {TARGET_OBSERVED_RATIO} × "
+        "with both off",
+        None if o_ratio is None else o_ratio >= TARGET_OBSERVED_RATIO,
+        "n/a" if o_ratio is None else f"{o_ratio:.3f} ×",
+    )
     per_202 = get("pollguard+redis", "redis_per_202")
     verdict(
         "Redis calls per guarded 202 ≤ 1 (commandstats: upper bound on round trips)",

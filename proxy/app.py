@@ -118,6 +118,7 @@ class PollguardApp:
             metrics=config.metrics.requests,
             access=config.access_log,
             structured=config.logging.format == "json",
+            batched=config.logging.access_buffer > 0,
         )
         if config.access_log:
             lean_log_records()

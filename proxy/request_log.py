@@ -10,6 +10,7 @@ never shows).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -29,6 +30,9 @@ ACCESS_LOGGER = logging.getLogger("pollguard.access")
 # An access line shows this much of a request target; the rest is cut (and marked). Request
 # heads are bounded by server.max_head_size, but a line that long helps no one.
 ACCESS_TARGET_CHARS = 2048
+# Access lines handed to logging at once, at most, and the longest a line waits for its batch.
+ACCESS_BATCH_LINES = 256
+ACCESS_BATCH_SECONDS = 1.0
 NO_RESPONSE = 0  # ClientLink.status before a response head went out
 NO_RESPONSE_CODE = "none"  # the code label of a request that got no response
 
@@ -50,14 +54,21 @@ class Finished(NamedTuple):
     seconds: float  # arrival to the end of the response (or of the handshake)
     upstream_seconds: float | None  # sending upstream to its response head; None: not asked
     request_id: str
+    ended: float  # wall-clock time.time(): the access line's time
 
 
 class RequestLog:
     """Records finished requests; one per process, built from the config."""
 
-    def __init__(self, *, metrics: bool, access: bool, structured: bool = False) -> None:
+    def __init__(
+        self, *, metrics: bool, access: bool, structured: bool = False, batched: bool = False
+    ) -> None:
         self.metrics = metrics
         self.access = access
+        # logging.access_buffer > 0: lines are handed to logging in batches (see _write).
+        self.batched = batched
+        self._batch: list[Finished] = []
+        self._batch_timer: asyncio.TimerHandle | None = None
         # logging.format json: each access line also carries its values as fields (they cost
         # ~1 µs a line to attach, and a text line never shows them).
         self.structured = structured
@@ -97,6 +108,7 @@ class RequestLog:
                     seconds,
                     client.upstream_seconds,
                     request_id,
+                    time.time(),
                 )
             )
 
@@ -118,13 +130,15 @@ class RequestLog:
             self._write(
                 Finished(
                     kind, _peer(scope), method, target, status, sent_bytes, seconds, None,
-                    request_id,
+                    request_id, time.time(),
                 )
             )  # fmt: skip
 
     def flush(self) -> None:
-        """Write the access lines a buffering handler holds: at shutdown, since uvicorn ends the
-        process by re-raising its SIGTERM, so logging's own exit-time flush never runs."""
+        """Write every access line still held, here and in a buffering handler: at shutdown,
+        since uvicorn ends the process by re-raising its SIGTERM, so logging's own exit-time
+        flush never runs."""
+        self._drain()
         for handler in ACCESS_LOGGER.handlers:
             handler.flush()
 
@@ -137,6 +151,31 @@ class RequestLog:
         tally.value += 1
 
     def _write(self, request: Finished) -> None:
+        """Batched, a request only joins the batch here; the batch goes to logging when it
+        holds ACCESS_BATCH_LINES, or ACCESS_BATCH_SECONDS after its first line. Building and
+        formatting a LogRecord between two requests measured ~30 µs of CPU per line in a
+        running pollguard (its code and data evicted from the CPU caches by each request's
+        work), but ~5 µs a line in a loop; batches get the loop's price."""
+        if not self.batched:
+            self._emit(request)
+            return
+        batch = self._batch
+        batch.append(request)
+        if len(batch) == 1:
+            loop = asyncio.get_running_loop()
+            self._batch_timer = loop.call_later(ACCESS_BATCH_SECONDS, self._drain)
+        elif len(batch) >= ACCESS_BATCH_LINES:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+        batch, self._batch = self._batch, []
+        for request in batch:
+            self._emit(request)
+
+    def _emit(self, request: Finished) -> None:
         if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
             return
         # A '"' would end the quoted request line early and let the rest pose as its fields.
@@ -163,7 +202,8 @@ class RequestLog:
                 "kind": request.kind,
                 "guarded": request.kind == GUARDED,
             }
-        ACCESS_LOGGER.handle(AccessRecord(self._record_constants, message, fields))
+        record = AccessRecord(self._record_constants, request.ended, message, fields)
+        ACCESS_LOGGER.handle(record)
 
 
 class AccessRecord(logging.LogRecord):
@@ -179,9 +219,12 @@ class AccessRecord(logging.LogRecord):
     """
 
     def __init__(  # LogRecord.__init__ is what this replaces, so it is not called
-        self, constants: dict[str, Any], message: str, fields: dict[str, Any] | None
+        self,
+        constants: dict[str, Any],
+        created: float,
+        message: str,
+        fields: dict[str, Any] | None,
     ) -> None:
-        created = time.time()
         attributes = self.__dict__
         attributes.update(constants)
         attributes["msg"] = message
