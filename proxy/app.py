@@ -7,6 +7,7 @@ import os
 import ssl
 
 from proxy.admin import create_admin_app
+from proxy.admin_wiring import admin_api
 from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
@@ -170,6 +171,7 @@ class PollguardApp:
             redis_store,
             token,
             store_required=config.state.on_error == "fail",
+            **admin_api(config, self.guard),
         )
         logger.info(
             "pollguard forwarding to %s; %d guarded route(s); state in %s",

@@ -62,6 +62,8 @@ def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
         "level": level.upper(),
         "propagate": False,
     }
+    # Admin writes are logged whatever the log level: an audit trail must not be filtered out.
+    config["loggers"]["pollguard.audit"] = {"level": "INFO"}
     return config
 
 
