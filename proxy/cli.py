@@ -29,6 +29,7 @@ from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.healthcheck import check, probe_for
+from proxy.jobs_cli import add_jobs_parser
 from proxy.logformat import FORMATTERS
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(commands)
     add_simulate_backend_parser(commands)
+    add_jobs_parser(commands)
     return parser
 
 

@@ -87,7 +87,8 @@ def episode_view(record: EpisodeRecord, limits: GuardLimits, now: float) -> dict
         "key": record.key,
         "state": str(_STATE_OF[decision.verdict]),
         "pending_seconds": round(decision.pending_seconds, 3),
-        "attempts": decision.attempts,
+        # Made so far in the open window (decide() counts a REPREPARE's own attempt too).
+        "attempts": state.attempts if window_open else 0,
         "max_attempts": limits.max_reprepares,
         "window": (
             {
