@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 import proxy
+from proxy.cli import main
 from proxy.jobs_cli import TOKEN_ENV
 from tests.conftest import RedisServer
 from tests.e2e_support import wait_until
@@ -283,3 +284,22 @@ def test_jobs_gauge_is_computed_once_for_replicas_sharing_redis(
         assert reset.status_code == 200
         assert one.get("audit").json()["entries"][0]["key"] == "CAa"
         assert one.get("jobs/recording/CAd").json()["episode"]["last_poll"] is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["list", "rec", "--url", "ftp://x"], "--url must be http"),
+        (["list", "rec", "--url", "http://x", "--limit", "0"], "--limit must be 1..1000"),
+        (
+            ["reprepare", "rec", "K", "--url", "http://x", "--reason", "r", "--header", "x"],
+            "NAME:VALUE",
+        ),
+        (["reset", "rec", "K", "--url", "http://x"], "needs --reason"),
+    ],
+)
+def test_jobs_cli_usage_errors_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["jobs", *argv]) == 2
+    assert message in capsys.readouterr().err
