@@ -4,7 +4,7 @@ admin API (proxy.admin_jobs)."""
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,8 +15,10 @@ from proxy.admin_jobs import JobsApi
 from proxy.errors import StoreUnavailable
 from proxy.headers import sane_request_id
 from proxy.jobs_gauge import JobsGauge
-from proxy.metrics import CONTENT_TYPE, exposition
+from proxy.metrics import CONTENT_TYPE
+from proxy.metrics_export import exposition
 from proxy.problems import Problem
+from proxy.reload import ReloadOutcome
 from proxy.stores import JobStore
 from proxy.upstream import Upstream
 
@@ -30,6 +32,7 @@ def create_admin_app(
     token: str | None = None,
     *,
     store_required: bool = False,
+    reload: Callable[[], Awaitable[ReloadOutcome]] | None = None,
     tokens: Mapping[str, str] | None = None,
     jobs: JobsApi | None = None,
     jobs_gauge: JobsGauge | None = None,
@@ -39,6 +42,8 @@ def create_admin_app(
     health and ready stay open for orchestrators' probes; metrics needs `Authorization: Bearer
     <token>` with any of `tokens` (admin.token is one of them) when any is configured. `jobs`
     serves {prefix}jobs/… and {prefix}audit; `jobs_gauge` is refreshed before each exposition.
+    POST reload (`reload`: proxy.reload) always needs admin.token, and is refused 403
+    admin-disabled without one.
 
     Ready fails only for what stops pollguard from serving: the upstream, and Redis when
     `store_required` (state.on_error: fail, where guarded polls need it). With `on_error: pass`
@@ -98,6 +103,21 @@ def create_admin_app(
             exposition(), media_type=CONTENT_TYPE, headers={"cache-control": "no-store"}
         )
 
+    async def reload_config(request: Request) -> Response:
+        denied = admin_denied(request, token)
+        if denied is not None:
+            return _problem_response(denied, request)
+        if reload is None:
+            detail = "this process was not started from a config file (POLLGUARD_CONFIG)"
+            return _problem_response(Problem(409, "reload-unavailable", detail), request)
+        outcome = await reload()
+        if outcome.error is not None:
+            return _problem_response(Problem(422, "invalid-config", outcome.error), request)
+        return JSONResponse(
+            {"result": outcome.result, "restart_required": list(outcome.restart_required)},
+            headers={"cache-control": "no-store"},
+        )
+
     async def not_found(request: Request, exc: Exception) -> Response:
         problem = Problem(404, "not-found", f"no pollguard endpoint at {request.url.path}")
         return _problem_response(problem, request)
@@ -106,6 +126,7 @@ def create_admin_app(
         Route(prefix + "health", health, methods=["GET", "HEAD"]),
         Route(prefix + "ready", ready, methods=["GET", "HEAD"]),
         Route(prefix + "metrics", metrics, methods=["GET"]),
+        Route(prefix + "reload", reload_config, methods=["POST"]),
     ]
     if jobs is not None:
         routes += [
@@ -115,6 +136,17 @@ def create_admin_app(
     app = Starlette(routes=routes)
     app.add_exception_handler(404, not_found)
     return app
+
+
+def admin_denied(request: Request, token: str | None) -> Problem | None:
+    """None when `request` may use an admin action (Authorization: Bearer <admin.token>);
+    else why not: 403 without a configured token, 401 for a missing or wrong one."""
+    if token is None:
+        return Problem(403, "admin-disabled", "set admin.token to enable this endpoint")
+    given = request.headers.get("authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return Problem(401, "unauthorized", "send Authorization: Bearer <admin.token>")
+    return None
 
 
 def _problem_response(problem: Problem, request: Request) -> Response:

@@ -13,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
@@ -28,7 +28,7 @@ from proxy.headers import NEVER_FORWARDED_ON_REPREPARE, sane_request_id
 from proxy.keyparams import NeedsParams, params_from_key
 from proxy.logtext import log_safe
 from proxy.problems import Problem
-from proxy.routes import RouteSpec, is_guardable_key, template_params
+from proxy.routes import is_guardable_key, template_params
 from proxy.stores.base import START_CURSOR, EpisodeRecord
 
 audit_logger = logging.getLogger("pollguard.audit")
@@ -63,7 +63,6 @@ class JobsApi:
     prefix: str
     tokens: Mapping[str, str]
     guard: JobGuard | None
-    routes: Sequence[RouteSpec] = ()
     clock: Callable[[], float] = time.time
     _expected: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -194,9 +193,9 @@ class JobsApi:
         forwarded = sorted(name for name in supplied if name in allowed)
         ignored = sorted(name for name in supplied if name not in allowed)
         try:
-            params = params_from_key(
-                self.routes, job.name, key, template_params(job.reprepare.path)
-            )
+            # The routes guarded now: a config reload may have swapped them.
+            routes = guard.rules.routes.specs
+            params = params_from_key(routes, job.name, key, template_params(job.reprepare.path))
         except NeedsParams as exc:
             raise _fail(409, "reprepare-needs-params", str(exc)) from None
         headers = [(name.encode("ascii"), supplied[name].encode("latin-1")) for name in forwarded]

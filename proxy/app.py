@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import ssl
+import time
 
 from proxy.admin import create_admin_app
 from proxy.admin_wiring import admin_api
 from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
-from proxy.forward import Forwarder, Receive, Scope, Send
+from proxy.forward import Forwarder, Message, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
 from proxy.headers import new_request_id
+from proxy.logformat import lean_log_records
 from proxy.logtext import log_safe
+from proxy.metrics_export import SharedMetrics, share_from_environment
 from proxy.policy import GuardLimits
 from proxy.problems import Problem
+from proxy.reload import Reloader, under_serve
 from proxy.reprepare import Repreparer, ReprepareRequest
+from proxy.request_log import ADMIN, NO_RESPONSE, RequestLog
 from proxy.routes import RouteSpec, RouteTable
 from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
@@ -58,6 +64,18 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
     )
 
 
+def guard_rules(config: Config) -> tuple[dict[str, GuardedJob], RouteTable]:
+    """The guard's jobs and route table from `config` (at startup, and at each reload)."""
+    jobs = {name: guarded_job(name, job) for name, job in config.jobs.items()}
+    routes = RouteTable(
+        [
+            RouteSpec(path=r.path, methods=frozenset(r.methods), job=r.job, key=r.key)
+            for r in config.routes
+        ]
+    )
+    return jobs, routes
+
+
 def upstream_tls_context(config: Config) -> ssl.SSLContext | None:
     """The one client TLS context for an https:// upstream (forwarding, re-prepare, WebSocket);
     None for http://."""
@@ -73,8 +91,10 @@ class PollguardApp:
     """Dispatches admin paths to the admin app, WebSockets to their proxy, and everything else
     to the forwarder."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
+        # Without the file it came from (an embedded app), the config cannot be reloaded.
+        self.reloader = Reloader(config_path, self) if config_path is not None else None
         self._prefix = config.admin.prefix
         self.upstream = Upstream(
             UpstreamSettings(
@@ -92,14 +112,24 @@ class PollguardApp:
             )
         )
         self.store: JobStore | None = None
+        self.shared_metrics: SharedMetrics | None = None
         self.guard: JobGuard | None = None
         self.repreparer: Repreparer | None = None
+        request_log = RequestLog(
+            metrics=config.metrics.requests,
+            access=config.access_log,
+            structured=config.logging.format == "json",
+        )
+        if config.access_log:
+            lean_log_records()
+        self.request_log = request_log if request_log.enabled else None
         self.forwarder = Forwarder(
             self.upstream,
             None,
             trusted_proxies=config.upstream.trusted_proxies,
             preserve_host=config.upstream.preserve_host,
             send_timeout=config.server.send_timeout,
+            request_log=request_log,
         )
         self.admin = create_admin_app(self._prefix, self.upstream, None)
         websocket = config.websocket
@@ -117,11 +147,15 @@ class PollguardApp:
                 preserve_host=config.upstream.preserve_host,
             ),
             self._prefix,
+            request_log,
         )
 
     async def startup(self) -> None:
         config = self.config
         raise_open_files_limit()
+        self.shared_metrics = share_from_environment()
+        if self.shared_metrics is not None:
+            self.shared_metrics.start()
         await self.upstream.start()
         if config.upstream.is_https and not config.upstream.tls.verify:
             logger.warning(
@@ -144,13 +178,7 @@ class PollguardApp:
                 ssl_context=self.upstream.ssl_context,
                 server_hostname=self.upstream.server_hostname,
             )
-            jobs = {name: guarded_job(name, job) for name, job in config.jobs.items()}
-            routes = RouteTable(
-                [
-                    RouteSpec(path=r.path, methods=frozenset(r.methods), job=r.job, key=r.key)
-                    for r in config.routes
-                ]
-            )
+            jobs, routes = guard_rules(config)
             self.guard = JobGuard(
                 jobs,
                 routes,
@@ -171,8 +199,11 @@ class PollguardApp:
             redis_store,
             token,
             store_required=config.state.on_error == "fail",
+            reload=self.reloader.reload_all if self.reloader is not None else None,
             **admin_api(config, self.guard),
         )
+        if self.reloader is not None and under_serve():
+            self.reloader.install_signal_handler()
         logger.info(
             "pollguard forwarding to %s; %d guarded route(s); state in %s",
             config.upstream.url,
@@ -180,7 +211,19 @@ class PollguardApp:
             "redis" if config.state.redis_url else "memory",
         )
 
+    @property
+    def guarded(self) -> bool:
+        return self.guard is not None
+
+    def reconfigure(self, config: Config) -> None:
+        """Run `config` from now on; only its jobs and routes take effect (proxy.reload)."""
+        if self.guard is not None:
+            self.guard.reconfigure(*guard_rules(config))
+        self.config = config
+
     async def shutdown(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.close()
         # Under pollguard serve every WebSocket is closed by now (proxy.server_ws, at SIGTERM);
         # under another server, this closes the rest with 1001.
         await self.websockets.close_all(self.config.server.shutdown_timeout)
@@ -193,12 +236,17 @@ class PollguardApp:
             await self.repreparer.close()
         if self.store is not None:
             await self.store.close()
+        if self.shared_metrics is not None:
+            self.shared_metrics.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             if scope["path"].startswith(self._prefix):
-                await self.admin(scope, receive, send)
+                if self.request_log is None:
+                    await self.admin(scope, receive, send)
+                else:
+                    await self._logged_admin(scope, receive, send, self.request_log)
                 return
             try:
                 await self.forwarder(scope, receive, send)
@@ -218,6 +266,26 @@ class PollguardApp:
                 logger.exception(
                     "unexpected error while proxying WebSocket %s", log_safe(scope["path"])
                 )
+
+    async def _logged_admin(
+        self, scope: Scope, receive: Receive, send: Send, request_log: RequestLog
+    ) -> None:
+        """The admin app, with its answer's status and size noted for the request log."""
+        started = time.perf_counter()
+        status, sent = NO_RESPONSE, 0
+
+        async def noting(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.admin(scope, receive, noting)
+        finally:
+            request_log.other(ADMIN, scope, status, time.perf_counter() - started, sent)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -255,11 +323,16 @@ async def _internal_error(send: Send) -> None:
 
 def create_app(config: Config | None = None) -> PollguardApp:
     """ASGI factory: `uvicorn --factory proxy.app:create_app` with POLLGUARD_CONFIG set."""
+    path = None
     if config is None:
         path = os.environ.get(CONFIG_ENV)
         if not path:
             raise ConfigError(f"{CONFIG_ENV} is not set — point it at a pollguard config.yaml")
         config = load_config(path)
+        if under_serve():
+            # SIGHUP reloads once the app has started (its handler is the event loop's);
+            # until then, one must not end the process (SIGHUP's default).
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # The server protocol of this process (pollguard serve's) bounds request heads by config.
     configure_server_protocol(config.server.max_head_size, config.server.max_header_fields)
-    return PollguardApp(config)
+    return PollguardApp(config, path)

@@ -20,6 +20,7 @@ from proxy.config import (
     DEFAULT_PORT,
     DEFAULT_WORKERS,
     LOG_LEVELS,
+    LoggingConfig,
     ServerConfig,
     WebSocketConfig,
     load_config,
@@ -49,7 +50,7 @@ class DeliberateAbortFilter(logging.Filter):
         return record.msg != _DELIBERATE_ABORT
 
 
-def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
+def _log_config(level: str, log_format: str = "text", access_buffer: int = 0) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
@@ -65,6 +66,19 @@ def _log_config(level: str, log_format: str = "text") -> dict[str, Any]:
     }
     # Admin writes are logged whatever the log level: an audit trail must not be filtered out.
     config["loggers"]["pollguard.audit"] = {"level": "INFO"}
+    # Access lines (logging.access) go to stdout at INFO whatever the log level: turning them
+    # on is the choice, and other lines stay on stderr.
+    config["handlers"]["access"] = {
+        "formatter": "access",
+        "()": "proxy.logformat.BufferedStreamHandler",
+        "stream": "ext://sys.stdout",
+        "buffer_bytes": access_buffer,
+    }
+    config["loggers"]["pollguard.access"] = {
+        "handlers": ["access"],
+        "level": "INFO",
+        "propagate": False,
+    }
     return config
 
 
@@ -81,7 +95,7 @@ def _config_path(args: argparse.Namespace, command: str) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from proxy.supervisor import serve
 
     path = _config_path(args, "serve")
     if path is None:
@@ -98,8 +112,8 @@ def _serve(args: argparse.Namespace) -> int:
     # The factory (also used by `uvicorn --factory`) reads the path back from the environment,
     # which worker processes inherit.
     os.environ["POLLGUARD_CONFIG"] = os.path.abspath(path)
-    options = uvicorn_options(server, config.websocket, config.logging.format)
-    uvicorn.run("proxy.app:create_app", factory=True, **options)
+    options = uvicorn_options(server, config.websocket, config.logging)
+    serve("proxy.app:create_app", options)
     return 0
 
 
@@ -110,17 +124,19 @@ def effective_server(server: ServerConfig, args: argparse.Namespace) -> ServerCo
 
 
 def uvicorn_options(
-    server: ServerConfig, websocket: WebSocketConfig, log_format: str = "text"
+    server: ServerConfig, websocket: WebSocketConfig, logs: LoggingConfig | None = None
 ) -> dict[str, Any]:
     """How `pollguard serve` runs uvicorn; README's plain `uvicorn --factory` line mirrors it."""
     tls = server.tls
+    logs = logs or LoggingConfig()
     return {
         "host": server.host,
         "port": server.port,
         "workers": server.workers,
         "log_level": server.log_level,
-        "log_config": _log_config(server.log_level, log_format),
-        "access_log": server.access_log,
+        "log_config": _log_config(server.log_level, logs.format, logs.access_buffer),
+        # pollguard writes its own access line (logging.access, proxy.request_log).
+        "access_log": False,
         # pollguard writes X-Forwarded-* itself, trusting only upstream.trusted_proxies.
         "proxy_headers": False,
         # The upstream's Server and Date headers reach the client, not uvicorn's.
@@ -192,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run pollguard: forward every request to upstream.url and guard the "
         "configured job routes. Settings come from the config file (server:, upstream:, "
         "state:, jobs:, routes:, websocket:); a flag given here overrides its server.* field. "
-        "SIGTERM drains open requests for server.shutdown_timeout.",
+        "SIGTERM drains open requests for server.shutdown_timeout; SIGHUP reloads jobs: and "
+        "routes: from the config file (every worker).",
     )
     serve.add_argument("--config", help="config file (default: $POLLGUARD_CONFIG)")
     # No argparse defaults: a flag left out takes the config's value, whose default is declared

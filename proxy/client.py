@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -67,12 +68,16 @@ class ClientLink:
         "_started_at",
         "_task",
         "_watcher",
+        "arrived_at",
         "body_consumed",
         "finishing",
         "loop",
         "receive",
         "request_id",
+        "sent_bytes",
         "started",
+        "status",
+        "upstream_seconds",
     )
 
     def __init__(
@@ -84,7 +89,13 @@ class ClientLink:
         self.loop = loop
         self._task = asyncio.current_task(loop)
         self._started_at = loop.time()
+        # The request's arrival on a fine clock: uvloop's loop.time() moves in milliseconds.
+        self.arrived_at = time.perf_counter()
         self.request_id: bytes | None = None
+        # What the access line and request metrics report (proxy.request_log).
+        self.status = 0  # the status sent; 0 until a response head went out
+        self.sent_bytes = 0  # response body bytes handed to the server
+        self.upstream_seconds: float | None = None  # sending upstream to its response head
         self.body_consumed = False  # receive() is ours to watch only after the body is read
         self.started = False  # the response head went out
         # The last body message is on its way: a disconnect now is the server telling us the
@@ -141,6 +152,7 @@ class ClientLink:
     async def send_start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
         self.started = True
+        self.status = status
 
     async def send_whole(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, head: bool
@@ -151,7 +163,11 @@ class ClientLink:
         self._sending_since = self.loop.time()
         await send({"type": "http.response.start", "status": status, "headers": headers})
         self.started = True
-        await send({"type": "http.response.body", "body": b"" if head else body})
+        self.status = status
+        if head:
+            body = b""
+        await send({"type": "http.response.body", "body": body})
+        self.sent_bytes = len(body)
         self._sending_since = None
 
     async def end_cancelled(self) -> None:

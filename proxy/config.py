@@ -268,6 +268,7 @@ class ServerConfig(Section):
     port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
     workers: int = Field(default=DEFAULT_WORKERS, ge=1)
     log_level: LogLevel = DEFAULT_LOG_LEVEL
+    # Deprecated alias of logging.access (it was uvicorn's access line before 0.2.0).
     access_log: bool = False
     send_timeout: Duration = DEFAULT_SEND_TIMEOUT
     max_head_size: ByteSize = DEFAULT_MAX_REQUEST_HEAD_SIZE
@@ -466,10 +467,26 @@ def _not_a_param(name: str, route: RouteConfig) -> str:
     )
 
 
+DEFAULT_ACCESS_BUFFER = 64 * 1024
+MAX_ACCESS_BUFFER = 16 * 1024 * 1024
+
+
 class LoggingConfig(Section):
     """How log lines look (proxy.logformat); the level is server.log_level."""
 
     format: Literal["text", "json"] = "text"
+    # One line per request on stdout (proxy.request_log), whatever server.log_level says.
+    access: bool = False
+    # Access lines are written when this much is pending, or after a second (0: each at once).
+    access_buffer: ByteSize = Field(default=DEFAULT_ACCESS_BUFFER, le=MAX_ACCESS_BUFFER)
+
+
+class MetricsConfig(Section):
+    """What /-/metrics counts beyond the guard's decisions and the edges' failures."""
+
+    # pollguard_requests_total and the request/upstream latency histograms: a few hundred
+    # nanoseconds per request (docs/benchmarks.md).
+    requests: bool = True
 
 
 class Config(Section):
@@ -479,8 +496,14 @@ class Config(Section):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     websocket: WebSocketConfig = Field(default_factory=WebSocketConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     jobs: Mapping[str, JobConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = ()
+
+    @property
+    def access_log(self) -> bool:
+        """Whether each request gets an access line: logging.access, or its old name."""
+        return self.logging.access or self.server.access_log
 
     @model_validator(mode="before")
     @classmethod

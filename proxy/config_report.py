@@ -21,6 +21,11 @@ def config_warnings(cfg: Config) -> list[str]:
             "upstream.tls: ca_file is unused while verify is false — remove ca_file, or set "
             "verify: true to check the upstream's certificate against it"
         )
+    if cfg.server.access_log:
+        warnings.append(
+            "server.access_log is deprecated — it now turns on pollguard's own access line; "
+            "write logging.access: true instead"
+        )
     for name, job in cfg.jobs.items():
         stuck, window = format_duration(job.stuck_after), format_duration(job.reprepare_window)
         if job.max_wait <= job.stuck_after:
@@ -111,7 +116,8 @@ def render_config(cfg: Config) -> str:
             "connect_timeout": _optional_duration(websocket.connect_timeout),
             "upstream_deflate": websocket.upstream_deflate,
         },
-        "logging": {"format": cfg.logging.format},
+        "logging": {"format": cfg.logging.format, "access": cfg.logging.access},
+        "metrics": {"requests": cfg.metrics.requests},
         "jobs": {name: _plain_job(job) for name, job in cfg.jobs.items()},
         "routes": [
             {"path": r.path, "methods": sorted(r.methods), "job": r.job, "key": r.key}

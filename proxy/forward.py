@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from time import perf_counter
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +34,7 @@ from proxy.headers import (
 from proxy.logtext import log_safe
 from proxy.metrics import UPSTREAM_ERRORS
 from proxy.problems import Problem
+from proxy.request_log import GUARDED, UNGUARDED, RequestLog
 from proxy.upstream import Upstream, UpstreamResponse
 
 logger = logging.getLogger("pollguard.forward")
@@ -59,9 +61,12 @@ class Forwarder:
         trusted_proxies: TrustedNetworks,
         preserve_host: bool,
         send_timeout: float,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.upstream = upstream
         self.guard = guard
+        # None when neither the access log nor request metrics are on: nothing to record.
+        self.request_log = request_log if request_log is not None and request_log.enabled else None
         self._trusted = trusted_proxies
         self._preserve_host = preserve_host
         self._patrol = Patrol(send_timeout)
@@ -70,6 +75,11 @@ class Forwarder:
         # One coroutine for the whole request, not a wrapper around a second one: each costs
         # ~2k instructions on a path that runs for every request.
         client = ClientLink(receive, send, self._patrol, self.upstream.loop)
+        raw_path: bytes | None = scope.get("raw_path")
+        target = raw_path if raw_path else quote(scope["path"]).encode()
+        if query := scope.get("query_string"):
+            target += b"?" + query
+        kind = UNGUARDED
         try:
             method: str = scope["method"]
             peer = scope.get("client")
@@ -87,16 +97,16 @@ class Forwarder:
                 await _send_problem(client, problem, new_request_id(), method, close=True)
                 return
             client.request_id = request_id
-            raw_path: bytes | None = scope.get("raw_path")
-            target = raw_path if raw_path else quote(scope["path"]).encode()
-            if query := scope.get("query_string"):
-                target += b"?" + query
             body = _request_body(client) if _has_body(client_headers) else None
             if body is None:
                 client.body_consumed = True
             target_job = self.guard.target(method, scope["path"], raw_path) if self.guard else None
+            if target_job is not None:
+                kind = GUARDED
             try:
+                sent_at = perf_counter()
                 response = await self.upstream.send(method, target, headers, body, host)
+                client.upstream_seconds = perf_counter() - sent_at
             except ClientDisconnected:
                 logger.info("client went away during its upload (request_id=%s)", client.log_id)
                 return  # nobody to answer
@@ -142,6 +152,8 @@ class Forwarder:
             await client.end_cancelled()
         finally:
             client.stop()
+            if self.request_log is not None:
+                self.request_log.forwarded(client, kind, scope, target)
 
 
 def _client_headers(response: UpstreamResponse, request_id: bytes) -> RawHeaders:
@@ -246,6 +258,7 @@ async def _stream(
             if not more:
                 client.finishing = True
             await client.send({"type": "http.response.body", "body": chunk, "more_body": more})
+            client.sent_bytes += len(chunk)
             if not more:
                 response.release()
                 return

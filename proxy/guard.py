@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from proxy import answers
@@ -22,7 +22,8 @@ from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, header_value
 from proxy.logtext import log_safe
-from proxy.metrics import DECISIONS, REPREPARES, STORE_ERRORS, Tally
+from proxy.loop_metrics import Tally
+from proxy.metrics import DECISIONS, JOB_AGE, REPREPARES, STORE_ERRORS
 from proxy.policy import (
     Decision,
     GuardLimits,
@@ -49,6 +50,9 @@ STORE_ERROR_LOG_INTERVAL = 10.0  # seconds between two "store unavailable" log l
 TARGET_CACHE_SIZE = 4096
 TARGET_CACHE_MAX_PATH = 256  # characters of the path, bytes of the raw path
 _PASS = str(Verdict.PASS)
+# Decisions that escalate an episode, each observed in pollguard_job_age_seconds: the outcome of
+# every re-prepare, and every terminal answer sent.
+_ESCALATIONS = frozenset({"reprepared", "reprepare-failed", "job-stuck", "wait-exceeded"})
 # What the lock is released with when the re-prepare never reported (cancelled, or a bug).
 _INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
 
@@ -73,6 +77,12 @@ class GuardedJob:
     key_pattern: re.Pattern[str] | None
     limits: GuardLimits
     reprepare: ReprepareRequest
+    # How long the job's records live, derived from its limits once, not per poll; carried by
+    # the job so a request still holding it after a reload removed the job keeps its TTL.
+    record_ttl: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "record_ttl", record_ttl(self.limits))
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +101,21 @@ class ForcedOutcome:
     before: JobState  # the record as observed before the lock was taken
 
 
+class GuardRules:
+    """What one config says the guard guards: its jobs, its route table, and the routing
+    outcomes remembered for them (see TARGET_CACHE_SIZE). Swapped whole by `reconfigure`, so a
+    request that resolved its target keeps the job it found, and no cached target outlives the
+    rules it came from."""
+
+    __slots__ = ("jobs", "routes", "targets")
+
+    def __init__(self, jobs: Mapping[str, GuardedJob], routes: RouteTable) -> None:
+        self.jobs = jobs
+        self.routes = routes
+        # (method, path, raw_path) → what target() answers for it.
+        self.targets: dict[tuple[str, str, bytes | None], GuardTarget | None] = {}
+
+
 class JobGuard:
     def __init__(
         self,
@@ -103,8 +128,7 @@ class JobGuard:
         remembered_records: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._jobs = jobs
-        self._routes = routes
+        self._rules = GuardRules(jobs, routes)
         self.store = store
         self._repreparer = repreparer
         self._fail_closed = fail_closed
@@ -114,11 +138,21 @@ class JobGuard:
         # Each (job, decision, mode)'s series of pollguard_decisions, found once.
         self._decision_tallies: dict[tuple[str, str, str], Tally] = {}
         # Replica-local memory of records read from a shared store; 0 = none.
+        self._remembered_records = remembered_records
         self._recent = RecentRecords(remembered_records) if remembered_records else None
-        # Derived from each job's limits once, not per poll.
-        self._record_ttl = {job.name: record_ttl(job.limits) for job in jobs.values()}
-        # (method, path, raw_path) → what target() answers for it; see TARGET_CACHE_SIZE.
-        self._targets: dict[tuple[str, str, bytes | None], GuardTarget | None] = {}
+
+    @property
+    def rules(self) -> GuardRules:
+        return self._rules
+
+    def reconfigure(self, jobs: Mapping[str, GuardedJob], routes: RouteTable) -> None:
+        """Guard new requests by `jobs` and `routes` (a config reload), in one assignment and
+        without a lock: a request that already has its target finishes on the job it found.
+        Records remembered from the shared store are forgotten (their trust came from the old
+        limits); the records themselves, in the store, stay."""
+        self._rules = GuardRules(jobs, routes)
+        if self._recent is not None:
+            self._recent = RecentRecords(self._remembered_records)
 
     async def settled(self) -> None:
         """Wait for the background work started so far (forgetting ended episodes): for an
@@ -129,30 +163,23 @@ class JobGuard:
     def target(self, method: str, path: str, raw_path: bytes | None = None) -> GuardTarget | None:
         """The job a request belongs to, or None for an unguarded request. `path` is the decoded
         ASGI path; `raw_path`, when given, lets a path with an encoded slash go unguarded."""
-        if not self._routes.may_match(path):
+        rules = self._rules  # one load: a reload swapping it mid-call cannot mix two configs
+        if not rules.routes.may_match(path):
             return None  # most unguarded requests: one prefix test, nothing cached
         request = (method, path, raw_path)
+        targets = rules.targets
         try:
-            return self._targets[request]
+            return targets[request]
         except KeyError:
             pass
-        found = self._find_target(method, path, raw_path)
+        found = _find_target(rules, method, path, raw_path)
         if len(path) <= TARGET_CACHE_MAX_PATH and (
             raw_path is None or len(raw_path) <= TARGET_CACHE_MAX_PATH
         ):
-            if len(self._targets) >= TARGET_CACHE_SIZE:
-                self._targets.clear()
-            self._targets[request] = found
+            if len(targets) >= TARGET_CACHE_SIZE:
+                targets.clear()
+            targets[request] = found
         return found
-
-    def _find_target(self, method: str, path: str, raw_path: bytes | None) -> GuardTarget | None:
-        match = self._routes.match(method, path, raw_path)
-        if match is None:
-            return None
-        job = self._jobs[match.job]
-        if not is_guardable_key(match.key, job.key_pattern):
-            return None
-        return GuardTarget(job, match)
 
     def review_at_once(
         self, target: GuardTarget, status: int, upstream_headers: RawHeaders, request_id: bytes
@@ -168,7 +195,7 @@ class JobGuard:
         if self._recent is not None:
             state = self._recent.get(job.name, key, now)
         else:
-            state = self.store.observe_local(job.name, key, now, self._record_ttl[job.name])
+            state = self.store.observe_local(job.name, key, now, job.record_ttl)
         if state is None:
             return NEEDS_STORE
         raw_retry_after = header_value(upstream_headers, b"retry-after")
@@ -230,7 +257,7 @@ class JobGuard:
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
         try:
-            state = await self.store.observe(job.name, key, now, self._record_ttl[job.name])
+            state = await self.store.observe(job.name, key, now, job.record_ttl)
         except StoreUnavailable as exc:
             return self._store_failed(job, exc, upstream_headers, request_id)
         if self._recent is not None:
@@ -260,7 +287,7 @@ class JobGuard:
         assert decision.locked_state is not None  # decide() always sets it for REPREPARE
         try:
             locked = await self.store.swap(
-                job.name, key, state.version, decision.locked_state, self._record_ttl[job.name]
+                job.name, key, state.version, decision.locked_state, job.record_ttl
             )
         except StoreUnavailable as exc:
             return self._store_failed(job, exc, upstream_headers, request_id)
@@ -350,7 +377,8 @@ class JobGuard:
 
     @property
     def jobs(self) -> Mapping[str, GuardedJob]:
-        return self._jobs
+        """The jobs guarded now (a config reload may swap them)."""
+        return self._rules.jobs
 
     def forget_local(self, job: str, key: str) -> None:
         """Drop what this replica remembers of (job, key) (after an admin reset)."""
@@ -371,8 +399,8 @@ class JobGuard:
         StoreUnavailable propagates."""
         from proxy.episodes import ForceVerdict, force_lock  # admin-only: off the import path
 
-        job = self._jobs[job_name]
-        ttl = self._record_ttl[job.name]
+        job = self._rules.jobs[job_name]
+        ttl = job.record_ttl
         now = self._clock()
         self.forget_local(job.name, key)
         state = await self.store.observe(job.name, key, now, ttl)
@@ -438,9 +466,7 @@ class JobGuard:
         restarted on success."""
         finished = after_reprepare(locked, self._clock(), succeeded)
         try:
-            stored = await self.store.swap(
-                job.name, key, locked.version, finished, self._record_ttl[job.name]
-            )
+            stored = await self.store.swap(job.name, key, locked.version, finished, job.record_ttl)
         except StoreUnavailable:
             return  # the lock expires on its own after reprepare.timeout + margin
         self._remember(job, key, stored, self._clock())
@@ -461,7 +487,7 @@ class JobGuard:
             finished = after_reprepare(decision.locked_state, now, succeeded=True)
             try:
                 stored = await self.store.swap(
-                    job.name, key, state.version, finished, self._record_ttl[job.name]
+                    job.name, key, state.version, finished, job.record_ttl
                 )
                 self._remember(job, key, stored, now)
             except StoreUnavailable as exc:
@@ -545,6 +571,8 @@ class JobGuard:
         self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
     ) -> None:
         self._count(target, decision_name)
+        if decision_name in _ESCALATIONS and not target.job.shadow:
+            JOB_AGE.labels(target.job.name, decision_name).observe(decision.pending_seconds)
         if not logger.isEnabledFor(logging.INFO):
             return
         key, rid = log_safe(target.match.key), log_safe(request_id)
@@ -566,3 +594,15 @@ class JobGuard:
                 "request_id": rid,
             },
         )
+
+
+def _find_target(
+    rules: GuardRules, method: str, path: str, raw_path: bytes | None
+) -> GuardTarget | None:
+    match = rules.routes.match(method, path, raw_path)
+    if match is None:
+        return None
+    job = rules.jobs[match.job]
+    if not is_guardable_key(match.key, job.key_pattern):
+        return None
+    return GuardTarget(job, match)

@@ -26,6 +26,7 @@ from proxy.stores.base import START_CURSOR, JobStore
 logger = logging.getLogger("pollguard.admin")
 
 REFRESH_SECONDS = 15.0
+STALE_SECONDS = 2 * REFRESH_SECONDS  # counts older than this are not exported
 LEASE = "jobs-gauge"
 MAX_RECORDS = 100_000  # records one count reads at most, over all jobs
 SCAN_SECONDS = 2.0  # and the time it may take (each store call has the store's deadline too)
@@ -39,19 +40,29 @@ class JobsGauge:
     def __init__(
         self,
         store: JobStore,
-        jobs: Mapping[str, GuardLimits],
+        jobs: Callable[[], Mapping[str, GuardLimits]],
         *,
         scan_step: int,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._store = store
-        self._jobs = dict(jobs)
+        self._jobs = jobs  # the jobs guarded now, with their limits
         self._scan_step = scan_step
         self._clock = clock
         self._monotonic = monotonic
         self._next_refresh = float("-inf")
-        self.values: dict[tuple[str, str], int] = {}
+        self._refreshed_at = float("-inf")
+        self._values: dict[tuple[str, str], int] = {}
+
+    @property
+    def values(self) -> dict[tuple[str, str], int]:
+        """The counts to export; none once STALE_SECONDS old. Under `serve --workers N` each
+        worker's gauge is combined with `livemax` (proxy.metrics_export), and a worker that has
+        not answered a scrape for a while must not export old counts over fresh ones."""
+        if self._monotonic() - self._refreshed_at > STALE_SECONDS:
+            return {}
+        return self._values
 
     async def refresh(self) -> None:
         now = self._monotonic()
@@ -65,19 +76,21 @@ class JobsGauge:
         except StoreUnavailable as exc:
             logger.warning("pollguard_jobs not refreshed: %s", exc)
             return
-        values = {(job, state): 0 for job in self._jobs for state in STATES}
+        values = {(job, state): 0 for job in self._jobs() for state in STATES}
         for field, count in summary.items():
             job, _, state = field.partition(_SEPARATOR)
             if state in STATES:
                 values[(job, state)] = count
-        self.values = values
+        self._values = values
+        self._refreshed_at = self._monotonic()
 
     async def count(self) -> dict[str, int]:
         """Scan every job's records (bounded) and count them per state."""
-        counts = {f"{job}{_SEPARATOR}{state}": 0 for job in self._jobs for state in STATES}
+        jobs = self._jobs()
+        counts = {f"{job}{_SEPARATOR}{state}": 0 for job in jobs for state in STATES}
         started = self._monotonic()
         scanned = 0
-        for job, limits in self._jobs.items():
+        for job, limits in jobs.items():
             cursor: str | None = START_CURSOR
             while cursor is not None:
                 if scanned >= MAX_RECORDS or self._monotonic() - started >= SCAN_SECONDS:

@@ -1,78 +1,66 @@
-"""Prometheus counters: what the guard decided, and what failed at the edges.
+"""Prometheus metrics: requests and their latency, what the guard decided, what failed at the
+edges.
 
-Counted only on guarded requests, error paths and WebSockets; the unguarded HTTP hot path
-touches none of them.
-Each worker process keeps its own counters (scrape each, or run one worker per replica).
+Series bumped on every request are proxy.loop_metrics types (a plain int or float update);
+prometheus_client's own types serve the rarer events. Under `--workers N` the registry of each
+worker reaches one scrape through proxy.metrics_export.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client import metrics as prometheus_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from proxy.loop_metrics import LoopCounter, LoopHistogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 
-class Tally:
-    """One labelled series of a LoopCounter: `tally.value += 1` counts an event."""
+# Request latencies through a proxy run from well under a millisecond (a small answer from a
+# nearby backend) to a minute (a large download): prometheus_client's default buckets start at
+# 5 ms, where most of what a proxy adds would be invisible.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
+# How long a job had been pending when the guard escalated: seconds to hours.
+JOB_AGE_BUCKETS = (
+    10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 43200.0,
+)  # fmt: skip
 
-    __slots__ = ("created", "value")
-
-    def __init__(self, created: float) -> None:
-        self.value = 0
-        self.created = created  # wall-clock seconds, exported as the series' _created sample
-
-
-class LoopCounter(Collector):
-    """A labelled counter for the guarded hot path, exported exactly as a prometheus_client
-    Counter of the same name, help and labels would be (`_total` and `_created` samples).
-
-    Counter.inc() takes a lock and two Python calls (~1k instructions, once per guarded poll);
-    a Tally is a plain int, which is safe because every increment and every scrape run on the
-    event loop's thread. Values are read when the registry collects.
-    """
-
-    def __init__(
-        self,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str],
-        registry: CollectorRegistry,
-    ) -> None:
-        self._name = name
-        self._documentation = documentation
-        self._labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], Tally] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> Tally:
-        """The series for these label values (in labelnames order), created at 0 if new."""
-        if len(values) != len(self._labelnames):
-            raise ValueError(f"{self._name} takes labels {self._labelnames}, got {values!r}")
-        tally = self._series.get(values)
-        if tally is None:
-            tally = self._series[values] = Tally(time.time())
-        return tally
-
-    def describe(self) -> list[Metric]:
-        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
-
-    def collect(self) -> list[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
-        # prometheus_client's switch for _created samples (PROMETHEUS_DISABLE_CREATED_SERIES),
-        # honoured so this family reads like every other counter.
-        with_created = getattr(prometheus_metrics, "_use_created", True)
-        for values, tally in list(self._series.items()):
-            created = tally.created if with_created else None
-            family.add_metric(values, float(tally.value), created=created)
-        return [family]
-
-
+REQUESTS = LoopCounter(
+    "pollguard_requests",
+    "Requests answered, by kind (guarded, unguarded, admin, websocket) and the status sent "
+    '(code "none": the client left or stopped reading before a response head went out)',
+    ["kind", "code"],
+    registry=REGISTRY,
+)
+REQUEST_DURATION = LoopHistogram(
+    "pollguard_request_duration_seconds",
+    "Time from a request's arrival to the end of its response, by kind (guarded, unguarded)",
+    ["kind"],
+    LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+UPSTREAM_DURATION = LoopHistogram(
+    "pollguard_upstream_duration_seconds",
+    "Time from sending a request upstream (its body included) to the upstream's response "
+    "head, by kind (guarded, unguarded)",
+    ["kind"],
+    LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+JOB_AGE = Histogram(
+    "pollguard_job_age_seconds",
+    "How long a job had been pending when the guard escalated, by job and decision "
+    "(reprepared, reprepare-failed, job-stuck, wait-exceeded)",
+    ["job", "decision"],
+    buckets=JOB_AGE_BUCKETS,
+    registry=REGISTRY,
+)
 DECISIONS = LoopCounter(
     "pollguard_decisions",
     "Guard decisions on pending answers, by job, decision and mode",
@@ -124,6 +112,16 @@ WEBSOCKET_HANDSHAKE_FAILURES = Counter(
     ["status"],
     registry=REGISTRY,
 )
+
+CONFIG_RELOADS = Counter(
+    "pollguard_config_reloads",
+    "Config reloads (SIGHUP or POST reload), by result: reloaded (jobs or routes changed), "
+    "unchanged, invalid (the running config kept)",
+    ["result"],
+    registry=REGISTRY,
+)
+for _result in ("reloaded", "unchanged", "invalid"):
+    CONFIG_RELOADS.labels(_result)  # every series exported from the start, at 0
 
 
 class WebSocketStats:
@@ -178,7 +176,3 @@ class _WebSocketCollector(Collector):
 REGISTRY.register(_WebSocketCollector())
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-
-def exposition() -> bytes:
-    return generate_latest(REGISTRY)

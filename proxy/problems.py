@@ -26,6 +26,9 @@ TITLES: Mapping[str, str] = {
     "dependency-unavailable": "Dependency unavailable",
     "bad-request": "Bad request",
     "internal-error": "Internal error",
+    "admin-disabled": "Admin endpoint disabled",
+    "invalid-config": "Invalid config",
+    "reload-unavailable": "Reload unavailable",
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,7 @@ from proxy.headers import TrustedNetworks, forwarded_request_headers, new_reques
 from proxy.logtext import log_safe
 from proxy.metrics import UPSTREAM_ERRORS, WEBSOCKET_HANDSHAKE_FAILURES
 from proxy.problems import Problem
+from proxy.request_log import NO_RESPONSE, WEBSOCKET, RequestLog
 from proxy.upstream import Upstream
 from proxy.ws_policy import FORWARDED_PROTO, client_response_headers, upstream_request_headers
 from proxy.ws_relay import UPSTREAM_MAX_QUEUE, Relay, RelayPatrol
@@ -61,6 +63,9 @@ UPSTREAM_DEFLATE = ClientPerMessageDeflateFactory(
 )
 UNAVAILABLE_RETRY_AFTER = 5  # seconds, as for HTTP's 502 upstream-unavailable
 _HTTP_RESPONSE = "websocket.http.response"
+ACCEPTED = 101  # the status an accepted handshake counts as
+# A close before accept: the server answers the handshake 403 (ASGI), whatever status we meant.
+CLOSED_BEFORE_ACCEPT = 403
 
 __all__ = ["WebSocketProxy", "WebSocketSettings"]
 
@@ -100,9 +105,17 @@ class _UpstreamConnect(connect):
 class WebSocketProxy:
     """The ASGI callable for `websocket` scopes."""
 
-    def __init__(self, upstream: Upstream, settings: WebSocketSettings, admin_prefix: str) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        settings: WebSocketSettings,
+        admin_prefix: str,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self.upstream = upstream
         self.settings = settings
+        # Each handshake's outcome, as an access line and in pollguard_requests_total.
+        self.request_log = request_log if request_log is not None and request_log.enabled else None
         self._admin_prefix = admin_prefix
         self.patrol = RelayPatrol(settings.idle_timeout, settings.send_timeout)
 
@@ -111,9 +124,15 @@ class WebSocketProxy:
         try:
             # The handshake in a frame of its own: what only it needs (headers, the connect
             # object) is freed before the connection settles in for its lifetime.
-            relay = await self._open(scope, receive, send)
-            if relay is None:
+            started = time.perf_counter()
+            opened = await self._open(scope, receive, send)
+            if self.request_log is not None:
+                status = ACCEPTED if isinstance(opened, Relay) else opened
+                seconds = time.perf_counter() - started
+                self.request_log.other(WEBSOCKET, scope, status, seconds)
+            if not isinstance(opened, Relay):
                 return
+            relay = opened
             self.patrol.add(relay)
             await relay.run()
         except asyncio.CancelledError:
@@ -129,16 +148,15 @@ class WebSocketProxy:
             if relay is not None:
                 self.patrol.discard(relay)
 
-    async def _open(self, scope: Scope, receive: Receive, send: Send) -> Relay | None:
-        """The opening handshake on both sides: the accepted relay, or None when it was refused
-        (the client has its answer) or the client left."""
+    async def _open(self, scope: Scope, receive: Receive, send: Send) -> Relay | int:
+        """The opening handshake on both sides: the accepted relay, or the status the client
+        was refused with (it has its answer), or NO_RESPONSE when it left first."""
         if (await receive())["type"] != "websocket.connect":
-            return None  # gone before the handshake reached us
+            return NO_RESPONSE  # gone before the handshake reached us
         settings = self.settings
         if scope["path"].startswith(self._admin_prefix):
             problem = Problem(404, "not-found", "pollguard's own endpoints are not WebSockets")
-            await _refuse_with_problem(scope, send, problem, new_request_id())
-            return None
+            return await _refuse_with_problem(scope, send, problem, new_request_id())
         peer = scope.get("client")
         try:
             headers, request_id, host = forwarded_request_headers(
@@ -149,15 +167,14 @@ class WebSocketProxy:
                 preserve_host=settings.preserve_host,
             )
         except BadRequest as exc:
-            await _refuse_with_problem(scope, send, Problem(400, "bad-request", str(exc)), b"")
-            return None
+            problem = Problem(400, "bad-request", str(exc))
+            return await _refuse_with_problem(scope, send, problem, b"")
         rid = request_id.decode("latin-1")
         opening = self._connect(scope, headers, host)
         try:
             upstream = await opening
         except InvalidStatus as exc:
-            await self._pass_refusal(scope, send, exc, request_id)
-            return None
+            return await self._pass_refusal(scope, send, exc, request_id)
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             problem = _problem_for(exc, opening, settings.connect_timeout)
             UPSTREAM_ERRORS.labels(problem.code).inc()
@@ -167,8 +184,7 @@ class WebSocketProxy:
                 log_safe(problem.detail),
                 rid,
             )
-            await _refuse_with_problem(scope, send, problem, request_id)
-            return None
+            return await _refuse_with_problem(scope, send, problem, request_id)
         relay = Relay(receive, send, upstream, max_size=settings.max_message_size, request_id=rid)
         try:
             accept_headers = client_response_headers(
@@ -183,7 +199,7 @@ class WebSocketProxy:
             )
         except OSError:
             upstream.transport.abort()  # the client left while the upstream was answering
-            return None
+            return NO_RESPONSE
         except BaseException:
             upstream.transport.abort()
             raise
@@ -231,16 +247,15 @@ class WebSocketProxy:
 
     async def _pass_refusal(
         self, scope: Scope, send: Send, refused: InvalidStatus, request_id: bytes
-    ) -> None:
+    ) -> int:
         response = refused.response
         status = response.status_code
         if status < 200:
             # A 1xx other than 101 has no place here, and no ASGI server could send it.
             problem = Problem(502, "upstream-invalid", f"upstream answered the handshake {status}")
-            await _refuse_with_problem(scope, send, problem, request_id)
-            return
+            return await _refuse_with_problem(scope, send, problem, request_id)
         headers = client_response_headers(response.headers.raw_items(), request_id)
-        await _refuse(scope, send, status, headers, bytes(response.body))
+        return await _refuse(scope, send, status, headers, bytes(response.body))
 
     async def close_all(self, grace: float) -> None:
         await self.patrol.close_all(grace)
@@ -274,17 +289,17 @@ def _problem_for(exc: BaseException, opening: _UpstreamConnect, connect_timeout:
 
 async def _refuse_with_problem(
     scope: Scope, send: Send, problem: Problem, request_id: bytes
-) -> None:
+) -> int:
     request_id = request_id or new_request_id()
     body = problem.body(request_id.decode("latin-1"))
-    await _refuse(scope, send, problem.status, problem.headers(body, request_id), body)
+    return await _refuse(scope, send, problem.status, problem.headers(body, request_id), body)
 
 
 async def _refuse(
     scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-) -> None:
+) -> int:
     """An HTTP answer instead of the upgrade; a close before accept (403) where the server has
-    no `websocket.http.response`."""
+    no `websocket.http.response`. Returns the status the client got."""
     WEBSOCKET_HANDSHAKE_FAILURES.labels(str(status)).inc()
     try:
         if _HTTP_RESPONSE in (scope.get("extensions") or {}):
@@ -292,7 +307,8 @@ async def _refuse(
                 {"type": "websocket.http.response.start", "status": status, "headers": headers}
             )
             await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close"})
+            return status
+        await send({"type": "websocket.close"})
     except OSError:
-        pass  # the client already left
+        return NO_RESPONSE  # the client already left
+    return CLOSED_BEFORE_ACCEPT

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from proxy import jobs_gauge
-from proxy.app import PollguardApp
+from proxy.app import PollguardApp, guard_rules
 from proxy.config import parse_config
 from proxy.jobs_gauge import JobsGauge
 from proxy.stores import MemoryJobStore
@@ -92,7 +92,7 @@ async def test_jobs_gauge_counts_bounded_and_throttled(monkeypatch: pytest.Monke
     await store.observe("rec", "old", T0 - 50, 600.0)  # stuck at T0 (stuck_after 10s)
     ticks = [0.0]
     gauge = JobsGauge(
-        store, {"rec": LIMITS}, scan_step=2, clock=lambda: T0, monotonic=lambda: ticks[0]
+        store, lambda: {"rec": LIMITS}, scan_step=2, clock=lambda: T0, monotonic=lambda: ticks[0]
     )
     await gauge.refresh()
     assert gauge.values[("rec", "pending")] == 5 and gauge.values[("rec", "stuck")] == 1
@@ -105,3 +105,33 @@ async def test_jobs_gauge_counts_bounded_and_throttled(monkeypatch: pytest.Monke
     monkeypatch.setattr(jobs_gauge, "MAX_RECORDS", 3)
     await gauge.refresh()  # the lease is free again; the count stops after 3 records
     assert sum(gauge.values.values()) == 3
+    ticks[0] += jobs_gauge.STALE_SECONDS + 1
+    assert gauge.values == {}  # not refreshed for too long: nothing exported
+
+
+@pytest.mark.anyio
+async def test_the_api_follows_a_config_reload() -> None:
+    """After the guard's jobs and routes are swapped (config reload), the admin API lists the
+    new jobs, derives re-prepare parameters from the new routes, and the gauge counts them."""
+    app = PollguardApp(parse_config(config_text(), env={}))
+    await app.startup()
+    assert app.guard is not None
+    reloaded = parse_config(
+        config_text().replace("  rec:", "  video:").replace("job: rec", "job: video"), env={}
+    )
+    app.guard.reconfigure(*guard_rules(reloaded))
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://pollguard/-/") as client:
+            assert (await client.get("jobs/rec", headers=AUTH)).json()["code"] == "unknown-job"
+            assert (await client.get("jobs/video", headers=AUTH)).json()["episodes"] == []
+            # The new route's key template gives {rid}: the re-prepare is attempted (the
+            # upstream at port 9 refuses it: outcome failed, still 200).
+            forced = await client.post("jobs/video/acme:7/reprepare", headers={**AUTH, **REASON})
+            assert forced.status_code == 200 and forced.json()["outcome"] == "failed"
+            metrics = (await client.get("metrics", headers=AUTH)).text
+            assert 'pollguard_jobs{job="video",state="stuck"} 0.0' in metrics
+            assert 'pollguard_jobs{job="video",state="pending"} 1.0' in metrics
+            assert 'job="rec"' not in metrics.split("pollguard_jobs", 1)[1]
+    finally:
+        await app.shutdown()

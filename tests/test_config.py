@@ -140,7 +140,7 @@ ERROR_CASES: list[tuple[str, dict[str, Any], str]] = [
         "unknown top-level key",
         {"colour": "red"},
         "colour: unknown key — remove it or check the spelling (valid keys: upstream, server, "
-        "state, admin, websocket, logging, jobs, routes)",
+        "state, admin, websocket, logging, metrics, jobs, routes)",
     ),
     (
         "unknown nested key",

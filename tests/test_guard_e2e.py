@@ -550,16 +550,16 @@ async def test_target_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         for index in range(100):
             found = guard.target("GET", f"/api/recordings/file/CA{index}")
             assert found is not None and found.match.key == f"CA{index}"
-            assert len(guard._targets) <= 8
+            assert len(guard.rules.targets) <= 8
         long_path = "/api/recordings/file/" + "C" * 250  # a guardable key, a path past the limit
         assert len(long_path) > guard_module.TARGET_CACHE_MAX_PATH
         assert guard.target("GET", long_path) is not None
         assert guard.target("GET", long_path + "C" * 10) is None  # a key over 256 bytes
-        for _, path, raw_path in guard._targets:
+        for _, path, raw_path in guard.rules.targets:
             assert len(path) <= guard_module.TARGET_CACHE_MAX_PATH
             assert raw_path is None or len(raw_path) <= guard_module.TARGET_CACHE_MAX_PATH
         encoded = "/api/recordings/file/" + "%41" * 100  # 100 characters, 300 bytes raw
         assert guard.target("GET", encoded.replace("%41", "A"), encoded.encode()) is not None
-        assert ("GET", encoded.replace("%41", "A"), encoded.encode()) not in guard._targets
+        assert ("GET", encoded.replace("%41", "A"), encoded.encode()) not in guard.rules.targets
         assert guard.target("GET", "/elsewhere") is None
-        assert ("GET", "/elsewhere", None) not in guard._targets  # no route starts so
+        assert ("GET", "/elsewhere", None) not in guard.rules.targets  # no route starts so

@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client import metrics as prometheus_metrics
 
-from proxy.metrics import LoopCounter
+from proxy.loop_metrics import LoopCounter
 
 LABELS = ["job", "decision", "mode"]
 EVENTS = [
