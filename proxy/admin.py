@@ -1,17 +1,20 @@
-"""pollguard's own endpoints under the admin prefix: liveness, readiness."""
+"""pollguard's own endpoints under the admin prefix: liveness, readiness, metrics, and the job
+admin API (proxy.admin_jobs)."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from proxy.admin_jobs import JobsApi
 from proxy.errors import StoreUnavailable
 from proxy.headers import sane_request_id
+from proxy.jobs_gauge import JobsGauge
 from proxy.metrics import CONTENT_TYPE
 from proxy.metrics_export import exposition
 from proxy.problems import Problem
@@ -30,19 +33,25 @@ def create_admin_app(
     *,
     store_required: bool = False,
     reload: Callable[[], Awaitable[ReloadOutcome]] | None = None,
+    tokens: Mapping[str, str] | None = None,
+    jobs: JobsApi | None = None,
+    jobs_gauge: JobsGauge | None = None,
 ) -> Starlette:
     """The admin endpoints; `store` is None when no Redis is configured (nothing to probe).
 
     health and ready stay open for orchestrators' probes; metrics needs `Authorization: Bearer
-    <admin.token>` when a token is configured. POST reload (`reload`: proxy.reload) always needs
-    the token, and is refused 403 admin-disabled without one.
+    <token>` with any of `tokens` (admin.token is one of them) when any is configured. `jobs`
+    serves {prefix}jobs/… and {prefix}audit; `jobs_gauge` is refreshed before each exposition.
+    POST reload (`reload`: proxy.reload) always needs admin.token, and is refused 403
+    admin-disabled without one.
 
     Ready fails only for what stops pollguard from serving: the upstream, and Redis when
     `store_required` (state.on_error: fail, where guarded polls need it). With `on_error: pass`
     a Redis outage is "degraded": requests still flow, unguarded, and an orchestrator that took
     the replica out of service for it would turn a Redis blip into an outage.
     """
-    expected = f"Bearer {token}".encode() if token else None
+    named = dict(tokens) if tokens is not None else ({"admin": token} if token else {})
+    expected = [f"Bearer {value}".encode() for value in named.values()]
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
@@ -79,13 +88,17 @@ def create_admin_app(
         return Response(body, status_code=503, headers=headers)
 
     async def metrics(request: Request) -> Response:
-        if expected is not None:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+        if expected:
+            given = request.headers.get("authorization", "").encode("latin-1")
+            # Every token compared, so the time taken does not say which one came close.
+            matches = [hmac.compare_digest(given, value) for value in expected]
+            if not any(matches):
                 return _problem_response(
-                    Problem(401, "unauthorized", "send Authorization: Bearer <admin.token>"),
+                    Problem(401, "unauthorized", "send Authorization: Bearer <admin token>"),
                     request,
                 )
+        if jobs_gauge is not None:
+            await jobs_gauge.refresh()
         return Response(
             exposition(), media_type=CONTENT_TYPE, headers={"cache-control": "no-store"}
         )
@@ -109,14 +122,18 @@ def create_admin_app(
         problem = Problem(404, "not-found", f"no pollguard endpoint at {request.url.path}")
         return _problem_response(problem, request)
 
-    app = Starlette(
-        routes=[
-            Route(prefix + "health", health, methods=["GET", "HEAD"]),
-            Route(prefix + "ready", ready, methods=["GET", "HEAD"]),
-            Route(prefix + "metrics", metrics, methods=["GET"]),
-            Route(prefix + "reload", reload_config, methods=["POST"]),
+    routes = [
+        Route(prefix + "health", health, methods=["GET", "HEAD"]),
+        Route(prefix + "ready", ready, methods=["GET", "HEAD"]),
+        Route(prefix + "metrics", metrics, methods=["GET"]),
+        Route(prefix + "reload", reload_config, methods=["POST"]),
+    ]
+    if jobs is not None:
+        routes += [
+            Route(prefix + "jobs/{rest:path}", jobs.jobs, methods=["GET", "DELETE", "POST"]),
+            Route(prefix + "audit", jobs.audit, methods=["GET"]),
         ]
-    )
+    app = Starlette(routes=routes)
     app.add_exception_handler(404, not_found)
     return app
 

@@ -9,6 +9,7 @@ import ssl
 import time
 
 from proxy.admin import create_admin_app
+from proxy.admin_wiring import admin_api
 from proxy.config import Config, JobConfig, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
@@ -200,6 +201,7 @@ class PollguardApp:
             token,
             store_required=config.state.on_error == "fail",
             reload=self.reloader.reload_all if self.reloader is not None else None,
+            **admin_api(config, self.guard),
         )
         if self.reloader is not None and under_serve():
             self.reloader.install_signal_handler()

@@ -30,6 +30,7 @@ from proxy.config_report import check_workers, config_warnings, render_config
 from proxy.demo.cli import add_demo_parser, add_simulate_backend_parser
 from proxy.errors import ConfigError
 from proxy.healthcheck import check, probe_for
+from proxy.jobs_cli import add_jobs_parser
 from proxy.logformat import FORMATTERS
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
@@ -63,6 +64,8 @@ def _log_config(level: str, log_format: str = "text", access_buffer: int = 0) ->
         "level": level.upper(),
         "propagate": False,
     }
+    # Admin writes are logged whatever the log level: an audit trail must not be filtered out.
+    config["loggers"]["pollguard.audit"] = {"level": "INFO"}
     # Access lines (logging.access) go to stdout at INFO whatever the log level: turning them
     # on is the choice, and other lines stay on stderr.
     config["handlers"]["access"] = {
@@ -266,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(commands)
     add_simulate_backend_parser(commands)
+    add_jobs_parser(commands)
     return parser
 
 

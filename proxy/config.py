@@ -293,9 +293,49 @@ class ServerConfig(Section):
         return host.strip()
 
 
+_ADMIN_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+LEGACY_ADMIN_TOKEN_NAME = "admin"  # what admin.token is called among admin.tokens
+
+
 class AdminConfig(Section):
     prefix: str = DEFAULT_ADMIN_PREFIX
     token: Annotated[SecretStr | None, BeforeValidator(blank_to_none)] = None
+    # name → bearer token; a blank value (an unset ${VAR:-}) disables that token.
+    tokens: Mapping[str, Annotated[SecretStr | None, BeforeValidator(blank_to_none)]] = Field(
+        default_factory=dict
+    )
+
+    @field_validator("tokens")
+    @classmethod
+    def _check_token_names(
+        cls, tokens: Mapping[str, SecretStr | None]
+    ) -> Mapping[str, SecretStr | None]:
+        for name in tokens:
+            if not _ADMIN_TOKEN_NAME.fullmatch(name):
+                raise ValueError(
+                    f"invalid token name {name!r} — use 1 to 64 letters, digits, '_', '-' or '.'"
+                )
+        return tokens
+
+    @model_validator(mode="after")
+    def _legacy_token_is_named_admin(self) -> AdminConfig:
+        if self.token is not None and LEGACY_ADMIN_TOKEN_NAME in self.tokens:
+            raise ValueError(
+                "admin.token is the token named 'admin', and admin.tokens defines 'admin' too — "
+                "move admin.token into admin.tokens"
+            )
+        return self
+
+    def active_tokens(self) -> dict[str, str]:
+        """Enabled tokens by name (admin.token as 'admin'); blank ones are left out."""
+        active = {
+            name: secret.get_secret_value()
+            for name, secret in self.tokens.items()
+            if secret is not None
+        }
+        if self.token is not None:
+            active[LEGACY_ADMIN_TOKEN_NAME] = self.token.get_secret_value()
+        return active
 
     @field_validator("prefix")
     @classmethod

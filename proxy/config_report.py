@@ -100,7 +100,13 @@ def render_config(cfg: Config) -> str:
             "memory_max_records": state.memory_max_records,
             "remembered_records": state.remembered_records,
         },
-        "admin": {"prefix": admin.prefix, "token": None if admin.token is None else MASK},
+        "admin": {
+            "prefix": admin.prefix,
+            "token": None if admin.token is None else MASK,
+            "tokens": {
+                name: None if secret is None else MASK for name, secret in admin.tokens.items()
+            },
+        },
         "websocket": {
             "max_message_size": format_size(websocket.max_message_size),
             "ping_interval": _optional_duration(websocket.ping_interval),

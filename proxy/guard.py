@@ -91,6 +91,16 @@ class GuardTarget:
     match: RouteMatch
 
 
+@dataclass(frozen=True, slots=True)
+class ForcedOutcome:
+    """What an operator's re-prepare (`JobGuard.force_reprepare`) came to."""
+
+    outcome: str  # "succeeded", "failed", "reprepare-in-flight", "reprepare-budget-exhausted"
+    detail: str
+    attempts: int
+    before: JobState  # the record as observed before the lock was taken
+
+
 class GuardRules:
     """What one config says the guard guards: its jobs, its route table, and the routing
     outcomes remembered for them (see TARGET_CACHE_SIZE). Swapped whole by `reconfigure`, so a
@@ -364,6 +374,64 @@ class JobGuard:
             decision.retry_after or 1,
             request_id,
         )
+
+    @property
+    def jobs(self) -> Mapping[str, GuardedJob]:
+        """The jobs guarded now (a config reload may swap them)."""
+        return self._rules.jobs
+
+    def forget_local(self, job: str, key: str) -> None:
+        """Drop what this replica remembers of (job, key) (after an admin reset)."""
+        if self._recent is not None:
+            self._recent.drop(job, key)
+
+    async def force_reprepare(
+        self,
+        job_name: str,
+        key: str,
+        params: Mapping[str, str],
+        client_headers: Sequence[tuple[bytes, bytes]],
+        request_id: bytes,
+    ) -> ForcedOutcome:
+        """Fire `job_name`'s re-prepare for `key` now (admin API): observe the record (an episode
+        starts if there is none), take the lock through the same compare-and-set `swap` with the
+        attempt counted against max_reprepares, fire and release as a poll's re-prepare does.
+        StoreUnavailable propagates."""
+        from proxy.episodes import ForceVerdict, force_lock  # admin-only: off the import path
+
+        job = self._rules.jobs[job_name]
+        ttl = job.record_ttl
+        now = self._clock()
+        self.forget_local(job.name, key)
+        state = await self.store.observe(job.name, key, now, ttl)
+        forced = force_lock(state, job.limits, now)
+        if forced.locked_state is None:
+            detail = (
+                "a re-prepare of this key is in flight; wait for it to end"
+                if forced.verdict is ForceVerdict.IN_FLIGHT
+                else f"{forced.attempts} re-prepare(s) already made within "
+                f"{job.limits.reprepare_window:g}s (max_reprepares); reset the episode first "
+                "with DELETE, then re-prepare"
+            )
+            return ForcedOutcome(str(forced.verdict), detail, forced.attempts, state)
+        locked = await self.store.swap(job.name, key, state.version, forced.locked_state, ttl)
+        if locked is None:
+            return ForcedOutcome(
+                str(ForceVerdict.IN_FLIGHT),
+                "another request or replica changed the record first (it is re-preparing)",
+                forced.attempts,
+                state,
+            )
+        target = GuardTarget(job, RouteMatch(job.name, key, params))
+        work = asyncio.ensure_future(
+            self._fire_and_release(target, locked, client_headers, request_id)
+        )
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+        result = await asyncio.shield(work)
+        REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
+        outcome = "succeeded" if result.succeeded else "failed"
+        return ForcedOutcome(outcome, result.detail, locked.attempts, state)
 
     async def _fire_and_release(
         self,

@@ -120,6 +120,11 @@ class RouteTable:
     def __bool__(self) -> bool:
         return bool(self._routes)
 
+    @property
+    def specs(self) -> tuple[RouteSpec, ...]:
+        """The routes as configured, in order."""
+        return tuple(route.spec for route in self._routes)
+
     def __len__(self) -> int:
         return len(self._routes)
 

@@ -18,6 +18,7 @@ from proxy.config import parse_config
 from proxy.errors import StoreUnavailable
 from proxy.metrics import REGISTRY
 from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, create_store
+from proxy.stores.base import AUDIT_MAX_ENTRIES
 from proxy.stores.memory import SWEEP_EVERY_OBSERVES
 from proxy.stores.redis import record_key
 from tests.conftest import RedisServer
@@ -483,4 +484,200 @@ async def test_redis_outage_raises_then_recovers(redis_server: RedisServer) -> N
         assert await store.swap("rec", "K2", 1, locked(fresh, T0 + 2), LONG_TTL) is not None
         await store.ping()
     finally:
+        await store.close()
+
+
+# Admin API reads: read, scan, reset, audit, lease and shared counts (both stores).
+
+GLOB_KEYS = ("a*", "b?", "c[1]", "d\\", "e]", "ключ", "日本:1", "f}")
+
+
+@pytest.mark.anyio
+async def test_read_reports_the_state_and_the_last_poll(store: JobStore) -> None:
+    """read(): None when absent; the record, the time of the last observe, and its expiry."""
+    assert await store.read("rec", "K", T0) is None
+    state = await store.observe("rec", "K", T0, LONG_TTL)
+    await store.observe("rec", "K", T0 + 5.25, LONG_TTL)
+    record = await store.read("rec", "K", T0 + 6)
+    assert record is not None
+    assert record.state == state and record.last_poll == T0 + 5.25
+    assert (record.job, record.key) == ("rec", "K")
+    assert record.expires_in is not None and 0 < record.expires_in <= LONG_TTL
+
+
+async def list_all(store: JobStore, job: str, count: int) -> list[str]:
+    keys: list[str] = []
+    cursor: str | None = "0"
+    while cursor is not None:
+        page = await store.scan(job, cursor, count, T0)
+        keys += [record.key for record in page.records]
+        cursor = page.cursor
+    return keys
+
+
+@pytest.mark.anyio
+async def test_scan_pages_through_one_job_only(store: JobStore) -> None:
+    """Several pages; glob characters and UTF-8 in keys; other jobs (rec2, re) never listed."""
+    keys = [f"K{index:02d}" for index in range(23)] + list(GLOB_KEYS)
+    for key in keys:
+        await store.observe("rec", key, T0, LONG_TTL)
+    for job in ("rec2", "re"):
+        await store.observe(job, "K00", T0, LONG_TTL)
+    await store.observe("r*", "x", T0, LONG_TTL)  # a name a MATCH pattern would misread
+    listed = await list_all(store, "rec", 7)
+    assert sorted(set(listed)) == sorted(keys)
+    if isinstance(store, MemoryJobStore):
+        assert len(listed) == len(keys)  # exactly once; Redis only promises at least once
+    assert await list_all(store, "r*", 7) == ["x"]
+    page = await store.scan("rec", "0", 5, T0)
+    assert page.cursor is not None and 1 <= len(page.records)
+    with pytest.raises(ValueError):
+        await store.scan("rec", "not-a-cursor", 5, T0)
+
+
+@pytest.mark.anyio
+async def test_scan_survives_changes_between_pages(store: JobStore) -> None:
+    """Records present throughout are listed; one deleted before its turn is not; one added
+    meanwhile may be; nothing crashes."""
+    keys = [f"K{index:02d}" for index in range(30)]
+    for key in keys:
+        await store.observe("rec", key, T0, LONG_TTL)
+    first = await store.scan("rec", "0", 10, T0)
+    seen = {record.key for record in first.records}
+    unseen = sorted(set(keys) - seen)
+    gone = unseen[-1]
+    await store.forget("rec", gone)
+    await store.forget("rec", sorted(seen)[0])
+    await store.observe("rec", "NEW", T0, LONG_TTL)
+    cursor = first.cursor
+    while cursor is not None:
+        page = await store.scan("rec", cursor, 10, T0)
+        seen |= {record.key for record in page.records}
+        cursor = page.cursor
+    assert gone not in seen
+    assert set(unseen) - {gone} <= seen
+
+
+@pytest.mark.anyio
+async def test_reset_deletes_and_returns_what_was_there(store: JobStore) -> None:
+    state = await store.observe("rec", "K", T0, LONG_TTL)
+    await store.swap("rec", "K", state.version, locked(state, T0), LONG_TTL)
+    before = await store.reset("rec", "K", T0 + 1)
+    assert before is not None and before.state is not None
+    assert before.state.attempts == 1 and before.state.version == state.version + 1
+    assert await store.reset("rec", "K", T0 + 1) is None
+    assert await store.read("rec", "K", T0 + 1) is None
+    fresh = await store.observe("rec", "K", T0 + 2, LONG_TTL)
+    assert fresh.episode_start == T0 + 2 and fresh.attempts == 0
+
+
+@pytest.mark.anyio
+async def test_audit_log_reads_newest_first(store: JobStore) -> None:
+    assert await store.audit_read(10) == []
+    for index in range(5):
+        await store.audit_append({"action": "reset", "n": index, "key": "ключ"})
+    newest = await store.audit_read(3)
+    assert [entry["n"] for entry in newest] == [4, 3, 2]
+    assert newest[0]["key"] == "ключ"
+
+
+@pytest.mark.anyio
+async def test_lease_and_shared_counts(store: JobStore) -> None:
+    assert await store.claim_lease("jobs-gauge", 15.0) is True
+    # Redis: one holder across replicas until it expires; memory: this process is the only one.
+    again = await store.claim_lease("jobs-gauge", 15.0)
+    assert again is isinstance(store, MemoryJobStore)
+    assert await store.read_counts() == {}
+    await store.write_counts({"rec/pending": 3, "rec/stuck": 0})
+    assert await store.read_counts() == {"rec/pending": 3, "rec/stuck": 0}
+    await store.write_counts({})
+    assert await store.read_counts() == {}
+
+
+@pytest.mark.anyio
+async def test_memory_audit_log_is_a_capped_ring() -> None:
+    store = MemoryJobStore()
+    for index in range(AUDIT_MAX_ENTRIES + 5):
+        await store.audit_append({"n": index})
+    entries = await store.audit_read(AUDIT_MAX_ENTRIES + 5)
+    assert len(entries) == AUDIT_MAX_ENTRIES and entries[0]["n"] == AUDIT_MAX_ENTRIES + 4
+
+
+@pytest.mark.anyio
+async def test_memory_scan_skips_expired_records() -> None:
+    store = MemoryJobStore()
+    await store.observe("rec", "old", T0, 10.0)
+    await store.observe("rec", "new", T0 + 5, 10.0)
+    page = await store.scan("rec", "0", 10, T0 + 12)
+    assert [record.key for record in page.records] == ["new"] and page.cursor is None
+
+
+@pytest.mark.anyio
+async def test_redis_observe_keeps_last_poll_in_the_record(redis_server: RedisServer) -> None:
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await store.observe("rec", "K", T0, LONG_TTL)
+        key = record_key(PREFIX, "rec", "K")
+        assert await raw.hget(key, "last_poll") == repr(T0).encode()
+        await store.observe("rec", "K", T0 + 1.5, LONG_TTL)
+        assert await raw.hget(key, "last_poll") == repr(T0 + 1.5).encode()
+        await store.forget("rec", "K")
+        await store.observe("rec", "K", T0 + 3, LONG_TTL)  # a new episode: a new last_poll
+        assert await raw.hget(key, "last_poll") == repr(T0 + 3).encode()
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_redis_garbage_is_listed_as_unreadable(redis_server: RedisServer) -> None:
+    """Hostile records: listed with state None (or counted when even the name is wrong), read
+    as such, and reset deletes them; the listing never fails."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await store.observe("rec", "good", T0, LONG_TTL)
+        await raw.set(record_key(PREFIX, "rec", "string"), "not a hash")
+        fields = ("episode_start", "clock_start", "window_start", "lock_until")
+        await raw.hset(
+            record_key(PREFIX, "rec", "floats"),
+            mapping={**dict.fromkeys(fields, "x"), "attempts": 0, "version": 1},
+        )
+        await raw.set(PREFIX + "{rec:no-closing-brace", "x")
+        await raw.set((PREFIX + "{rec:").encode() + b"\xff\xfe}", "x")
+        records = {}
+        invalid = 0
+        cursor: str | None = "0"
+        while cursor is not None:
+            page = await store.scan("rec", cursor, 100, T0)
+            records.update({record.key: record for record in page.records})
+            invalid += page.invalid
+            cursor = page.cursor
+        assert set(records) == {"good", "string", "floats"} and invalid == 2
+        assert records["good"].state is not None
+        assert records["string"].state is None and records["floats"].state is None
+        read = await store.read("rec", "string", T0)
+        assert read is not None and read.state is None
+        reset = await store.reset("rec", "string", T0)
+        assert reset is not None and reset.state is None
+        assert await raw.exists(record_key(PREFIX, "rec", "string")) == 0
+        assert await store.reset("rec", "floats", T0) is not None
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_redis_audit_is_a_capped_stream(redis_server: RedisServer) -> None:
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    try:
+        await store.audit_append({"action": "reset"})
+        stream = PREFIX + "admin:audit"
+        assert await raw.type(stream) == b"stream"
+        await raw.xadd(stream, {"other": "not ours"})
+        assert [entry["action"] for entry in await store.audit_read(10)] == ["reset"]
+    finally:
+        await raw.aclose()
         await store.close()

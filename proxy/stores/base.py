@@ -6,8 +6,9 @@ The guard never locks a record: it reads it with `observe`, decides purely, and 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 FIRST_VERSION = 1
 NO_WINDOW = 0.0
@@ -38,6 +39,33 @@ def fresh_state(now: float) -> JobState:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class EpisodeRecord:
+    """A record as the admin API reads it: the state plus what only the admin API needs."""
+
+    job: str
+    key: str
+    state: JobState | None  # None: the record is there but unreadable (garbage in Redis)
+    last_poll: float | None  # wall-clock time of the last observe that reached the store
+    expires_in: float | None  # seconds until the store drops it; None: no expiry known
+
+
+@dataclass(frozen=True, slots=True)
+class ScanPage:
+    """One step of a listing: records found, the cursor to continue from (None: done), and
+    how many records were skipped because they could not be read (garbage in Redis)."""
+
+    records: Sequence[EpisodeRecord]
+    cursor: str | None
+    invalid: int = 0
+
+
+# Audit entries are JSON-able mappings; the stores keep at most this many (newest win).
+AUDIT_MAX_ENTRIES = 10_000
+# The first cursor of a listing.
+START_CURSOR = "0"
+
+
 class JobStore(Protocol):
     """Atomic storage of JobState records keyed by (job, key), each with an expiry."""
 
@@ -62,6 +90,41 @@ class JobStore(Protocol):
 
     async def forget(self, job: str, key: str) -> None:
         """Drop the record: the episode is over."""
+        ...
+
+    async def read(self, job: str, key: str, now: float) -> EpisodeRecord | None:
+        """The live record of (job, key) with its last poll time, or None. Admin API only."""
+        ...
+
+    async def scan(self, job: str, cursor: str, count: int, now: float) -> ScanPage:
+        """One step of listing `job`'s records from `cursor` (START_CURSOR first): about
+        `count` records (Redis's SCAN may return more), never skipping one that lived through
+        the whole listing. Admin API and the jobs gauge only."""
+        ...
+
+    async def reset(self, job: str, key: str, now: float) -> EpisodeRecord | None:
+        """Delete the record atomically, returning what was there (None: nothing)."""
+        ...
+
+    async def audit_append(self, entry: Mapping[str, Any]) -> None:
+        """Add an audit entry to the capped log (at most about AUDIT_MAX_ENTRIES kept)."""
+        ...
+
+    async def audit_read(self, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` audit entries, newest first."""
+        ...
+
+    async def claim_lease(self, name: str, seconds: float) -> bool:
+        """True for the one caller (across replicas sharing the store) that may do the work
+        called `name` for the next `seconds`."""
+        ...
+
+    async def write_counts(self, counts: Mapping[str, int]) -> None:
+        """Replace the shared summary counts (the jobs gauge's)."""
+        ...
+
+    async def read_counts(self) -> dict[str, int]:
+        """The shared summary counts last written (empty when none)."""
         ...
 
     async def ping(self) -> None:

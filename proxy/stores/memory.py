@@ -7,11 +7,20 @@ uses the latest `now` the store has been told ("store time").
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, replace
+import heapq
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 from proxy.metrics import MEMORY_STORE_EVICTIONS
-from proxy.stores.base import JobState, fresh_state
+from proxy.stores.base import (
+    AUDIT_MAX_ENTRIES,
+    EpisodeRecord,
+    JobState,
+    ScanPage,
+    fresh_state,
+)
 
 # Sweeping the whole dict on every observe would make each request O(records). The next sweep
 # comes max(SWEEP_EVERY_OBSERVES, records left by the last sweep) observes later: it then scans
@@ -25,10 +34,16 @@ DEFAULT_MAX_RECORDS = 100_000
 EVICTION_LOCK_SKIPS = 8
 
 
-@dataclass(frozen=True, slots=True)
 class _Entry:
-    state: JobState
-    expires_at: float
+    """Mutable, so that `observe_local` records the poll time with one attribute store."""
+
+    __slots__ = ("expires_at", "last_poll", "seq", "state")
+
+    def __init__(self, state: JobState, expires_at: float, seq: int, last_poll: float) -> None:
+        self.state = state
+        self.expires_at = expires_at
+        self.seq = seq  # creation order, never reused: the admin listing's cursor
+        self.last_poll = last_poll
 
 
 class MemoryJobStore:
@@ -67,6 +82,9 @@ class MemoryJobStore:
         self._observes_since_sweep = 0
         self._sweep_after = sweep_every
         self._store_time = float("-inf")
+        self._seq = 0
+        self._audit: deque[dict[str, Any]] = deque(maxlen=AUDIT_MAX_ENTRIES)
+        self._counts: dict[str, int] = {}
 
     def __len__(self) -> int:
         """Records held, including expired ones not yet swept."""
@@ -92,11 +110,13 @@ class MemoryJobStore:
         entry = self._entries.get(record)
         if entry is not None:
             if now < entry.expires_at:
+                entry.last_poll = now
                 return entry.state
             del self._entries[record]  # expired: a new episode starts
         if len(self._entries) >= self._max_records:
             self._evict_oldest(now)
-        entry = _Entry(state=fresh_state(now), expires_at=now + ttl)
+        self._seq += 1
+        entry = _Entry(fresh_state(now), now + ttl, self._seq, now)
         self._entries[record] = entry
         return entry.state
 
@@ -107,11 +127,64 @@ class MemoryJobStore:
         if entry is None or entry.state.version != expected_version:
             return None
         stored = replace(new, version=expected_version + 1)
-        self._entries[(job, key)] = _Entry(state=stored, expires_at=self._store_time + ttl)
+        entry.state = stored
+        entry.expires_at = self._store_time + ttl
         return stored
 
     async def forget(self, job: str, key: str) -> None:
         self._entries.pop((job, key), None)
+
+    async def read(self, job: str, key: str, now: float) -> EpisodeRecord | None:
+        entry = self._live_entry((job, key), now)
+        return None if entry is None else _record(job, key, entry, now)
+
+    async def scan(self, job: str, cursor: str, count: int, now: float) -> ScanPage:
+        """The `count` oldest live records of `job` created after the cursor's sequence number:
+        a record created during the listing comes later, one evicted is simply gone, none is
+        returned twice. O(records held) per page (a walk with a bounded heap)."""
+        try:
+            after = int(cursor)
+        except ValueError:
+            raise ValueError(f"invalid cursor {cursor!r}") from None
+        candidates = (
+            (entry.seq, key, entry)
+            for (record_job, key), entry in self._entries.items()
+            if record_job == job and entry.seq > after and now < entry.expires_at
+        )
+        found = heapq.nsmallest(count + 1, candidates, key=lambda item: item[0])
+        more = len(found) > count
+        page = found[:count]
+        records = [_record(job, key, entry, now) for _, key, entry in page]
+        return ScanPage(records, str(page[-1][0]) if more and page else None)
+
+    async def reset(self, job: str, key: str, now: float) -> EpisodeRecord | None:
+        entry = self._live_entry((job, key), now)
+        if entry is None:
+            return None
+        del self._entries[(job, key)]
+        return _record(job, key, entry, now)
+
+    async def audit_append(self, entry: Mapping[str, Any]) -> None:
+        self._audit.append(dict(entry))
+
+    async def audit_read(self, limit: int) -> list[dict[str, Any]]:
+        newest: list[dict[str, Any]] = []
+        for entry in reversed(self._audit):
+            if len(newest) >= limit:
+                break
+            newest.append(dict(entry))
+        return newest
+
+    async def claim_lease(self, name: str, seconds: float) -> bool:
+        """Always granted: there are no other replicas to share the work with (the caller
+        bounds how often it asks)."""
+        return True
+
+    async def write_counts(self, counts: Mapping[str, int]) -> None:
+        self._counts = dict(counts)
+
+    async def read_counts(self) -> dict[str, int]:
+        return dict(self._counts)
 
     async def ping(self) -> None:
         """Always reachable: it lives in this process."""
@@ -145,3 +218,7 @@ class MemoryJobStore:
         for record in expired:
             del self._entries[record]
         self._sweep_after = max(self._sweep_every, len(self._entries))
+
+
+def _record(job: str, key: str, entry: _Entry, now: float) -> EpisodeRecord:
+    return EpisodeRecord(job, key, entry.state, entry.last_poll, entry.expires_at - now)

@@ -14,9 +14,11 @@ and circuit breaker are in proxy.stores.redis_calls, EVALSHA and NOSCRIPT in red
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.stores.base import JobState, fresh_state
+from proxy.stores.base import AUDIT_MAX_ENTRIES, EpisodeRecord, JobState, ScanPage, fresh_state
 from proxy.stores.breaker import DEFAULT_COOLDOWN_SECONDS, BreakerState
 from proxy.stores.redis_calls import (
     DEFAULT_REFUSED_RETRIES,
@@ -38,20 +40,45 @@ from proxy.stores.redis_scripts import ScriptCall, lua_script, run_script, run_s
 
 DEFAULT_KEY_PREFIX = "pollguard:"
 MIN_TTL_MILLISECONDS = 1
+# The jobs gauge's shared counts vanish this long after the last replica refreshed them.
+COUNTS_TTL_SECONDS = 60.0
 
 _FIELDS = ("episode_start", "clock_start", "window_start", "attempts", "lock_until", "version")
 
-# KEYS[1] record; ARGV: fresh field values in _FIELDS order, then the TTL in ms.
+# Not read by the guard: the time of the last observe, for the admin API (same round trip).
+_LAST_POLL = "last_poll"
+# What the admin API reads of a record: the state fields, then last_poll.
+_ADMIN_FIELDS = (*_FIELDS, _LAST_POLL)
+
+# KEYS[1] record; ARGV: fresh field values in _FIELDS order, the TTL in ms, then `now`.
 _OBSERVE = lua_script("""
 local current = redis.call('HMGET', KEYS[1], 'episode_start', 'clock_start', 'window_start',
                            'attempts', 'lock_until', 'version')
 if current[6] then
+  redis.call('HSET', KEYS[1], 'last_poll', ARGV[8])
   return current
 end
 redis.call('HSET', KEYS[1], 'episode_start', ARGV[1], 'clock_start', ARGV[2],
-           'window_start', ARGV[3], 'attempts', ARGV[4], 'lock_until', ARGV[5], 'version', ARGV[6])
+           'window_start', ARGV[3], 'attempts', ARGV[4], 'lock_until', ARGV[5], 'version', ARGV[6],
+           'last_poll', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
 return {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]}
+""")
+
+# KEYS[1] record; ARGV[1] "1" to delete it. Returns _ADMIN_FIELDS' values then the PTTL, or
+# just {PTTL} when the key holds something other than a hash (deleted all the same).
+_READ = lua_script("""
+local values = redis.pcall('HMGET', KEYS[1], 'episode_start', 'clock_start', 'window_start',
+                           'attempts', 'lock_until', 'version', 'last_poll')
+local ttl = redis.call('PTTL', KEYS[1])
+if ARGV[1] == '1' then
+  redis.call('DEL', KEYS[1])
+end
+if values['err'] then
+  return {ttl}
+end
+values[8] = ttl
+return values
 """)
 
 # KEYS[1] record; ARGV: expected version, new field values in _FIELDS order, then the TTL in ms.
@@ -102,6 +129,34 @@ def _decode(raw: Sequence[Any]) -> JobState:
         lock_until=float(text[4]),
         version=int(text[5]),
     )
+
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+
+def glob_escape(text: str) -> str:
+    """`text` as a literal in a Redis MATCH pattern: `*?[]\\` each escaped with a backslash."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def _admin_record(job: str, key: str, values: Sequence[Any], pttl: Any) -> EpisodeRecord | None:
+    """None when the key does not exist; state None when it holds what we can't read."""
+    try:
+        ttl_ms = int(pttl)
+    except (TypeError, ValueError):
+        return EpisodeRecord(job, key, None, None, None)
+    if ttl_ms == -2:
+        return None  # no such key
+    expires_in = None if ttl_ms < 0 else ttl_ms / 1000
+    try:
+        state: JobState | None = _decode(values[:6])
+        last = values[6]
+        last_poll = None if last is None else float(last)
+        if last_poll is not None and not math.isfinite(last_poll):
+            last_poll = None
+    except (ValueError, UnicodeError):
+        state, last_poll = None, None
+    return EpisodeRecord(job, key, state, last_poll, expires_in)
 
 
 def _ttl_milliseconds(ttl: float) -> int:
@@ -173,7 +228,7 @@ class RedisJobStore:
         what = f"observe of {job}/{key}"
         epoch = self._calls.admit(what)
         loop = asyncio.get_running_loop()
-        args = [*_encode(fresh_state(now)), str(_ttl_milliseconds(ttl))]
+        args = [*_encode(fresh_state(now)), str(_ttl_milliseconds(ttl)), repr(now)]
         call = _Observe(
             ScriptCall(self._key(job, key), args), epoch, loop.time(), loop.create_future()
         )
@@ -259,6 +314,143 @@ class RedisJobStore:
     async def forget(self, job: str, key: str) -> None:
         record = self._key(job, key)
         await self._calls.call(f"forget of {job}/{key}", lambda: self._client.delete(record))
+
+    async def read(self, job: str, key: str, now: float) -> EpisodeRecord | None:
+        return await self._read(job, key, delete=False)
+
+    async def reset(self, job: str, key: str, now: float) -> EpisodeRecord | None:
+        """One script: read and DEL atomically, so what it returns is exactly what was deleted
+        (an unreadable record is deleted too, and returned with state None)."""
+        return await self._read(job, key, delete=True)
+
+    async def _read(self, job: str, key: str, *, delete: bool) -> EpisodeRecord | None:
+        call = ScriptCall(self._key(job, key), ["1" if delete else "0"])
+        what = f"{'reset' if delete else 'read'} of {job}/{key}"
+        raw = await self._calls.call(what, lambda: run_script(self._client, _READ, call))
+        if len(raw) != len(_ADMIN_FIELDS) + 1:
+            # WRONGTYPE: something that is not a record sits under the record's name.
+            return None if raw[0] == -2 else EpisodeRecord(job, key, None, None, None)
+        return _admin_record(job, key, raw[:7], raw[7])
+
+    async def scan(self, job: str, cursor: str, count: int, now: float) -> ScanPage:
+        """One SCAN step (MATCH on the job's escaped key pattern; never KEYS), then one
+        pipeline of HMGET + PTTL for the keys it found. SCAN's COUNT is a hint: a step may
+        return more keys than `count`, or none with more to come; each key that exists for the
+        whole listing is returned at least once (Redis's SCAN guarantee)."""
+        try:
+            position = int(cursor)
+        except ValueError:
+            raise ValueError(f"invalid cursor {cursor!r}") from None
+        if position < 0:
+            raise ValueError(f"invalid cursor {cursor!r}")
+        head = f"{self._key_prefix}{{{job}:"
+        pattern = glob_escape(head) + "*"
+        next_position, names = await self._calls.call(
+            f"scan of {job}",
+            lambda: self._client.scan(cursor=position, match=pattern, count=count),
+        )
+        keys: list[tuple[bytes | str, str]] = []
+        invalid = 0
+        for name in names:
+            try:
+                text = name.decode("utf-8") if isinstance(name, bytes) else str(name)
+            except UnicodeDecodeError:
+                invalid += 1
+                continue
+            if not (text.startswith(head) and text.endswith("}")) or len(text) <= len(head) + 1:
+                invalid += 1
+                continue
+            keys.append((name, text[len(head) : -1]))
+        records: list[EpisodeRecord] = []
+        if keys:
+
+            async def fetch() -> list[Any]:
+                pipe = self._client.pipeline(transaction=False)
+                for name, _ in keys:
+                    pipe.hmget(name, list(_ADMIN_FIELDS))
+                    pipe.pttl(name)
+                return await pipe.execute(raise_on_error=False)
+
+            replies = await self._calls.call(f"read of {len(keys)} {job} record(s)", fetch)
+            for index, (_, key) in enumerate(keys):
+                values, pttl = replies[2 * index], replies[2 * index + 1]
+                if isinstance(values, BaseException) or isinstance(pttl, BaseException):
+                    records.append(EpisodeRecord(job, key, None, None, None))
+                    continue
+                record = _admin_record(job, key, values, pttl)
+                if record is not None:  # None: deleted between SCAN and HMGET
+                    records.append(record)
+        return ScanPage(records, None if int(next_position) == 0 else str(next_position), invalid)
+
+    async def audit_append(self, entry: Mapping[str, Any]) -> None:
+        """XADD to a stream capped near AUDIT_MAX_ENTRIES (MAXLEN ~: Redis trims whole nodes)."""
+        data = json.dumps(entry, separators=(",", ":"), ensure_ascii=False)
+        name = self._audit_key
+        await self._calls.call(
+            "audit append",
+            lambda: self._client.xadd(
+                name, {"entry": data}, maxlen=AUDIT_MAX_ENTRIES, approximate=True
+            ),
+        )
+
+    async def audit_read(self, limit: int) -> list[dict[str, Any]]:
+        name = self._audit_key
+        rows: Any = await self._calls.call(
+            "audit read", lambda: self._client.xrevrange(name, count=limit)
+        )
+        entries: list[dict[str, Any]] = []
+        for _, fields in rows or ():
+            try:
+                entry = json.loads(fields[b"entry"])
+            except (KeyError, TypeError, ValueError):
+                continue  # not written by pollguard: skipped
+            if isinstance(entry, dict):
+                entries.append(entry)
+        return entries
+
+    async def claim_lease(self, name: str, seconds: float) -> bool:
+        """SET NX PX: the first replica to ask in `seconds` gets it."""
+        lease = f"{self._key_prefix}admin:lease:{name}"
+        claimed = await self._calls.call(
+            f"lease {name}",
+            lambda: self._client.set(lease, "1", nx=True, px=_ttl_milliseconds(seconds)),
+        )
+        return bool(claimed)
+
+    async def write_counts(self, counts: Mapping[str, int]) -> None:
+        """Replace the hash in one MULTI; it expires after COUNTS_TTL_SECONDS unless rewritten,
+        so counts nobody refreshes any more are not exported forever."""
+        name = self._counts_key
+
+        async def replace_hash() -> Any:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(name)
+            if counts:
+                pipe.hset(name, mapping={field: str(value) for field, value in counts.items()})
+                pipe.pexpire(name, _ttl_milliseconds(COUNTS_TTL_SECONDS))
+            return await pipe.execute()
+
+        await self._calls.call("counts write", replace_hash)
+
+    async def read_counts(self) -> dict[str, int]:
+        name = self._counts_key
+        raw: Any = await self._calls.call("counts read", lambda: self._client.hgetall(name))
+        counts: dict[str, int] = {}
+        for field, value in raw.items():
+            try:
+                text = field.decode("utf-8") if isinstance(field, bytes) else str(field)
+                counts[text] = int(value)
+            except (UnicodeDecodeError, ValueError):
+                continue
+        return counts
+
+    @property
+    def _audit_key(self) -> str:
+        return f"{self._key_prefix}admin:audit"
+
+    @property
+    def _counts_key(self) -> str:
+        return f"{self._key_prefix}admin:jobs-gauge"
 
     async def ping(self) -> None:
         await self._calls.call("ping", self._client.ping)
