@@ -42,8 +42,8 @@ def create_admin_app(
     health and ready stay open for orchestrators' probes; metrics needs `Authorization: Bearer
     <token>` with any of `tokens` (admin.token is one of them) when any is configured. `jobs`
     serves {prefix}jobs/… and {prefix}audit; `jobs_gauge` is refreshed before each exposition.
-    POST reload (`reload`: proxy.reload) always needs admin.token, and is refused 403
-    admin-disabled without one.
+    POST reload (`reload`: proxy.reload) needs one of the tokens, and is refused 403
+    admin-disabled without any.
 
     Ready fails only for what stops pollguard from serving: the upstream, and Redis when
     `store_required` (state.on_error: fail, where guarded polls need it). With `on_error: pass`
@@ -104,7 +104,7 @@ def create_admin_app(
         )
 
     async def reload_config(request: Request) -> Response:
-        denied = admin_denied(request, token)
+        denied = admin_denied(request, named)
         if denied is not None:
             return _problem_response(denied, request)
         if reload is None:
@@ -138,14 +138,18 @@ def create_admin_app(
     return app
 
 
-def admin_denied(request: Request, token: str | None) -> Problem | None:
-    """None when `request` may use an admin action (Authorization: Bearer <admin.token>);
-    else why not: 403 without a configured token, 401 for a missing or wrong one."""
-    if token is None:
-        return Problem(403, "admin-disabled", "set admin.token to enable this endpoint")
+def admin_denied(request: Request, tokens: Mapping[str, str]) -> Problem | None:
+    """None when `request` may use an admin action (Authorization: Bearer <any of `tokens`>,
+    admin.tokens with admin.token as "admin"); else why not: 403 without a configured token,
+    401 for a missing or wrong one. Every token is compared, in constant time each."""
+    if not tokens:
+        return Problem(403, "admin-disabled", "set admin.tokens to enable this endpoint")
     given = request.headers.get("authorization", "").encode()
-    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
-        return Problem(401, "unauthorized", "send Authorization: Bearer <admin.token>")
+    matched = False
+    for value in tokens.values():
+        matched |= hmac.compare_digest(given, f"Bearer {value}".encode())
+    if not matched:
+        return Problem(401, "unauthorized", "send Authorization: Bearer <one of admin.tokens>")
     return None
 
 

@@ -449,3 +449,18 @@ def test_sighup_to_the_supervisor_reloads_every_worker(redis_server: RedisServer
                 assert connection.get(f"/api/recordings/file/{CALL}")[0] == 202
             finally:
                 connection.close()
+
+
+@pytest.mark.anyio
+async def test_post_reload_takes_any_named_admin_token(tmp_path: Path) -> None:
+    """admin.tokens: each named token may reload (the same rule as the other admin writes)."""
+    path = tmp_path / "pollguard.yaml"
+    data = config_dict(stuck_after="30s")
+    data["admin"] = {"tokens": {"ops": "ops-t0ken", "ci": "ci-t0ken"}}
+    async with reloadable_app(path, data) as app:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pollguard") as client:
+            old = await client.post("/-/reload", headers=AUTH)
+            ci = await client.post("/-/reload", headers={"authorization": "Bearer ci-t0ken"})
+    assert old.status_code == 401
+    assert ci.status_code == 200
