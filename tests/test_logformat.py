@@ -37,13 +37,13 @@ def test_text_lines_start_with_time_and_level() -> None:
 
 def test_json_lines_carry_time_level_message_and_fields() -> None:
     """Structured fields as JSON values; a control character in a value stays escaped inside
-    one line; uvicorn's colour copy of a message is left out."""
-    line = JsonLineFormatter().format(
-        record("decision %s", "a\r\nb", job="recording", attempts=2, color_message="\x1b[1m")
-    )
+    one line; uvicorn's colour copy of a message is left out; the writing process's pid."""
+    logged = record("decision %s", "a\r\nb", job="recording", attempts=2, color_message="\x1b[1m")
+    line = JsonLineFormatter().format(logged)
     assert "\n" not in line
     assert json.loads(line) == {
         "time": "2025-11-29T11:00:00.250Z",
+        "pid": logged.process,
         "level": "INFO",
         "logger": "pollguard.guard",
         "message": "decision a\r\nb",
