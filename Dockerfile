@@ -1,7 +1,7 @@
 # pollguard: slim image, non-root, dependencies pinned by hash.
 #
-#   docker build -t pollguard:0.1.0 .
-#   docker run --rm -p 8080:8080 -e POLLGUARD_UPSTREAM=http://backend:5000 pollguard:0.1.0
+#   docker build -t pollguard:0.2.0 .
+#   docker run --rm -p 8080:8080 -e POLLGUARD_UPSTREAM=http://backend:5000 pollguard:0.2.0
 #
 # requirements.lock pins every runtime dependency with its hashes; after changing the
 # dependencies in pyproject.toml, regenerate it with (pip-tools ≥ 7, on Python 3.11):
