@@ -91,7 +91,10 @@ class RequestLog:
         seconds = perf_counter() - client.arrived_at
         status = client.status
         if self.metrics:
-            self._count(kind, status)
+            tally = self._tallies.get((kind, status))
+            if tally is None:
+                tally = self._tally(kind, status)
+            tally.value += 1
             self._durations[kind].observe(seconds)
             if client.upstream_seconds is not None:
                 self._upstream[kind].observe(client.upstream_seconds)
@@ -143,12 +146,15 @@ class RequestLog:
             handler.flush()
 
     def _count(self, kind: str, status: int) -> None:
-        series = (kind, status)
-        tally = self._tallies.get(series)
+        tally = self._tallies.get((kind, status))
         if tally is None:
-            code = str(status) if status != NO_RESPONSE else NO_RESPONSE_CODE
-            tally = self._tallies[series] = REQUESTS.labels(kind, code)
+            tally = self._tally(kind, status)
         tally.value += 1
+
+    def _tally(self, kind: str, status: int) -> Tally:
+        code = str(status) if status != NO_RESPONSE else NO_RESPONSE_CODE
+        tally = self._tallies[(kind, status)] = REQUESTS.labels(kind, code)
+        return tally
 
     def _write(self, request: Finished) -> None:
         """Batched, a request only joins the batch here; the batch goes to logging when it
@@ -172,12 +178,31 @@ class RequestLog:
             self._batch_timer.cancel()
             self._batch_timer = None
         batch, self._batch = self._batch, []
-        for request in batch:
-            self._emit(request)
+        logger = ACCESS_LOGGER
+        if not batch or not logger.isEnabledFor(logging.INFO):
+            return
+        records = [self._record(request) for request in batch]
+        handlers = logger.handlers
+        if logger.filters or logger.propagate or not _plain(handlers):
+            for record in records:
+                logger.handle(record)
+            return
+        # What Logger.handle would do for each record — no logger or handler filters, a
+        # handler level that lets INFO through, no propagation — with each handler's lock
+        # taken once per batch instead of once per line.
+        for handler in handlers:
+            handler.acquire()
+            try:
+                for record in records:
+                    handler.emit(record)
+            finally:
+                handler.release()
 
     def _emit(self, request: Finished) -> None:
-        if not ACCESS_LOGGER.isEnabledFor(logging.INFO):
-            return
+        if ACCESS_LOGGER.isEnabledFor(logging.INFO):
+            ACCESS_LOGGER.handle(self._record(request))
+
+    def _record(self, request: Finished) -> AccessRecord:
         # A '"' would end the quoted request line early and let the rest pose as its fields.
         target = log_safe(request.target, ACCESS_TARGET_CHARS).replace('"', "\\x22")
         status = request.status if request.status != NO_RESPONSE else "-"
@@ -202,8 +227,7 @@ class RequestLog:
                 "kind": request.kind,
                 "guarded": request.kind == GUARDED,
             }
-        record = AccessRecord(self._record_constants, request.ended, message, fields)
-        ACCESS_LOGGER.handle(record)
+        return AccessRecord(self._record_constants, request.ended, message, fields)
 
 
 class AccessRecord(logging.LogRecord):
@@ -261,6 +285,11 @@ def _record_constants() -> dict[str, Any]:
         "process": os.getpid(),
         "taskName": None,
     }
+
+
+def _plain(handlers: list[logging.Handler]) -> bool:
+    """Whether every handler takes every INFO record as it comes (no filters, level ≤ INFO)."""
+    return all(not handler.filters and handler.level <= logging.INFO for handler in handlers)
 
 
 def _peer(scope: Scope) -> str:
