@@ -61,6 +61,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
             forward_headers=tuple(job.reprepare.forward_headers),
             timeout=job.reprepare.timeout,
         ),
+        coalesce=job.coalesce,
     )
 
 

@@ -407,6 +407,8 @@ class JobConfig(Section):
     retry_after_max: Duration = DEFAULT_RETRY_AFTER_MAX
     retry_after_reprepared: Duration = DEFAULT_RETRY_AFTER_REPREPARED
     key_pattern: Annotated[re.Pattern[str] | None, BeforeValidator(_compile_regex)] = None
+    # Identical polls in flight on one replica share one upstream request (the herd shield).
+    coalesce: bool = True
     reprepare: ReprepareConfig
 
     @model_validator(mode="after")

@@ -149,6 +149,7 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
         "retry_after_max": format_duration(job.retry_after_max),
         "retry_after_reprepared": format_duration(job.retry_after_reprepared),
         "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
+        "coalesce": job.coalesce,
         "reprepare": {
             "method": reprepare.method,
             "path": reprepare.path,

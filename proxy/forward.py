@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.client import ClientLink, Message, Patrol, Receive, Send
+from proxy.coalesce import Flight, Flights, copy_for, shareable
 from proxy.errors import (
     BadRequest,
     ClientDisconnected,
@@ -32,7 +33,7 @@ from proxy.headers import (
     new_request_id,
 )
 from proxy.logtext import log_safe
-from proxy.metrics import UPSTREAM_ERRORS
+from proxy.metrics import COALESCED, UPSTREAM_ERRORS
 from proxy.problems import Problem
 from proxy.request_log import GUARDED, UNGUARDED, RequestLog
 from proxy.upstream import Upstream, UpstreamResponse
@@ -48,6 +49,7 @@ DRAIN_LIMIT = 64 * 1024  # read at most this much of a replaced body to keep its
 # make the ASGI server wait for bytes that never come (uvicorn raises).
 _BODYLESS = frozenset({204, 304})
 _CLOSE = (b"connection", b"close")
+_SHAREABLE_METHODS = frozenset({"GET", "HEAD"})
 
 __all__ = ["Forwarder", "Message", "Receive", "Scope", "Send"]
 
@@ -65,6 +67,7 @@ class Forwarder:
     ) -> None:
         self.upstream = upstream
         self.guard = guard
+        self._flights = Flights()
         # None when neither the access log nor request metrics are on: nothing to record.
         self.request_log = request_log if request_log is not None and request_log.enabled else None
         self._trusted = trusted_proxies
@@ -75,6 +78,7 @@ class Forwarder:
         # One coroutine for the whole request, not a wrapper around a second one: each costs
         # ~2k instructions on a path that runs for every request.
         client = ClientLink(receive, send, self._patrol, self.upstream.loop)
+        flight: Flight | None = None  # this request leads identical ones (proxy.coalesce)
         raw_path: bytes | None = scope.get("raw_path")
         target = raw_path if raw_path else quote(scope["path"]).encode()
         if query := scope.get("query_string"):
@@ -103,6 +107,19 @@ class Forwarder:
             target_job = self.guard.target(method, scope["path"], raw_path) if self.guard else None
             if target_job is not None:
                 kind = GUARDED
+                if body is None and target_job.job.coalesce and method in _SHAREABLE_METHODS:
+                    lead = self._flights.find(method, target)
+                    if lead is None:
+                        flight = self._flights.lead(method, target, client_headers)
+                    elif lead.admits(client_headers):
+                        COALESCED.labels(target_job.job.name).value += 1
+                        shared = await lead.follow()
+                        if shared is not None:
+                            copy_headers, copy_body = copy_for(shared, request_id)
+                            head = method == "HEAD"
+                            await client.send_whole(shared.status, copy_headers, copy_body, head)
+                            return
+                        # The leader could not share its answer: ask the upstream ourselves.
             try:
                 sent_at = perf_counter()
                 response = await self.upstream.send(method, target, headers, body, host)
@@ -140,18 +157,24 @@ class Forwarder:
                     raise
                 if answer is not None:
                     if answer.body is not None:
+                        if flight is not None:
+                            flight.share(
+                                shareable(answer.status, answer.headers, answer.body, ours=True)
+                            )
                         await client.send_whole(
                             answer.status, answer.headers, answer.body, method == "HEAD"
                         )
                         return
                     status, out_headers = answer.status, answer.headers
-            await _stream(response, status, out_headers, method == "HEAD", client)
+            await _stream(response, status, out_headers, method == "HEAD", client, flight)
         except asyncio.CancelledError:
             # Ours (the client left, or stopped reading) or the server's (shutdown past its
             # grace period): either way this request is over, and a traceback helps no one.
             await client.end_cancelled()
         finally:
             client.stop()
+            if flight is not None:
+                self._flights.land(method, target, flight)
             if self.request_log is not None:
                 self.request_log.forwarded(client, kind, scope, target)
 
@@ -236,19 +259,26 @@ async def _stream(
     headers: list[tuple[bytes, bytes]],
     head: bool,
     client: ClientLink,
+    flight: Flight | None = None,
 ) -> None:
     if status in _BODYLESS:
         response.release()
         headers = [header for header in headers if header[0] != b"content-length"]
+        if flight is not None:
+            flight.share(shareable(status, headers, b"", ours=False))
         await client.send_whole(status, headers, b"", head)
         return
     if head:
         response.release()
+        if flight is not None:
+            flight.share(shareable(status, headers, b"", ours=False))
         await client.send_whole(status, headers, b"", head)
         return
     body = response.complete_body()
     if body is not None:  # it all came with the head: release first, then one send
         response.release()
+        if flight is not None:
+            flight.share(shareable(status, headers, body, ours=False))
         await client.send_whole(status, headers, body, head)
         return
     try:

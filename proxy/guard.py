@@ -77,6 +77,8 @@ class GuardedJob:
     key_pattern: re.Pattern[str] | None
     limits: GuardLimits
     reprepare: ReprepareRequest
+    # Identical polls in flight share one upstream request (proxy.coalesce).
+    coalesce: bool = True
     # How long the job's records live, derived from its limits once, not per poll; carried by
     # the job so a request still holding it after a reload removed the job keeps its TTL.
     record_ttl: float = field(init=False)

@@ -61,6 +61,13 @@ JOB_AGE = Histogram(
     buckets=JOB_AGE_BUCKETS,
     registry=REGISTRY,
 )
+COALESCED = LoopCounter(
+    "pollguard_coalesced_requests",
+    "Guarded polls answered with a copy of an identical poll's answer instead of their own "
+    "upstream request (the herd shield, jobs.<name>.coalesce), by job",
+    ["job"],
+    registry=REGISTRY,
+)
 DECISIONS = LoopCounter(
     "pollguard_decisions",
     "Guard decisions on pending answers, by job, decision and mode",
