@@ -216,18 +216,14 @@ def after_reprepare(
         )
     if forced:
         return replace(locked, lock_until=NO_LOCK)
-    return replace(
-        locked, lock_until=NO_LOCK, terminal_at=now, terminal=Terminal.REPREPARE_FAILED
-    )
+    return replace(locked, lock_until=NO_LOCK, terminal_at=now, terminal=Terminal.REPREPARE_FAILED)
 
 
 def record_ttl(limits: GuardLimits) -> float:
     """How long a record must live: past its window, its max_wait deadline, any lock, and the
     terminal cool-down (each swap resets the expiry, the one marking the terminal included)."""
     lock_lifetime = limits.reprepare_timeout + LOCK_MARGIN_SECONDS
-    longest = max(
-        limits.reprepare_window, limits.max_wait, lock_lifetime, limits.terminal_cooldown
-    )
+    longest = max(limits.reprepare_window, limits.max_wait, lock_lifetime, limits.terminal_cooldown)
     return longest + TTL_MARGIN_SECONDS
 
 
