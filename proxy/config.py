@@ -187,7 +187,11 @@ def _duration_or_zero(value: object) -> float:
         return 0.0
     if isinstance(value, str) and _ZERO_DURATION.fullmatch(value):
         return 0.0
-    return parse_duration(value)
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        message = str(exc).replace("must be greater than 0", "must be 0 or more")
+        raise ValueError(message) from None
 
 
 DurationOrZero = Annotated[float, BeforeValidator(_duration_or_zero)]  # 0 switches something off
