@@ -744,3 +744,27 @@ async def test_review_at_once_never_passes_a_key_in_its_cooldown() -> None:
         assert (await player.poll()).status == 202  # the new episode, written
         at_once = guard.review_at_once(target, 202, pending, b"rid")
         assert at_once is not NEEDS_STORE and at_once is not None and at_once.status == 202
+
+
+@pytest.mark.anyio
+async def test_shadow_mode_records_the_cooldown_as_enforce_would() -> None:
+    """Shadow: the terminal is recorded and the cool-down restarts the episode, as in enforce
+    mode, so the decisions logged are the ones enforce would make; nothing is answered."""
+    now = [1000.0]
+    job = {"mode": "shadow", "stuck_after": "30s", "max_wait": "2s", "terminal_cooldown": "10s"}
+    async with in_process_guard("http://127.0.0.1:9", now, **job) as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        would = decisions("would answer wait-exceeded", "shadow")
+        for at in (1000.0, 1002.0, 1005.0, 1012.0):
+            now[0] = at
+            assert await guard.review(target, 202, [], [], b"rid") is None
+            record = await guard.store.read("recording", CALL, at)
+            assert record is not None and record.state is not None
+            if at == 1005.0:
+                assert (record.state.terminal, record.state.terminal_at) == (
+                    "wait-exceeded",
+                    1002.0,
+                )
+        assert decisions("would answer wait-exceeded", "shadow") == would + 2
+        assert (record.state.episode_start, record.state.terminal_at) == (1012.0, 0.0)
