@@ -117,13 +117,20 @@ def reprepared(
 
 
 def job_problem(
-    code: str, detail: str, context: ProblemContext, upstream_headers: RawHeaders, request_id: bytes
+    code: str,
+    detail: str,
+    context: ProblemContext,
+    upstream_headers: RawHeaders,
+    request_id: bytes,
+    retry_after: int | None = None,
 ) -> GuardAnswer:
-    """500 problem+json ending the client's loop: job-stuck, wait-exceeded, reprepare-failed."""
+    """500 problem+json ending the client's loop: job-stuck, wait-exceeded, reprepare-failed;
+    `retry_after`: seconds left of the key's terminal cool-down (None: no Retry-After)."""
     problem = Problem(
         500,
         code,
         detail,
+        retry_after=retry_after,
         extensions={
             "error": code,  # older frontends read `error`
             "job": context.job,
@@ -133,7 +140,12 @@ def job_problem(
             "pending_seconds": round(context.pending_seconds, 3),
         },
     )
-    return _problem_answer(problem, upstream_headers, request_id)
+    if retry_after is None:
+        return _problem_answer(problem, upstream_headers, request_id)
+    # A browser player must be able to read when it may try again.
+    body = problem.body(request_id.decode("latin-1"))
+    headers = _cors_exposing_retry_after(upstream_headers) + problem.headers(body, request_id)
+    return GuardAnswer(problem.status, headers, body)
 
 
 def state_unavailable(

@@ -52,6 +52,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
             retry_after_max=job.retry_after_max,
             retry_after_reprepared=job.retry_after_reprepared,
             reprepare_timeout=job.reprepare.timeout,
+            terminal_cooldown=job.terminal_cooldown,
         ),
         reprepare=ReprepareRequest(
             method=job.reprepare.method,

@@ -107,6 +107,7 @@ DEFAULT_MAX_WAIT = 1200.0
 DEFAULT_RETRY_AFTER = 2.0
 DEFAULT_RETRY_AFTER_MAX = 30.0
 DEFAULT_RETRY_AFTER_REPREPARED = 3.0
+DEFAULT_TERMINAL_COOLDOWN = 120.0
 DEFAULT_REPREPARE_METHOD = "POST"
 DEFAULT_FORWARD_HEADERS = ("authorization", "cookie")
 DEFAULT_REPREPARE_TIMEOUT = 10.0
@@ -178,6 +179,22 @@ def _size_or_zero(value: object) -> int:
 
 
 ByteSizeOrZero = Annotated[int, BeforeValidator(_size_or_zero)]  # 0 switches something off
+_ZERO_DURATION = re.compile(r"\s*0+(\.0*)?\s*(ms|s|m|h)?\s*")
+
+
+def _duration_or_zero(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
+        return 0.0
+    if isinstance(value, str) and _ZERO_DURATION.fullmatch(value):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        message = str(exc).replace("must be greater than 0", "must be 0 or more")
+        raise ValueError(message) from None
+
+
+DurationOrZero = Annotated[float, BeforeValidator(_duration_or_zero)]  # 0 switches something off
 HttpMethod = Annotated[str, AfterValidator(str.upper), _http_token("HTTP method")]
 HeaderName = Annotated[str, AfterValidator(str.lower), _http_token("header name")]
 TrustedProxy = Annotated[IPv4Network | IPv6Network, BeforeValidator(_to_network)]
@@ -406,6 +423,8 @@ class JobConfig(Section):
     retry_after: Duration = DEFAULT_RETRY_AFTER
     retry_after_max: Duration = DEFAULT_RETRY_AFTER_MAX
     retry_after_reprepared: Duration = DEFAULT_RETRY_AFTER_REPREPARED
+    # After a terminal answer, polls get it again for this long; 0: the next starts afresh.
+    terminal_cooldown: DurationOrZero = DEFAULT_TERMINAL_COOLDOWN
     key_pattern: Annotated[re.Pattern[str] | None, BeforeValidator(_compile_regex)] = None
     # Identical polls in flight on one replica share one upstream request (the herd shield).
     coalesce: bool = True

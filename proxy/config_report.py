@@ -148,6 +148,9 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
         "retry_after": format_duration(job.retry_after),
         "retry_after_max": format_duration(job.retry_after_max),
         "retry_after_reprepared": format_duration(job.retry_after_reprepared),
+        "terminal_cooldown": (
+            format_duration(job.terminal_cooldown) if job.terminal_cooldown else "0s"
+        ),
         "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
         "coalesce": job.coalesce,
         "reprepare": {

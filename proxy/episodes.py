@@ -4,7 +4,8 @@ An episode's state at `now` follows from what `policy.decide` would answer a pen
 
 - `pending`: PASS — still within `stuck_after` (of the start, or of the last good re-prepare);
 - `stuck`: REPREPARE (the next poll fires one) or REPREPARE_IN_FLIGHT;
-- `terminal`: JOB_STUCK or WAIT_EXCEEDED — the next poll ends the loop with a 500.
+- `terminal`: JOB_STUCK, WAIT_EXCEEDED or REPREPARE_FAILED — the next poll ends the loop with
+  a 500; within a terminal cool-down `terminal_until` says when a new episode may start.
 
 `decision` in the view is that derived verdict, the decision in force, not a stored log of the
 last poll's: storing each poll's decision would cost a store write per poll.
@@ -18,7 +19,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from proxy.policy import LOCK_MARGIN_SECONDS, GuardLimits, Verdict, decide
-from proxy.stores.base import NO_WINDOW, EpisodeRecord, JobState
+from proxy.stores.base import NO_TERMINAL, NO_WINDOW, EpisodeRecord, JobState
 
 
 class EpisodeState(StrEnum):
@@ -36,6 +37,7 @@ _STATE_OF: dict[Verdict, EpisodeState] = {
     Verdict.REPREPARE_IN_FLIGHT: EpisodeState.STUCK,
     Verdict.JOB_STUCK: EpisodeState.TERMINAL,
     Verdict.WAIT_EXCEEDED: EpisodeState.TERMINAL,
+    Verdict.REPREPARE_FAILED: EpisodeState.TERMINAL,
 }
 
 
@@ -83,6 +85,8 @@ def episode_view(record: EpisodeRecord, limits: GuardLimits, now: float) -> dict
         and state.attempts > 0
         and now < state.window_start + limits.reprepare_window
     )
+    terminal_until = state.terminal_at + limits.terminal_cooldown
+    in_cooldown = state.terminal_at != NO_TERMINAL and now < terminal_until
     return {
         "key": record.key,
         "state": str(_STATE_OF[decision.verdict]),
@@ -100,6 +104,8 @@ def episode_view(record: EpisodeRecord, limits: GuardLimits, now: float) -> dict
         ),
         "lock": {"until": _time(state.lock_until)} if now < state.lock_until else None,
         "decision": str(decision.verdict),
+        # Within a terminal cool-down: when the next pending answer starts a new episode.
+        "terminal_until": _time(terminal_until) if in_cooldown else None,
         "last_poll": _time(record.last_poll),
         "episode_start": _time(state.episode_start),
         "expires_in": None if record.expires_in is None else round(record.expires_in, 3),

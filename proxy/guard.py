@@ -21,6 +21,7 @@ from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, header_value
+from proxy.logformat import rfc3339
 from proxy.logtext import log_safe
 from proxy.loop_metrics import Tally
 from proxy.metrics import DECISIONS, JOB_AGE, REPREPARES, STORE_ERRORS
@@ -29,6 +30,7 @@ from proxy.policy import (
     GuardLimits,
     Verdict,
     after_reprepare,
+    cooldown_retry_after,
     decide,
     ends_episode,
     pass_retry_after,
@@ -207,8 +209,8 @@ class JobGuard:
         if logger.isEnabledFor(logging.INFO):
             # The decision line needs decide()'s whole Decision (pending time, attempts).
             decision = decide(state, job.limits, now, retry_after)
-            if decision.verdict is not Verdict.PASS:
-                return NEEDS_STORE
+            if decision.verdict is not Verdict.PASS or decision.record is not None:
+                return NEEDS_STORE  # a PASS with a record: a new episode, to be written
             if job.shadow:
                 self._log(target, _PASS, decision, request_id)
                 return None
@@ -272,8 +274,24 @@ class JobGuard:
             return await self._lock_and_reprepare(
                 target, status, state, decision, upstream_headers, client_headers, request_id
             )
+        if decision.record is not None:
+            # An episode's first terminal verdict, or a new episode after a cool-down: one
+            # compare-and-set. Losing it is fine (another request or replica wrote first), and
+            # so is a store failure (the next poll decides the same and writes it).
+            await self._store_record(job, key, state, decision.record, now)
         # Every other verdict is answered without I/O, so without another coroutine.
         return self._answer(target, status, decision, upstream_headers, request_id)
+
+    async def _store_record(
+        self, job: GuardedJob, key: str, state: JobState, record: JobState, now: float
+    ) -> None:
+        """Swap `record` in for the observed `state`, remembering what came of it."""
+        try:
+            stored = await self.store.swap(job.name, key, state.version, record, job.record_ttl)
+        except StoreUnavailable as exc:
+            self._log_store_error(exc)
+            return
+        self._remember(job, key, stored, now)
 
     async def _lock_and_reprepare(
         self,
@@ -322,12 +340,25 @@ class JobGuard:
                 f"pending for {decision.pending_seconds:.0f}s; {decision.attempts} re-prepare(s) "
                 f"made within {job.limits.reprepare_window:g}s and the job is still not ready"
             )
-        else:
+        elif verdict is Verdict.WAIT_EXCEEDED:
             detail = (
                 f"pending for {decision.pending_seconds:.0f}s, longer than the "
                 f"{job.limits.max_wait:g}s this job may take"
             )
+        else:  # REPREPARE_FAILED: within the cool-down a failed re-prepare started
+            detail = "a forced re-prepare of this key failed"
+        detail += self._cooldown_text(decision.retry_after)
         return self._problem(target, str(verdict), detail, decision, upstream_headers, request_id)
+
+    def _cooldown_text(self, retry_after: int | None) -> str:
+        """What a terminal answer's detail adds about when the key may try again."""
+        if retry_after is None:
+            return ""
+        try:
+            until = rfc3339(self._clock() + retry_after)
+        except (OverflowError, OSError, ValueError):  # a clock no datetime holds
+            return f"; this key gets this answer for {retry_after}s, then may try again"
+        return f"; this key gets this answer until {until} ({retry_after}s), then may try again"
 
     async def _reprepare(
         self,
@@ -359,11 +390,13 @@ class JobGuard:
                     log_safe(result.detail),
                 )
             self._log(target, "reprepare-failed", decision, request_id)
+            # _fire_and_release recorded the failure: the key's terminal cool-down starts now.
+            retry_after = cooldown_retry_after(job.limits.terminal_cooldown)
             return self._problem(
                 target,
                 "reprepare-failed",
-                result.detail,
-                decision,
+                result.detail + self._cooldown_text(retry_after),
+                decision._replace(retry_after=retry_after),
                 upstream_headers,
                 request_id,
             )
@@ -426,7 +459,7 @@ class JobGuard:
             )
         target = GuardTarget(job, RouteMatch(job.name, key, params))
         work = asyncio.ensure_future(
-            self._fire_and_release(target, locked, client_headers, request_id)
+            self._fire_and_release(target, locked, client_headers, request_id, forced=True)
         )
         self._background.add(work)
         work.add_done_callback(self._background.discard)
@@ -441,6 +474,8 @@ class JobGuard:
         locked: JobState,
         client_headers: Sequence[tuple[bytes, bytes]],
         request_id: bytes,
+        *,
+        forced: bool = False,
     ) -> ReprepareResult:
         job, key = target.job, target.match.key
         result = _INTERRUPTED
@@ -460,13 +495,16 @@ class JobGuard:
         finally:
             # Whatever happened (cancellation at shutdown included), the lock is ours to release
             # now, not reprepare.timeout + margin later.
-            await self._release(job, key, locked, result.succeeded)
+            await self._release(job, key, locked, result.succeeded, forced=forced)
         return result
 
-    async def _release(self, job: GuardedJob, key: str, locked: JobState, succeeded: bool) -> None:
+    async def _release(
+        self, job: GuardedJob, key: str, locked: JobState, succeeded: bool, *, forced: bool
+    ) -> None:
         """Store the record after the re-prepare `locked` guarded: lock released, stuck clock
-        restarted on success."""
-        finished = after_reprepare(locked, self._clock(), succeeded)
+        restarted on success; a poll's failure makes the key terminal (reprepare-failed) for
+        the cool-down, in the same swap, so its concurrent pollers get that answer too."""
+        finished = after_reprepare(locked, self._clock(), succeeded, forced=forced)
         try:
             stored = await self.store.swap(job.name, key, locked.version, finished, job.record_ttl)
         except StoreUnavailable:
@@ -487,13 +525,9 @@ class JobGuard:
             # Record the re-prepare as if it had succeeded, so the decisions logged next are the
             # ones enforce mode would make, not "would re-prepare" on every poll.
             finished = after_reprepare(decision.locked_state, now, succeeded=True)
-            try:
-                stored = await self.store.swap(
-                    job.name, key, state.version, finished, job.record_ttl
-                )
-                self._remember(job, key, stored, now)
-            except StoreUnavailable as exc:
-                self._log_store_error(exc)
+            await self._store_record(job, key, state, finished, now)
+        elif decision.record is not None:  # a terminal verdict or a new episode, as enforced
+            await self._store_record(job, key, state, decision.record, now)
         if verdict is Verdict.PASS:
             name = "pass"
         elif verdict is Verdict.REPREPARE:
@@ -518,7 +552,9 @@ class JobGuard:
             max_attempts=target.job.limits.max_reprepares,
             pending_seconds=decision.pending_seconds,
         )
-        return answers.job_problem(code, detail, context, upstream_headers, request_id)
+        return answers.job_problem(
+            code, detail, context, upstream_headers, request_id, decision.retry_after
+        )
 
     def _log_store_error(self, exc: StoreUnavailable) -> None:
         STORE_ERRORS.inc()

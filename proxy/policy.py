@@ -13,7 +13,7 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import NamedTuple
 
-from proxy.stores.base import NO_LOCK, JobState
+from proxy.stores.base import NO_LOCK, NO_TERMINAL, JobState, Terminal, fresh_state
 
 # A re-prepare lock outlives the re-prepare timeout by this much, so a replica that crashed
 # mid-re-prepare frees the key soon after, yet a slow but live one is not overtaken.
@@ -21,6 +21,7 @@ LOCK_MARGIN_SECONDS = 5.0
 # Records outlive every window they are judged by, so the store never forgets a live episode.
 TTL_MARGIN_SECONDS = 60.0
 MIN_RETRY_AFTER_SECONDS = 1
+DEFAULT_TERMINAL_COOLDOWN_SECONDS = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,8 @@ class GuardLimits:
     retry_after_max: float
     retry_after_reprepared: float
     reprepare_timeout: float
+    # After a terminal answer, polls get the same answer for this long; then a new episode.
+    terminal_cooldown: float = DEFAULT_TERMINAL_COOLDOWN_SECONDS
 
 
 class Verdict(StrEnum):
@@ -43,6 +46,17 @@ class Verdict(StrEnum):
     REPREPARE_IN_FLIGHT = "reprepare-in-flight"
     JOB_STUCK = "job-stuck"
     WAIT_EXCEEDED = "wait-exceeded"
+    # Only within a terminal cool-down that a failed re-prepare started (the poll whose
+    # re-prepare failed is answered from the REPREPARE verdict and the re-prepare's outcome).
+    REPREPARE_FAILED = "reprepare-failed"
+
+
+# The verdict repeated within a terminal cool-down, by the terminal recorded.
+_REPEATED: dict[Terminal, Verdict] = {
+    Terminal.JOB_STUCK: Verdict.JOB_STUCK,
+    Terminal.WAIT_EXCEEDED: Verdict.WAIT_EXCEEDED,
+    Terminal.REPREPARE_FAILED: Verdict.REPREPARE_FAILED,
+}
 
 
 class Decision(NamedTuple):
@@ -53,13 +67,18 @@ class Decision(NamedTuple):
 
     verdict: Verdict
     # PASS / REPREPARE_IN_FLIGHT: Retry-After to send now; REPREPARE: Retry-After for the 202
-    # after a successful re-prepare; None for the terminal verdicts.
+    # after a successful re-prepare; terminal verdicts: seconds until the key's terminal
+    # cool-down ends (None when there is none: terminal_cooldown 0).
     retry_after: int | None
     pending_seconds: float
     # Re-prepares counted in the current window; for REPREPARE, including this one.
     attempts: int
     # REPREPARE only: lock taken, attempt counted, window opened or rolled.
     locked_state: JobState | None = None
+    # The record to swap in before answering (no re-prepare): for the first terminal verdict
+    # of an episode, the record marked terminal at `now`; for the first poll after a terminal
+    # cool-down (a PASS), the new episode's fresh record. None: nothing to write.
+    record: JobState | None = None
 
 
 def decide(
@@ -67,11 +86,13 @@ def decide(
 ) -> Decision:
     """Judge a pending answer for the record `state` at `now`. Runs on every poll: straight-line
     code, one Decision built and nothing else."""
+    if state.terminal_at != NO_TERMINAL:
+        return _after_terminal(state, limits, now, upstream_retry_after)
     pending_seconds = now - state.episode_start
     window_open = state.attempts > 0 and now < state.window_start + limits.reprepare_window
     attempts = state.attempts if window_open else 0
     if pending_seconds >= limits.max_wait:
-        return Decision(Verdict.WAIT_EXCEEDED, None, pending_seconds, attempts)
+        return _terminal(state, limits, now, Terminal.WAIT_EXCEEDED, pending_seconds, attempts)
     seconds_left = limits.max_wait - pending_seconds
     if now - state.clock_start < limits.stuck_after:
         requested = parse_retry_after(upstream_retry_after, now)
@@ -84,7 +105,7 @@ def decide(
         retry_after = _reprepared_retry_after(limits, seconds_left)
         return Decision(Verdict.REPREPARE_IN_FLIGHT, retry_after, pending_seconds, attempts)
     if attempts >= limits.max_reprepares:
-        return Decision(Verdict.JOB_STUCK, None, pending_seconds, attempts)
+        return _terminal(state, limits, now, Terminal.JOB_STUCK, pending_seconds, attempts)
     # The attempt counts when the lock is taken, so a broken prepare endpoint can't be hammered.
     locked = replace(
         state,
@@ -96,15 +117,69 @@ def decide(
     return Decision(Verdict.REPREPARE, retry_after, pending_seconds, attempts + 1, locked)
 
 
+def _terminal(
+    state: JobState,
+    limits: GuardLimits,
+    now: float,
+    terminal: Terminal,
+    pending_seconds: float,
+    attempts: int,
+) -> Decision:
+    """The first terminal verdict of an episode: answered, and recorded so that the polls of
+    the cool-down get the same answer."""
+    marked = replace(state, terminal_at=now, terminal=terminal)
+    retry_after = cooldown_retry_after(limits.terminal_cooldown)
+    return Decision(_REPEATED[terminal], retry_after, pending_seconds, attempts, record=marked)
+
+
+def _after_terminal(
+    state: JobState, limits: GuardLimits, now: float, upstream_retry_after: str | None
+) -> Decision:
+    """A pending answer for a record marked terminal: within the cool-down, the terminal
+    verdict again with Retry-After = the cool-down left (not bounded by retry_after_max: the
+    key will get nothing else before then); from its end on, a new episode starting at `now`,
+    this poll judged as its first."""
+    seconds_left = state.terminal_at + limits.terminal_cooldown - now
+    if seconds_left > 0:
+        window_open = state.attempts > 0 and now < state.window_start + limits.reprepare_window
+        return Decision(
+            _REPEATED[state.terminal],
+            cooldown_retry_after(seconds_left),
+            now - state.episode_start,
+            state.attempts if window_open else 0,
+        )
+    fresh = replace(fresh_state(now), version=state.version)
+    decision = decide(fresh, limits, now, upstream_retry_after)
+    if decision.record is not None or decision.locked_state is not None:
+        return decision  # a degenerate config (stuck_after or max_wait 0) escalates at once
+    return decision._replace(record=fresh)
+
+
+def cooldown_retry_after(seconds_left: float) -> int | None:
+    """Retry-After for a terminal answer with `seconds_left` of its cool-down: rounded up, at
+    least 1; None when there is no cool-down left."""
+    if not seconds_left > 0:
+        return None
+    if not math.isfinite(seconds_left):
+        return MIN_RETRY_AFTER_SECONDS
+    whole = math.ceil(seconds_left)
+    return whole if whole > MIN_RETRY_AFTER_SECONDS else MIN_RETRY_AFTER_SECONDS
+
+
 def pass_retry_after(
     state: JobState, limits: GuardLimits, now: float, upstream_retry_after: str | None
 ) -> int | None:
     """decide()'s PASS alone, for the many polls that are one: the Retry-After decide() would
     send with PASS, or None when its verdict would be anything else. The same comparisons in
     the same order as decide() (a property test holds the two together), without building a
-    Decision."""
+    Decision. A record marked terminal is never passed here (None), neither within its
+    cool-down nor after it: the new episode's record has to be written first."""
     pending_seconds = now - state.episode_start
-    if pending_seconds >= limits.max_wait or not now - state.clock_start < limits.stuck_after:
+    if (
+        state.terminal_at != NO_TERMINAL
+        or pending_seconds >= limits.max_wait
+        or not now - state.clock_start < limits.stuck_after
+    ):
         return None
     requested = parse_retry_after(upstream_retry_after, now)
     return retry_after_seconds(
@@ -122,17 +197,34 @@ def _reprepared_retry_after(limits: GuardLimits, seconds_left: float) -> int:
     )
 
 
-def after_reprepare(locked: JobState, now: float, succeeded: bool) -> JobState:
+def after_reprepare(
+    locked: JobState, now: float, succeeded: bool, *, forced: bool = False
+) -> JobState:
     """The record after the re-prepare that `locked` guarded: lock released; on success the
-    stuck clock restarts at `now`."""
-    clock_start = now if succeeded else locked.clock_start
-    return replace(locked, clock_start=clock_start, lock_until=NO_LOCK)
+    stuck clock restarts at `now` (and an operator's re-prepare clears a terminal mark); on a
+    poll's failure the episode is terminal (reprepare-failed) from `now`, so its pollers get
+    that answer for the cool-down instead of firing more re-prepares. An operator's (`forced`)
+    failure leaves the episode as it was: it may fire on a record that is not stuck, and a
+    record a replica remembers as passing must never turn terminal (proxy.recent)."""
+    if succeeded:
+        return replace(
+            locked,
+            clock_start=now,
+            lock_until=NO_LOCK,
+            terminal_at=NO_TERMINAL,
+            terminal=Terminal.NONE,
+        )
+    if forced:
+        return replace(locked, lock_until=NO_LOCK)
+    return replace(locked, lock_until=NO_LOCK, terminal_at=now, terminal=Terminal.REPREPARE_FAILED)
 
 
 def record_ttl(limits: GuardLimits) -> float:
-    """How long a record must live: past its window, its max_wait deadline and any lock."""
+    """How long a record must live: past its window, its max_wait deadline, any lock, and the
+    terminal cool-down (each swap resets the expiry, the one marking the terminal included)."""
     lock_lifetime = limits.reprepare_timeout + LOCK_MARGIN_SECONDS
-    return max(limits.reprepare_window, limits.max_wait, lock_lifetime) + TTL_MARGIN_SECONDS
+    longest = max(limits.reprepare_window, limits.max_wait, lock_lifetime, limits.terminal_cooldown)
+    return longest + TTL_MARGIN_SECONDS
 
 
 def ends_episode(status: int, end_status: frozenset[int]) -> bool:

@@ -4,7 +4,9 @@ Records only move forward in time: a new episode starts later than the one it re
 stuck clock only restarts later. So if a record this replica saw says "not stuck, not past
 max_wait", every newer version of it says so too, and such a PASS can be decided without a Redis
 round trip. Only PASS is decided from memory; anything that could re-prepare or end the loop
-reads the shared record first. The trust is also bounded in time, so a record that vanished from
+reads the shared record first. A terminal mark (job-stuck, wait-exceeded, a poll's failed
+re-prepare) only ever follows a record that was stuck or past max_wait, never a passing one, so
+this holds with terminal cool-downs too. The trust is also bounded in time, so a record that vanished from
 Redis (the job finished on another replica, then a new one went pending) is re-created soon.
 """
 

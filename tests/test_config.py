@@ -11,6 +11,7 @@ import pytest
 import yaml
 from pydantic import SecretStr, ValidationError
 
+from proxy.app import guard_rules
 from proxy.config import (
     Config,
     RouteConfig,
@@ -1056,3 +1057,29 @@ def test_invalid_websocket_settings_name_the_field(changes: dict[str, Any], expe
     """A bad websocket: value is reported with its dotted path."""
     (line,) = _error_lines(_with(changes))
     assert line.startswith(f"{SOURCE}: {expected}")
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [(None, 120.0), ("30s", 30.0), ("1h", 3600.0), (0, 0.0), ("0", 0.0), ("0s", 0.0), ("0ms", 0.0)],
+)
+def test_terminal_cooldown_defaults_to_2m_and_takes_zero(written: object, seconds: float) -> None:
+    """jobs.<name>.terminal_cooldown: 2m unless set; 0 (in any unit) switches it off; it
+    reaches the guard's limits."""
+    data = _valid() if written is None else _with({"jobs.recording.terminal_cooldown": written})
+    cfg = _parse(data)
+    assert cfg.jobs["recording"].terminal_cooldown == seconds
+    jobs, _ = guard_rules(cfg)
+    assert jobs["recording"].limits.terminal_cooldown == seconds
+
+
+@pytest.mark.parametrize("written", ["-1s", -5, "soon", "inf"])
+def test_terminal_cooldown_rejects_negative_and_garbage(written: object) -> None:
+    (line,) = [
+        line
+        for line in _error_lines(_with({"jobs.recording.terminal_cooldown": written}))
+        if "terminal_cooldown" in line
+    ]
+    assert line.startswith(f"{SOURCE}: jobs.recording.terminal_cooldown: ")
+    if written in ("-1s", -5):
+        assert "must be 0 or more" in line

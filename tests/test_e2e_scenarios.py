@@ -128,7 +128,11 @@ async def test_failing_reprepare_ends_in_reprepare_failed() -> None:
         guard = stack.pollguard(backend.url)
         result = await capped_play(guard.url)
     problem = assert_problem(result, "reprepare-failed")
-    assert "500" in problem["detail"]
+    # The player polls with HEAD and reads the problem with one GET. That GET falls within the
+    # key's terminal cool-down: the same code, no second re-prepare, and until when; the
+    # failure's own detail (the upstream's 500) went with the HEAD's answer.
+    assert "re-prepare of this key failed" in problem["detail"]
+    assert "then may try again" in problem["detail"]
     assert jobs_created(simulator) == 1
 
 

@@ -22,7 +22,7 @@ from proxy.errors import ConfigError
 from proxy.keyparams import NeedsParams, params_from_key
 from proxy.policy import LOCK_MARGIN_SECONDS, GuardLimits, Verdict, decide
 from proxy.routes import RouteSpec
-from proxy.stores.base import EpisodeRecord, JobState, fresh_state
+from proxy.stores.base import EpisodeRecord, JobState, Terminal, fresh_state
 
 T0 = 1_700_000_000.0
 LIMITS = GuardLimits(
@@ -39,6 +39,9 @@ FRESH = fresh_state(T0)
 ONE_ATTEMPT = replace(FRESH, window_start=T0 + 10, attempts=1, clock_start=T0 + 12)
 LOCKED = replace(FRESH, window_start=T0 + 10, attempts=1, lock_until=T0 + 20)
 SPENT = replace(FRESH, window_start=T0 + 10, attempts=2, clock_start=T0 + 20)
+# Job-stuck at +30, reprepare-failed at +12: each in its 2m terminal cool-down until +150/+132.
+STUCK = replace(SPENT, terminal_at=T0 + 30, terminal=Terminal.JOB_STUCK)
+FAILED = replace(ONE_ATTEMPT, terminal_at=T0 + 12, terminal=Terminal.REPREPARE_FAILED)
 
 # (state, seconds after T0, expected state, expected decision)
 CASES = [
@@ -52,6 +55,8 @@ CASES = [
     (SPENT, 71.0, EpisodeState.STUCK, Verdict.REPREPARE),  # the window rolled over
     (FRESH, 100.0, EpisodeState.TERMINAL, Verdict.WAIT_EXCEEDED),
     (LOCKED, 150.0, EpisodeState.TERMINAL, Verdict.WAIT_EXCEEDED),
+    (STUCK, 149.9, EpisodeState.TERMINAL, Verdict.JOB_STUCK),  # in its cool-down, past max_wait
+    (FAILED, 20.0, EpisodeState.TERMINAL, Verdict.REPREPARE_FAILED),
 ]
 
 
@@ -82,7 +87,26 @@ def test_view_fields() -> None:
         "last_poll": "2023-11-14T22:13:34.500Z",
         "episode_start": "2023-11-14T22:13:20.000Z",
         "expires_in": 42.123,
+        "terminal_until": None,
     }
+
+
+@pytest.mark.parametrize(
+    ("state", "after", "decision", "until"),
+    [
+        (STUCK, 40.0, "job-stuck", "2023-11-14T22:15:50.000Z"),
+        (FAILED, 131.0, "reprepare-failed", "2023-11-14T22:15:32.000Z"),
+        (STUCK, 150.0, "pass", None),  # over: the next pending answer starts a new episode
+        (SPENT, 30.0, "job-stuck", None),  # terminal, but not recorded yet: no cool-down
+    ],
+)
+def test_view_of_a_terminal_cooldown(
+    state: JobState, after: float, decision: str, until: str | None
+) -> None:
+    """In its cool-down a record is terminal, and terminal_until says when it may try again."""
+    view = episode_view(EpisodeRecord("rec", "K", state, None, None), LIMITS, T0 + after)
+    assert view["state"] == ("pending" if decision == "pass" else "terminal")
+    assert (view["decision"], view["terminal_until"]) == (decision, until)
 
 
 @pytest.mark.parametrize(

@@ -563,3 +563,208 @@ async def test_target_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         assert ("GET", encoded.replace("%41", "A"), encoded.encode()) not in guard.rules.targets
         assert guard.target("GET", "/elsewhere") is None
         assert ("GET", "/elsewhere", None) not in guard.rules.targets  # no route starts so
+
+
+@dataclass
+class Answer:
+    status: int
+    retry_after: str | None
+    body: bytes
+
+
+class CooldownPoller:
+    """A player polling the loopback JobBackend through the in-process guard, as the proxy
+    does: the backend's answer, or the guard's instead of it."""
+
+    def __init__(self, guard: JobGuard, client: httpx.AsyncClient, backend_url: str) -> None:
+        self.guard = guard
+        self.client = client
+        self.url = f"{backend_url}/api/recordings/file/{CALL}"
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        self.target = target
+
+    async def poll(self) -> Answer:
+        response = await self.client.get(self.url)
+        headers = [(name.lower(), value) for name, value in response.headers.raw]
+        answer = await self.guard.review(self.target, response.status_code, headers, [], b"rid")
+        await self.guard.settled()
+        if answer is None:
+            return Answer(
+                response.status_code, response.headers.get("retry-after"), response.content
+            )
+        retry_after = dict(answer.headers).get(b"retry-after")
+        body = response.content if answer.body is None else answer.body
+        return Answer(answer.status, None if retry_after is None else retry_after.decode(), body)
+
+    async def version(self) -> int:
+        record = await self.guard.store.read("recording", CALL, 0.0)
+        assert record is not None and record.state is not None
+        return record.state.version
+
+
+def problem_code(answer: Answer) -> str:
+    assert answer.status == 500
+    code: str = httpx.Response(500, content=answer.body).json()["code"]
+    return code
+
+
+@asynccontextmanager
+async def cooldown_poller(
+    jobs: JobBackend, now: list[float], **job: object
+) -> AsyncIterator[CooldownPoller]:
+    with ThreadedServer(jobs.app()) as server:
+        async with (
+            in_process_guard(server.url, now, **job) as guard,
+            httpx.AsyncClient(timeout=5) as client,
+        ):
+            yield CooldownPoller(guard, client, server.url)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fixed", [True, False])
+async def test_job_stuck_cooldown_then_a_new_episode(fixed: bool) -> None:
+    """job-stuck, then within terminal_cooldown the same 500 with a counting-down Retry-After,
+    no re-prepare and no store write; after it a fixed backend's job plays, and a still
+    broken one gets a new episode with the full budget (re-prepared after stuck_after)."""
+    jobs = JobBackend(behaviour={CALL: "never"})
+    now = [1000.0]
+    async with cooldown_poller(jobs, now, terminal_cooldown="30s") as player:
+        assert (await player.poll()).status == 202  # the episode starts
+        for at in (1001.0, 1002.0):  # stuck_after 1s: two re-prepares, max_reprepares 2
+            now[0] = at
+            assert b"reprepared" in (await player.poll()).body
+        now[0] = 1003.0
+        stuck = await player.poll()
+        assert (problem_code(stuck), stuck.retry_after) == ("job-stuck", "30")
+        detail = httpx.Response(500, content=stuck.body).json()["detail"]
+        assert "until 1970-01-01T00:17:13.000Z (30s), then may try again" in detail
+        marked = await player.version()
+        for at, left in ((1003.5, "30"), (1004.0, "29"), (1020.5, "13"), (1032.9, "1")):
+            now[0] = at
+            again = await player.poll()
+            assert (problem_code(again), again.retry_after) == ("job-stuck", left)
+        assert jobs.prepares[CALL] == 2
+        assert await player.version() == marked  # no store write per poll in the cool-down
+        now[0] = 1033.0
+        if fixed:
+            jobs.ready.add(CALL)
+            played = await player.poll()
+            assert (played.status, played.body) == (200, RECORDING)
+            return
+        restarted = await player.poll()
+        assert restarted.status == 202 and b"reprepared" not in restarted.body
+        now[0] = 1033.9
+        assert (await player.poll()).status == 202
+        assert jobs.prepares[CALL] == 2
+        now[0] = 1034.0  # stuck_after of the new episode: its first re-prepare
+        assert b'"attempt":1,' in (await player.poll()).body
+        assert jobs.prepares[CALL] == 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fixed", [True, False])
+async def test_wait_exceeded_cooldown_then_a_new_episode(fixed: bool) -> None:
+    """wait-exceeded, repeated for the cool-down; after it the job plays once fixed, or a new
+    episode gets max_wait in full again."""
+    jobs = JobBackend(behaviour={CALL: "never"})
+    now = [1000.0]
+    job = {"stuck_after": "30s", "max_wait": "2s", "terminal_cooldown": "10s"}
+    async with cooldown_poller(jobs, now, **job) as player:
+        assert (await player.poll()).status == 202
+        now[0] = 1002.0
+        first = await player.poll()
+        assert (problem_code(first), first.retry_after) == ("wait-exceeded", "10")
+        now[0] = 1005.0
+        again = await player.poll()
+        assert (problem_code(again), again.retry_after) == ("wait-exceeded", "7")
+        now[0] = 1012.0
+        if fixed:
+            jobs.ready.add(CALL)
+            assert (await player.poll()).body == RECORDING
+            return
+        assert (await player.poll()).status == 202  # a new episode from 1012
+        now[0] = 1013.9
+        assert (await player.poll()).status == 202
+        now[0] = 1014.0
+        assert problem_code(await player.poll()) == "wait-exceeded"
+        assert jobs.prepares[CALL] == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fixed", [True, False])
+async def test_reprepare_failed_cooldown_then_a_new_episode(fixed: bool) -> None:
+    """A failed re-prepare makes the key terminal when its lock is released: every poll of the
+    cool-down gets reprepare-failed without another re-prepare; after it, a fixed job plays,
+    and a still failing prepare endpoint is tried again only after a new stuck_after."""
+    jobs = JobBackend(behaviour={CALL: "fail"})
+    now = [1000.0]
+    async with cooldown_poller(jobs, now, terminal_cooldown="20s") as player:
+        assert (await player.poll()).status == 202
+        now[0] = 1001.0
+        failed = await player.poll()
+        assert (problem_code(failed), failed.retry_after) == ("reprepare-failed", "20")
+        assert "500" in httpx.Response(500, content=failed.body).json()["detail"]
+        record = await player.guard.store.read("recording", CALL, now[0])
+        assert record is not None and record.state is not None
+        assert (record.state.terminal, record.state.terminal_at) == ("reprepare-failed", 1001.0)
+        for at, left in ((1001.0, "20"), (1005.0, "16"), (1020.5, "1")):
+            now[0] = at
+            again = await player.poll()
+            assert (problem_code(again), again.retry_after) == ("reprepare-failed", left)
+        assert jobs.prepares[CALL] == 1
+        now[0] = 1021.0
+        if fixed:
+            jobs.ready.add(CALL)
+            assert (await player.poll()).body == RECORDING
+            return
+        assert (await player.poll()).status == 202  # a new episode from 1021
+        assert jobs.prepares[CALL] == 1
+        now[0] = 1022.0
+        assert problem_code(await player.poll()) == "reprepare-failed"
+        assert jobs.prepares[CALL] == 2
+
+
+@pytest.mark.anyio
+async def test_review_at_once_never_passes_a_key_in_its_cooldown() -> None:
+    """The no-I/O fast path defers a terminal key to the store, within the cool-down and at its
+    end (the new episode has to be written); once written, it passes at once again."""
+    jobs = JobBackend(behaviour={CALL: "never"})
+    now = [1000.0]
+    job = {"stuck_after": "30s", "max_wait": "2s", "terminal_cooldown": "10s"}
+    async with cooldown_poller(jobs, now, **job) as player:
+        guard, target = player.guard, player.target
+        pending = [(b"retry-after", b"1")]
+        assert guard.review_at_once(target, 202, pending, b"rid") is not NEEDS_STORE
+        now[0] = 1002.0
+        assert problem_code(await player.poll()) == "wait-exceeded"
+        for at in (1002.5, 1011.9, 1012.0):
+            now[0] = at
+            assert guard.review_at_once(target, 202, pending, b"rid") is NEEDS_STORE
+        assert (await player.poll()).status == 202  # the new episode, written
+        at_once = guard.review_at_once(target, 202, pending, b"rid")
+        assert at_once is not NEEDS_STORE and at_once is not None and at_once.status == 202
+
+
+@pytest.mark.anyio
+async def test_shadow_mode_records_the_cooldown_as_enforce_would() -> None:
+    """Shadow: the terminal is recorded and the cool-down restarts the episode, as in enforce
+    mode, so the decisions logged are the ones enforce would make; nothing is answered."""
+    now = [1000.0]
+    job = {"mode": "shadow", "stuck_after": "30s", "max_wait": "2s", "terminal_cooldown": "10s"}
+    async with in_process_guard("http://127.0.0.1:9", now, **job) as guard:
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None
+        would = decisions("would answer wait-exceeded", "shadow")
+        for at in (1000.0, 1002.0, 1005.0, 1012.0):
+            now[0] = at
+            assert await guard.review(target, 202, [], [], b"rid") is None
+            record = await guard.store.read("recording", CALL, at)
+            assert record is not None and record.state is not None
+            if at == 1005.0:
+                assert (record.state.terminal, record.state.terminal_at) == (
+                    "wait-exceeded",
+                    1002.0,
+                )
+        assert decisions("would answer wait-exceeded", "shadow") == would + 2
+        assert (record.state.episode_start, record.state.terminal_at) == (1012.0, 0.0)

@@ -16,6 +16,7 @@ from proxy.policy import (
     GuardLimits,
     Verdict,
     after_reprepare,
+    cooldown_retry_after,
     decide,
     ends_episode,
     parse_retry_after,
@@ -23,7 +24,7 @@ from proxy.policy import (
     record_ttl,
     retry_after_seconds,
 )
-from proxy.stores.base import JobState, fresh_state
+from proxy.stores.base import NO_TERMINAL, JobState, Terminal, fresh_state
 
 T0 = 1_700_000_000.0
 LIMITS = GuardLimits(
@@ -150,8 +151,10 @@ def test_exhausted_attempts_until_the_window_ends(
     assert decision.verdict is expected
     assert decision.attempts == attempts_after
     if expected is Verdict.JOB_STUCK:
-        assert decision.retry_after is None
+        # The terminal cool-down's Retry-After, and the record marked terminal at `now`.
+        assert decision.retry_after == 120
         assert decision.locked_state is None
+        assert decision.record == replace(state, terminal_at=now, terminal=Terminal.JOB_STUCK)
     else:
         assert decision.locked_state is not None
         assert decision.locked_state.window_start == now
@@ -196,6 +199,22 @@ def test_after_reprepare(succeeded: bool) -> None:
     assert after.lock_until == 0.0
     assert after.clock_start == (T0 + 63 if succeeded else T0)
     assert (after.attempts, after.window_start, after.version) == (1, T0 + 60, 4)
+    # A failure is terminal from the release on: concurrent pollers get reprepare-failed.
+    if succeeded:
+        assert (after.terminal_at, after.terminal) == (NO_TERMINAL, Terminal.NONE)
+    else:
+        assert (after.terminal_at, after.terminal) == (T0 + 63, Terminal.REPREPARE_FAILED)
+
+
+def test_a_successful_reprepare_clears_a_terminal_mark() -> None:
+    """An operator's re-prepare that works ends the cool-down: the key may play at once."""
+    marked = replace(FRESH, terminal_at=T0 + 50, terminal=Terminal.JOB_STUCK, lock_until=T0 + 70)
+    after = after_reprepare(marked, T0 + 60, succeeded=True)
+    assert (after.terminal_at, after.terminal, after.clock_start) == (
+        NO_TERMINAL,
+        Terminal.NONE,
+        T0 + 60,
+    )
 
 
 DEFAULT_END_STATUS = frozenset({200, 203, 204, 206, 304})  # the config's default
@@ -226,11 +245,18 @@ def test_ends_episode(status: int, end_status: frozenset[int], ends: bool) -> No
     assert ends_episode(status, end_status) is ends
 
 
-def test_record_ttl_outlives_window_wait_and_lock() -> None:
-    """A record lives past the longer of window, max_wait and lock, plus a margin."""
+def test_record_ttl_outlives_window_wait_lock_and_cooldown() -> None:
+    """A record lives past the longest of window, max_wait, lock and terminal cool-down, plus
+    a margin (the swap marking the terminal resets the expiry, so the cool-down counts from
+    then): a record expiring inside its cool-down would shorten it."""
     assert record_ttl(LIMITS) == 1800.0 + TTL_MARGIN_SECONDS
+    long_cooldown = replace(LIMITS, terminal_cooldown=3600.0)
+    assert record_ttl(long_cooldown) == 3600.0 + TTL_MARGIN_SECONDS
+    assert record_ttl(replace(LIMITS, terminal_cooldown=0.0)) == 1800.0 + TTL_MARGIN_SECONDS
     assert record_ttl(replace(LIMITS, reprepare_window=4000.0)) == 4000.0 + TTL_MARGIN_SECONDS
-    slow = replace(LIMITS, reprepare_window=1.0, max_wait=2.0, reprepare_timeout=30.0)
+    slow = replace(
+        LIMITS, reprepare_window=1.0, max_wait=2.0, reprepare_timeout=30.0, terminal_cooldown=0.0
+    )
     assert record_ttl(slow) == 30.0 + LOCK_MARGIN_SECONDS + TTL_MARGIN_SECONDS
 
 
@@ -307,6 +333,8 @@ def simulate(
         if decision.locked_state is not None:
             locked = replace(decision.locked_state, version=state.version + 1)
             state = after_reprepare(locked, now, reprepare_succeeds)
+        elif decision.record is not None:
+            state = replace(decision.record, version=state.version + 1)
         verdicts.append((now - T0, decision.verdict))
     return verdicts
 
@@ -321,41 +349,217 @@ def runs(verdicts: list[tuple[float, Verdict]]) -> list[tuple[float, Verdict]]:
 
 
 def test_timeline_of_a_job_that_stays_stuck() -> None:
-    """stuck → rep1 → rep2 → job-stuck until the window ends → again → wait-exceeded."""
+    """stuck → rep1 → rep2 → job-stuck for the 2m cool-down → a new episode with the full
+    budget → … The window never rolls over into a third re-prepare of one episode, and
+    max_wait is never reached: each episode ends in its cool-down first."""
     pass_, rep, stuck = Verdict.PASS, Verdict.REPREPARE, Verdict.JOB_STUCK
-    assert runs(simulate(LIMITS, True, 5.0, 1900.0)) == [
-        (0, pass_),
-        (60, rep),
-        (65, pass_),
-        (120, rep),
-        (125, pass_),
-        (180, stuck),
-        (660, rep),
-        (665, pass_),
-        (720, rep),
-        (725, pass_),
-        (780, stuck),
-        (1260, rep),
-        (1265, pass_),
-        (1320, rep),
-        (1325, pass_),
-        (1380, stuck),
-        (1800, Verdict.WAIT_EXCEEDED),
+    episode = [(0, pass_), (60, rep), (65, pass_), (120, rep), (125, pass_), (180, stuck)]
+    expected = [(start + offset, verdict) for start in (0, 300, 600) for offset, verdict in episode]
+    assert runs(simulate(LIMITS, True, 5.0, 899.0)) == expected
+
+
+def test_timeline_without_a_cooldown_keeps_the_old_episode_until_the_window_rolls() -> None:
+    """A cool-down longer than everything else: job-stuck until the record would be gone."""
+    limits = replace(LIMITS, terminal_cooldown=1e9)
+    assert runs(simulate(limits, True, 5.0, 1900.0)) == [
+        (0, Verdict.PASS),
+        (60, Verdict.REPREPARE),
+        (65, Verdict.PASS),
+        (120, Verdict.REPREPARE),
+        (125, Verdict.PASS),
+        (180, Verdict.JOB_STUCK),
     ]
 
 
-def test_timeline_failed_reprepares_still_count() -> None:
-    """Failed re-prepares don't restart the clock but do use up the window's attempts."""
-    verdicts = simulate(LIMITS, False, 5.0, 700.0)
+def test_timeline_zero_cooldown_restarts_at_the_next_poll() -> None:
+    """terminal_cooldown 0: one job-stuck answer, and the very next poll starts afresh."""
+    limits = replace(LIMITS, terminal_cooldown=0.0)
+    assert runs(simulate(limits, True, 5.0, 380.0)) == [
+        (0, Verdict.PASS),
+        (60, Verdict.REPREPARE),
+        (65, Verdict.PASS),
+        (120, Verdict.REPREPARE),
+        (125, Verdict.PASS),
+        (180, Verdict.JOB_STUCK),
+        (185, Verdict.PASS),
+        (245, Verdict.REPREPARE),
+        (250, Verdict.PASS),
+        (305, Verdict.REPREPARE),
+        (310, Verdict.PASS),
+        (365, Verdict.JOB_STUCK),
+        (370, Verdict.PASS),
+    ]
+
+
+def test_timeline_failed_reprepare_is_terminal_for_the_cooldown() -> None:
+    """A failed re-prepare ends the episode: reprepare-failed for the cool-down (no more
+    re-prepares meanwhile), then a new episode that is stuck after stuck_after again."""
+    verdicts = simulate(LIMITS, False, 5.0, 400.0)
     reprepares = [offset for offset, verdict in verdicts if verdict is Verdict.REPREPARE]
-    assert reprepares == [60, 65, 660, 665]
+    assert reprepares == [60, 240]
     assert runs(verdicts) == [
         (0, Verdict.PASS),
         (60, Verdict.REPREPARE),
-        (70, Verdict.JOB_STUCK),
-        (660, Verdict.REPREPARE),
-        (670, Verdict.JOB_STUCK),
+        (65, Verdict.REPREPARE_FAILED),
+        (180, Verdict.PASS),
+        (240, Verdict.REPREPARE),
+        (245, Verdict.REPREPARE_FAILED),
+        (360, Verdict.PASS),
     ]
+
+
+def test_timeline_wait_exceeded_then_a_new_episode() -> None:
+    """Past max_wait: wait-exceeded for the cool-down, then a new episode's full max_wait."""
+    limits = replace(LIMITS, stuck_after=1000.0, max_wait=100.0)
+    assert runs(simulate(limits, True, 5.0, 500.0)) == [
+        (0, Verdict.PASS),
+        (100, Verdict.WAIT_EXCEEDED),
+        (220, Verdict.PASS),
+        (320, Verdict.WAIT_EXCEEDED),
+        (440, Verdict.PASS),
+    ]
+
+
+STUCK_AT = T0 + 180  # when the records below got their terminal answer
+_EXHAUSTED = replace(FRESH, clock_start=T0 + 120, window_start=T0 + 60, attempts=2, version=7)
+MARKED = {
+    Terminal.JOB_STUCK: replace(_EXHAUSTED, terminal_at=STUCK_AT, terminal=Terminal.JOB_STUCK),
+    Terminal.WAIT_EXCEEDED: replace(
+        _EXHAUSTED, terminal_at=STUCK_AT, terminal=Terminal.WAIT_EXCEEDED
+    ),
+    Terminal.REPREPARE_FAILED: replace(
+        _EXHAUSTED, attempts=1, terminal_at=STUCK_AT, terminal=Terminal.REPREPARE_FAILED
+    ),
+}
+REPEATED = {
+    Terminal.JOB_STUCK: Verdict.JOB_STUCK,
+    Terminal.WAIT_EXCEEDED: Verdict.WAIT_EXCEEDED,
+    Terminal.REPREPARE_FAILED: Verdict.REPREPARE_FAILED,
+}
+_TERMINALS = [Terminal.JOB_STUCK, Terminal.WAIT_EXCEEDED, Terminal.REPREPARE_FAILED]
+
+
+@pytest.mark.parametrize("terminal", _TERMINALS)
+@pytest.mark.parametrize(
+    ("after", "retry_after"),
+    [
+        pytest.param(0.0, 120, id="at-the-terminal-answer"),
+        pytest.param(0.5, 120, id="half-a-second-in-rounds-up"),
+        pytest.param(1.0, 119, id="one-second-in"),
+        pytest.param(90.0, 30, id="above-retry-after-max-is-not-capped"),
+        pytest.param(119.0, 1, id="one-second-left"),
+        pytest.param(119.999, 1, id="a-hair-left-is-one-second"),
+    ],
+)
+def test_within_the_cooldown_the_terminal_answer_repeats(
+    terminal: Terminal, after: float, retry_after: int
+) -> None:
+    """Inside the cool-down: the same terminal verdict, Retry-After = the time left rounded
+    up (at least 1, not bounded by retry_after_max: the key gets nothing else before), no
+    lock, no record to write — the answer costs no store write."""
+    state = MARKED[terminal]
+    decision = decide(state, LIMITS, STUCK_AT + after, "3")
+    assert decision.verdict is REPEATED[terminal]
+    assert decision.retry_after == retry_after
+    assert decision.pending_seconds == pytest.approx(180 + after)
+    assert decision.attempts == state.attempts
+    assert (decision.locked_state, decision.record) == (None, None)
+    assert pass_retry_after(state, LIMITS, STUCK_AT + after, "3") is None
+
+
+@pytest.mark.parametrize("terminal", _TERMINALS)
+@pytest.mark.parametrize(
+    ("after", "upstream", "retry_after"),
+    [
+        pytest.param(120.0, None, 5, id="exactly-at-the-end"),
+        pytest.param(120.0, "7", 7, id="at-the-end-upstream-retry-after"),
+        pytest.param(500.0, "120", 30, id="long-after-capped-again"),
+        pytest.param(5000.0, None, 5, id="after-max-wait-of-the-old-episode"),
+    ],
+)
+def test_after_the_cooldown_a_new_episode_starts(
+    terminal: Terminal, after: float, upstream: str | None, retry_after: int
+) -> None:
+    """From the end of the cool-down on, the poll is the first of a new episode: PASS with
+    its Retry-After, and the fresh record (full budget) to swap in over the old version."""
+    state = MARKED[terminal]
+    now = STUCK_AT + after
+    decision = decide(state, LIMITS, now, upstream)
+    assert decision.verdict is Verdict.PASS
+    assert decision.retry_after == retry_after
+    assert (decision.pending_seconds, decision.attempts) == (0.0, 0)
+    assert decision.locked_state is None
+    assert decision.record == replace(fresh_state(now), version=state.version)
+    # The fast path never passes it: the new episode has to be written first.
+    assert pass_retry_after(state, LIMITS, now, upstream) is None
+
+
+@pytest.mark.parametrize(
+    ("state", "now", "terminal"),
+    [
+        pytest.param(
+            replace(FRESH, window_start=T0 + 60, attempts=2, clock_start=T0 + 120),
+            T0 + 180,
+            Terminal.JOB_STUCK,
+            id="job-stuck",
+        ),
+        pytest.param(FRESH, T0 + 1800, Terminal.WAIT_EXCEEDED, id="wait-exceeded"),
+        pytest.param(
+            replace(FRESH, lock_until=T0 + 9999),
+            T0 + 1800,
+            Terminal.WAIT_EXCEEDED,
+            id="wait-exceeded-during-a-reprepare",
+        ),
+    ],
+)
+@pytest.mark.parametrize(("cooldown", "retry_after"), [(120.0, 120), (0.4, 1), (0.0, None)])
+def test_the_first_terminal_answer_is_recorded(
+    state: JobState, now: float, terminal: Terminal, cooldown: float, retry_after: int | None
+) -> None:
+    """An episode's first terminal verdict carries the record marked terminal at `now` (one
+    swap) and Retry-After = the whole cool-down; with no cool-down, no Retry-After."""
+    decision = decide(state, replace(LIMITS, terminal_cooldown=cooldown), now, None)
+    assert decision.verdict is REPEATED[terminal]
+    assert decision.retry_after == retry_after
+    assert decision.record == replace(state, terminal_at=now, terminal=terminal)
+
+
+def test_zero_cooldown_starts_a_new_episode_at_the_next_poll() -> None:
+    """terminal_cooldown 0: no poll is inside it, not even one at the terminal moment."""
+    limits = replace(LIMITS, terminal_cooldown=0.0)
+    state = MARKED[Terminal.JOB_STUCK]
+    decision = decide(state, limits, STUCK_AT, None)
+    assert decision.verdict is Verdict.PASS
+    assert decision.record == replace(fresh_state(STUCK_AT), version=state.version)
+
+
+def test_a_new_episode_is_judged_as_its_first_poll() -> None:
+    """With stuck_after or max_wait 0 (no config allows it; GuardLimits does), the new
+    episode's first poll escalates at once; what it writes then is the escalation's record,
+    built on the fresh one."""
+    state = MARKED[Terminal.JOB_STUCK]
+    now = STUCK_AT + 200
+    exceeded = decide(state, replace(LIMITS, max_wait=0.0), now, None)
+    assert exceeded.verdict is Verdict.WAIT_EXCEEDED
+    fresh = replace(fresh_state(now), version=state.version)
+    assert exceeded.record == replace(fresh, terminal_at=now, terminal=Terminal.WAIT_EXCEEDED)
+    stuck = decide(state, replace(LIMITS, stuck_after=0.0), now, None)
+    assert stuck.verdict is Verdict.REPREPARE
+    assert stuck.locked_state is not None and stuck.locked_state.episode_start == now
+    assert stuck.record is None
+
+
+@pytest.mark.parametrize(
+    ("left", "expected"),
+    [(0.0, None), (-5.0, None), (0.001, 1), (1.0, 1), (1.2, 2), (120.0, 120), (1e300, 10**300)],
+)
+def test_cooldown_retry_after(left: float, expected: int | None) -> None:
+    """Whole seconds left, rounded up, at least 1; None once nothing is left."""
+    result = cooldown_retry_after(left)
+    if expected is not None and expected > 10**9:
+        assert result is not None and result >= 10**299
+    else:
+        assert result == expected
 
 
 _seconds = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
@@ -372,6 +576,9 @@ _seconds = st.floats(min_value=0.0, max_value=1e6, allow_nan=False)
     max_wait=st.floats(min_value=0.001, max_value=1e5),
     retry_after_max=st.floats(min_value=1.0, max_value=100.0),
     upstream=st.sampled_from([None, "", "0", "3", "120", " 7 ", "x", "1.5"]),
+    terminal=st.sampled_from([None, *_TERMINALS]),
+    terminal_after_episode=_seconds,
+    cooldown=st.sampled_from([0.0, 0.5, 120.0, 1e5]),
 )
 def test_pass_retry_after_is_decide_when_it_passes(
     episode: float,
@@ -383,16 +590,30 @@ def test_pass_retry_after_is_decide_when_it_passes(
     max_wait: float,
     retry_after_max: float,
     upstream: str | None,
+    terminal: Terminal | None,
+    terminal_after_episode: float,
+    cooldown: float,
 ) -> None:
-    """The no-Decision shortcut answers exactly decide()'s PASS Retry-After, and None for
-    every other verdict, over states, clocks and limits of every kind."""
+    """The no-Decision shortcut answers exactly decide()'s PASS Retry-After when that PASS
+    writes nothing, and None for every other decision, over states, clocks and limits of every
+    kind — terminal records included: one in its cool-down is never passed."""
     state = JobState(
         T0 + episode, T0 + episode + clock_after_episode, T0 + episode, attempts, T0 + lock, 1
     )
+    if terminal is not None:
+        state = replace(state, terminal_at=T0 + episode + terminal_after_episode, terminal=terminal)
     limits = replace(
-        LIMITS, stuck_after=stuck_after, max_wait=max_wait, retry_after_max=retry_after_max
+        LIMITS,
+        stuck_after=stuck_after,
+        max_wait=max_wait,
+        retry_after_max=retry_after_max,
+        terminal_cooldown=cooldown,
     )
     now = T0 + episode + elapsed
     decision = decide(state, limits, now, upstream)
-    expected = decision.retry_after if decision.verdict is Verdict.PASS else None
+    passes = decision.verdict is Verdict.PASS and decision.record is None
+    expected = decision.retry_after if passes else None
     assert pass_retry_after(state, limits, now, upstream) == expected
+    if state.terminal_at != NO_TERMINAL and now < state.terminal_at + cooldown:
+        assert decision.verdict is REPEATED[state.terminal]
+        assert decision.record is None  # no store write per poll within the cool-down

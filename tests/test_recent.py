@@ -65,7 +65,8 @@ def newer_versions(record: JobState, now: float) -> list[JobState]:
     """Every way a record can move on: re-prepared, restarted episode, lock taken, window rolled."""
     moved = [
         after_reprepare(replace(record, lock_until=now + 5), now, succeeded=True),
-        after_reprepare(replace(record, lock_until=now + 5), now, succeeded=False),
+        # An operator's re-prepare may fire on a passing record; a poll's only on a stuck one.
+        after_reprepare(replace(record, lock_until=now + 5), now, succeeded=False, forced=True),
         JobState(now, now, 0.0, 0, 0.0, 1),
         replace(
             record, lock_until=now + 15, attempts=record.attempts + 1, version=record.version + 1

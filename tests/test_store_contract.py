@@ -18,7 +18,13 @@ from proxy.config import parse_config
 from proxy.errors import StoreUnavailable
 from proxy.metrics import REGISTRY
 from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, create_store
-from proxy.stores.base import AUDIT_MAX_ENTRIES
+from proxy.stores.base import (
+    AUDIT_MAX_ENTRIES,
+    NO_TERMINAL,
+    START_CURSOR,
+    Terminal,
+    fresh_state,
+)
 from proxy.stores.memory import SWEEP_EVERY_OBSERVES
 from proxy.stores.redis import record_key
 from tests.conftest import RedisServer
@@ -194,6 +200,28 @@ async def test_floats_round_trip_exactly(store: JobStore) -> None:
     read = await store.observe("rec", "K", now, LONG_TTL)
     assert stored == read == replace(awkward, version=2)
     assert read.lock_until.hex() == math.nextafter(now, math.inf).hex()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "terminal", [Terminal.JOB_STUCK, Terminal.WAIT_EXCEEDED, Terminal.REPREPARE_FAILED]
+)
+async def test_terminal_mark_round_trips_and_clears(store: JobStore, terminal: Terminal) -> None:
+    """terminal_at and the terminal code are stored by swap, read back exactly by observe and
+    read, and a later swap clears them (a new episode after the cool-down)."""
+    now = 1_700_000_000.123_456_7
+    state = await store.observe("rec", "K", now, LONG_TTL)
+    assert (state.terminal_at, state.terminal) == (NO_TERMINAL, Terminal.NONE)
+    marked = replace(state, terminal_at=math.nextafter(now, math.inf), terminal=terminal)
+    stored = await store.swap("rec", "K", state.version, marked, LONG_TTL)
+    assert stored == replace(marked, version=2)
+    assert await store.observe("rec", "K", now + 1, LONG_TTL) == stored
+    record = await store.read("rec", "K", now + 1)
+    assert record is not None and record.state == stored
+    fresh = replace(fresh_state(now + 200), version=stored.version)
+    restarted = await store.swap("rec", "K", stored.version, fresh, LONG_TTL)
+    assert restarted == replace(fresh, version=3)
+    assert await store.observe("rec", "K", now + 201, LONG_TTL) == restarted
 
 
 @pytest.mark.anyio
@@ -435,6 +463,82 @@ async def test_redis_batch_with_one_bad_record_fails_only_that_observe(
     assert all(
         isinstance(outcome, JobState) for index, outcome in enumerate(outcomes) if index != 1
     )
+
+
+@pytest.mark.anyio
+async def test_redis_reads_a_record_in_the_previous_six_field_layout(
+    redis_server: RedisServer,
+) -> None:
+    """A record an older replica created (no terminal_at, no terminal: a rolling upgrade)
+    reads as not terminal through observe, read and scan; a swap then adds the two fields."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    key = record_key(PREFIX, "rec", "OLD")
+    old = {
+        "episode_start": repr(T0),
+        "clock_start": repr(T0 + 5),
+        "window_start": repr(T0 + 5),
+        "attempts": "1",
+        "lock_until": "0.0",
+        "version": "4",
+        "last_poll": repr(T0 + 6),
+    }
+    expected = JobState(T0, T0 + 5, T0 + 5, 1, 0.0, 4)
+    try:
+        await raw.hset(key, mapping=old)
+        await raw.pexpire(key, 100_000)
+        assert await store.observe("rec", "OLD", T0 + 7, LONG_TTL) == expected
+        record = await store.read("rec", "OLD", T0 + 7)
+        assert record is not None and record.state == expected
+        page = await store.scan("rec", START_CURSOR, 10, T0 + 7)
+        assert [found.state for found in page.records] == [expected]
+        marked = replace(expected, terminal_at=T0 + 8, terminal=Terminal.JOB_STUCK)
+        assert await store.swap("rec", "OLD", 4, marked, LONG_TTL) is not None
+        fields = await raw.hmget(key, ["terminal_at", "terminal"])
+        assert fields == [repr(T0 + 8).encode(), b"job-stuck"]
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "mark",
+    [
+        pytest.param({"terminal_at": repr(T0), "terminal": "on-fire"}, id="unknown-code"),
+        pytest.param({"terminal_at": "soon", "terminal": "job-stuck"}, id="bad-time"),
+        pytest.param({"terminal_at": repr(T0), "terminal": ""}, id="time-without-code"),
+        pytest.param({"terminal_at": "0.0", "terminal": "job-stuck"}, id="code-without-time"),
+        pytest.param({"terminal": "job-stuck"}, id="code-alone"),
+        pytest.param({"terminal_at": "inf", "terminal": "job-stuck"}, id="infinite-time"),
+    ],
+)
+async def test_redis_garbage_terminal_mark_is_store_unavailable(
+    redis_server: RedisServer, mark: dict[str, str]
+) -> None:
+    """A terminal mark we can't trust fails like any other garbage: StoreUnavailable on
+    observe, an invalid record (state None) for the admin API."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    key = record_key(PREFIX, "rec", "K")
+    try:
+        await raw.hset(
+            key,
+            mapping={
+                **dict.fromkeys(("episode_start", "clock_start", "window_start"), repr(T0)),
+                "lock_until": "0.0",
+                "attempts": "0",
+                "version": "1",
+                **mark,
+            },
+        )
+        with pytest.raises(StoreUnavailable):
+            await store.observe("rec", "K", T0, LONG_TTL)
+        record = await store.read("rec", "K", T0)
+        assert record is not None and record.state is None
+    finally:
+        await raw.aclose()
+        await store.close()
 
 
 @pytest.mark.anyio

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 FIRST_VERSION = 1
 NO_WINDOW = 0.0
 NO_LOCK = 0.0
+NO_TERMINAL = 0.0
+
+
+class Terminal(StrEnum):
+    """The terminal answer an episode ended with, as its problem code; NONE: not ended."""
+
+    NONE = ""
+    JOB_STUCK = "job-stuck"
+    WAIT_EXCEEDED = "wait-exceeded"
+    REPREPARE_FAILED = "reprepare-failed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +36,10 @@ class JobState:
     attempts: int  # re-prepares counted in that window
     lock_until: float  # a re-prepare is in flight until then; NO_LOCK = none
     version: int  # bumped by every successful swap; the compare-and-set token
+    # When the episode got its terminal answer (the terminal cool-down runs from then);
+    # NO_TERMINAL = not yet. Set together with `terminal`, the answer repeated in the cool-down.
+    terminal_at: float = NO_TERMINAL
+    terminal: Terminal = Terminal.NONE
 
 
 def fresh_state(now: float) -> JobState:

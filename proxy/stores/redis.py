@@ -3,8 +3,10 @@
 Layout: one HASH per (job, key) at `<key_prefix>{<job>:<key>}`, e.g. `pollguard:{recording:CA123}`.
 The whole `job:key` is the Redis Cluster hash tag, so records spread over slots while anything ever
 stored beside a record lands in the same slot (Lua scripts may only touch keys of one slot).
-Fields: episode_start, clock_start, window_start, lock_until (floats as `repr`, which round-trips
-exactly), attempts, version (decimal ints). The scripts only copy and compare strings, so no value
+Fields: episode_start, clock_start, window_start, lock_until, terminal_at (floats as `repr`, which
+round-trips exactly), attempts, version (decimal ints), terminal (a problem code, "" for none).
+Records written before terminal_at and terminal existed (6 fields; an older replica during a
+rolling upgrade) read as not terminal. The scripts only copy and compare strings, so no value
 passes through Lua's number type. Expiry is the key's PEXPIRE, judged by Redis's clock.
 
 Every failure, including garbage in a record, surfaces as StoreUnavailable; deadline, retries
@@ -19,7 +21,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -28,7 +30,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
-from proxy.stores.base import AUDIT_MAX_ENTRIES, EpisodeRecord, JobState, ScanPage, fresh_state
+from proxy.stores.base import (
+    AUDIT_MAX_ENTRIES,
+    NO_TERMINAL,
+    EpisodeRecord,
+    JobState,
+    ScanPage,
+    Terminal,
+    fresh_state,
+)
 from proxy.stores.breaker import DEFAULT_COOLDOWN_SECONDS, BreakerState
 from proxy.stores.redis_calls import (
     DEFAULT_REFUSED_RETRIES,
@@ -43,7 +53,18 @@ MIN_TTL_MILLISECONDS = 1
 # The jobs gauge's shared counts vanish this long after the last replica refreshed them.
 COUNTS_TTL_SECONDS = 60.0
 
-_FIELDS = ("episode_start", "clock_start", "window_start", "attempts", "lock_until", "version")
+_FIELDS = (
+    "episode_start",
+    "clock_start",
+    "window_start",
+    "attempts",
+    "lock_until",
+    "version",
+    "terminal_at",
+    "terminal",
+)
+# The fields every record has; the rest may be missing from one an older replica created.
+_REQUIRED_FIELDS = 6
 
 # Not read by the guard: the time of the last observe, for the admin API (same round trip).
 _LAST_POLL = "last_poll"
@@ -53,23 +74,24 @@ _ADMIN_FIELDS = (*_FIELDS, _LAST_POLL)
 # KEYS[1] record; ARGV: fresh field values in _FIELDS order, the TTL in ms, then `now`.
 _OBSERVE = lua_script("""
 local current = redis.call('HMGET', KEYS[1], 'episode_start', 'clock_start', 'window_start',
-                           'attempts', 'lock_until', 'version')
+                           'attempts', 'lock_until', 'version', 'terminal_at', 'terminal')
 if current[6] then
-  redis.call('HSET', KEYS[1], 'last_poll', ARGV[8])
+  redis.call('HSET', KEYS[1], 'last_poll', ARGV[10])
   return current
 end
 redis.call('HSET', KEYS[1], 'episode_start', ARGV[1], 'clock_start', ARGV[2],
            'window_start', ARGV[3], 'attempts', ARGV[4], 'lock_until', ARGV[5], 'version', ARGV[6],
-           'last_poll', ARGV[8])
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
-return {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]}
+           'terminal_at', ARGV[7], 'terminal', ARGV[8], 'last_poll', ARGV[10])
+redis.call('PEXPIRE', KEYS[1], ARGV[9])
+return {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]}
 """)
 
 # KEYS[1] record; ARGV[1] "1" to delete it. Returns _ADMIN_FIELDS' values then the PTTL, or
 # just {PTTL} when the key holds something other than a hash (deleted all the same).
 _READ = lua_script("""
 local values = redis.pcall('HMGET', KEYS[1], 'episode_start', 'clock_start', 'window_start',
-                           'attempts', 'lock_until', 'version', 'last_poll')
+                           'attempts', 'lock_until', 'version', 'terminal_at', 'terminal',
+                           'last_poll')
 local ttl = redis.call('PTTL', KEYS[1])
 if ARGV[1] == '1' then
   redis.call('DEL', KEYS[1])
@@ -77,7 +99,7 @@ end
 if values['err'] then
   return {ttl}
 end
-values[8] = ttl
+values[10] = ttl
 return values
 """)
 
@@ -87,8 +109,9 @@ if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', KEYS[1], 'episode_start', ARGV[2], 'clock_start', ARGV[3],
-           'window_start', ARGV[4], 'attempts', ARGV[5], 'lock_until', ARGV[6], 'version', ARGV[7])
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
+           'window_start', ARGV[4], 'attempts', ARGV[5], 'lock_until', ARGV[6], 'version', ARGV[7],
+           'terminal_at', ARGV[8], 'terminal', ARGV[9])
+redis.call('PEXPIRE', KEYS[1], ARGV[10])
 return 1
 """)
 
@@ -114,13 +137,29 @@ def _encode(state: JobState) -> list[str]:
         str(state.attempts),
         repr(state.lock_until),
         str(state.version),
+        repr(state.terminal_at),
+        str(state.terminal),
     ]
 
 
 def _decode(raw: Sequence[Any]) -> JobState:
-    if len(raw) != len(_FIELDS) or any(value is None for value in raw):
+    """A record from its _FIELDS values; ValueError (or UnicodeError) for one we can't read.
+    terminal_at and terminal may both be missing (a record an older replica created)."""
+    required = raw[:_REQUIRED_FIELDS]
+    if len(raw) != len(_FIELDS) or any(value is None for value in required):
         raise ValueError(f"incomplete record {raw!r}")
-    text = [value.decode("ascii") if isinstance(value, bytes) else str(value) for value in raw]
+    text = [
+        "" if value is None else value.decode("ascii") if isinstance(value, bytes) else str(value)
+        for value in raw
+    ]
+    terminal_at, terminal = NO_TERMINAL, Terminal.NONE
+    if raw[6] is not None or raw[7] is not None:
+        terminal_at, terminal = float(text[6]), Terminal(text[7])
+        # Both or neither: a terminal mark without its answer (or one without a time) is garbage.
+        if (terminal_at == NO_TERMINAL) != (terminal is Terminal.NONE) or not math.isfinite(
+            terminal_at
+        ):
+            raise ValueError(f"inconsistent terminal mark {raw[6:]!r}")
     return JobState(
         episode_start=float(text[0]),
         clock_start=float(text[1]),
@@ -128,6 +167,8 @@ def _decode(raw: Sequence[Any]) -> JobState:
         attempts=int(text[3]),
         lock_until=float(text[4]),
         version=int(text[5]),
+        terminal_at=terminal_at,
+        terminal=terminal,
     )
 
 
@@ -149,8 +190,8 @@ def _admin_record(job: str, key: str, values: Sequence[Any], pttl: Any) -> Episo
         return None  # no such key
     expires_in = None if ttl_ms < 0 else ttl_ms / 1000
     try:
-        state: JobState | None = _decode(values[:6])
-        last = values[6]
+        state: JobState | None = _decode(values[: len(_FIELDS)])
+        last = values[len(_FIELDS)]
         last_poll = None if last is None else float(last)
         if last_poll is not None and not math.isfinite(last_poll):
             last_poll = None
@@ -296,14 +337,7 @@ class RedisJobStore:
     async def swap(
         self, job: str, key: str, expected_version: int, new: JobState, ttl: float
     ) -> JobState | None:
-        stored = JobState(
-            episode_start=new.episode_start,
-            clock_start=new.clock_start,
-            window_start=new.window_start,
-            attempts=new.attempts,
-            lock_until=new.lock_until,
-            version=expected_version + 1,
-        )
+        stored = replace(new, version=expected_version + 1)
         args = [str(expected_version), *_encode(stored), str(_ttl_milliseconds(ttl))]
         call = ScriptCall(self._key(job, key), args)
         swapped = await self._calls.call(
@@ -330,7 +364,7 @@ class RedisJobStore:
         if len(raw) != len(_ADMIN_FIELDS) + 1:
             # WRONGTYPE: something that is not a record sits under the record's name.
             return None if raw[0] == -2 else EpisodeRecord(job, key, None, None, None)
-        return _admin_record(job, key, raw[:7], raw[7])
+        return _admin_record(job, key, raw[: len(_ADMIN_FIELDS)], raw[len(_ADMIN_FIELDS)])
 
     async def scan(self, job: str, cursor: str, count: int, now: float) -> ScanPage:
         """One SCAN step (MATCH on the job's escaped key pattern; never KEYS), then one

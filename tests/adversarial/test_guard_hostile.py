@@ -211,7 +211,7 @@ def test_repeated_cookie_headers_reach_the_reprepare_as_one(backend: RawBackend)
 
 
 def test_a_failing_reprepare_is_reprepare_failed_naming_why(backend: RawBackend) -> None:
-    """Sends `GET /api/recordings/file/CA1` until stuck, to a backend that hangs up on the prepare: 500 reprepare-failed naming the error, and the very next poll may re-prepare again (lock released)."""
+    """Sends `GET /api/recordings/file/CA1` until stuck, to a backend that hangs up on the prepare: 500 reprepare-failed naming the error, and the very next poll gets reprepare-failed again from the key's terminal cool-down, without a second attempt though one is left."""
 
     def hang_up_on_prepare(request: Received) -> Answer:
         return None if request.method == b"POST" else job_answers(request)
@@ -223,9 +223,10 @@ def test_a_failing_reprepare_is_reprepare_failed_naming_why(backend: RawBackend)
     problem = json.loads(reply.body)
     assert reply.status == 500 and problem["code"] == "reprepare-failed"
     assert "RemoteProtocolError" in problem["detail"]
-    # The very next poll sent a second attempt, so the first one's lock did not outlive it.
+    # The failure was recorded when its lock was released: the cool-down answers, no re-prepare.
     assert again.status == 500 and json.loads(again.body)["code"] == "reprepare-failed"
-    assert len(backend.posts()) == 2
+    assert 1 <= int(again.headers[b"retry-after"]) <= 120
+    assert len(backend.posts()) == 1
 
 
 # --- 4: other tenants' answers leave the episode alone ------------------------------------------
