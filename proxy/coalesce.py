@@ -10,11 +10,11 @@ Identical means the same method (GET or HEAD), raw target (path and query) and t
 credentials: the exact bytes of every Authorization and Cookie field. Never shared: a request
 with a body (it never leads), a Range (nor one whose leader has one), different credentials. The
 leader shares an answer only when it has it whole — pollguard's own answers, and upstream answers
-whose body came with the head — up to SHARE_LIMIT bytes; otherwise (a streamed body, an upstream
+whose body is at most SHARE_LIMIT bytes; otherwise (a streamed body, an upstream
 error) the followers send their own requests, as they would have without the shield.
 
-Leading costs a request two dict operations; the credentials are compared only when there is a
-leader to follow.
+Leading costs a request an object and three dict operations; the credentials are compared, and
+a copy of the answer kept, only when there is someone to follow or be followed by.
 """
 
 from __future__ import annotations
@@ -45,12 +45,18 @@ class Shared(NamedTuple):
 class Flight:
     """One leading request in flight, and what it shares when it lands."""
 
-    __slots__ = ("_outcome", "client_headers")
+    __slots__ = ("_outcome", "client_headers", "key")
 
-    def __init__(self, client_headers: Sequence[tuple[bytes, bytes]]) -> None:
+    def __init__(self, key: FlightKey, client_headers: Sequence[tuple[bytes, bytes]]) -> None:
+        self.key = key
         self.client_headers = client_headers
         # Made when the first follower comes: most leaders have none.
         self._outcome: asyncio.Future[Shared | None] | None = None
+
+    @property
+    def followed(self) -> bool:
+        """Whether anyone waits for this answer (else the leader need not keep a copy)."""
+        return self._outcome is not None
 
     def admits(self, client_headers: Sequence[tuple[bytes, bytes]]) -> bool:
         """Whether a request with these header fields may follow this one."""
@@ -69,30 +75,17 @@ class Flight:
             self._outcome.set_result(shared)
 
 
-class Flights:
-    """The leading requests in flight in this process, by (method, raw target)."""
+FlightKey = tuple[str, bytes]  # method, raw target
+# The leading requests in flight in one process (a Forwarder's), by method and raw target.
+Flights = dict[FlightKey, Flight]
 
-    def __init__(self) -> None:
-        self._flying: dict[tuple[str, bytes], Flight] = {}
 
-    def find(self, method: str, target: bytes) -> Flight | None:
-        return self._flying.get((method, target))
-
-    def lead(
-        self, method: str, target: bytes, client_headers: Sequence[tuple[bytes, bytes]]
-    ) -> Flight:
-        flight = self._flying[(method, target)] = Flight(client_headers)
-        return flight
-
-    def land(self, method: str, target: bytes, flight: Flight) -> None:
-        """The leader is done: no new follower joins, and those waiting get None unless it
-        shared its answer."""
-        if self._flying.get((method, target)) is flight:
-            del self._flying[(method, target)]
-        flight.share(None)
-
-    def __len__(self) -> int:
-        return len(self._flying)
+def land(flights: Flights, flight: Flight) -> None:
+    """The leader is done: no new follower joins, and those waiting get None unless it shared
+    its answer (they then send their own requests)."""
+    if flights.get(flight.key) is flight:
+        del flights[flight.key]
+    flight.share(None)
 
 
 def shareable(status: int, headers: RawHeaders, body: bytes, ours: bool) -> Shared | None:

@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.client import ClientLink, Message, Patrol, Receive, Send
-from proxy.coalesce import Flight, Flights, copy_for, shareable
+from proxy.coalesce import SHARE_LIMIT, Flight, Flights, copy_for, land, shareable
 from proxy.errors import (
     BadRequest,
     ClientDisconnected,
@@ -67,7 +67,7 @@ class Forwarder:
     ) -> None:
         self.upstream = upstream
         self.guard = guard
-        self._flights = Flights()
+        self._flights: Flights = {}
         # None when neither the access log nor request metrics are on: nothing to record.
         self.request_log = request_log if request_log is not None and request_log.enabled else None
         self._trusted = trusted_proxies
@@ -108,9 +108,10 @@ class Forwarder:
             if target_job is not None:
                 kind = GUARDED
                 if body is None and target_job.job.coalesce and method in _SHAREABLE_METHODS:
-                    lead = self._flights.find(method, target)
+                    key = (method, target)
+                    lead = self._flights.get(key)
                     if lead is None:
-                        flight = self._flights.lead(method, target, client_headers)
+                        flight = self._flights[key] = Flight(key, client_headers)
                     elif lead.admits(client_headers):
                         COALESCED.labels(target_job.job.name).value += 1
                         shared = await lead.follow()
@@ -157,7 +158,7 @@ class Forwarder:
                     raise
                 if answer is not None:
                     if answer.body is not None:
-                        if flight is not None:
+                        if flight is not None and flight.followed:
                             flight.share(
                                 shareable(answer.status, answer.headers, answer.body, ours=True)
                             )
@@ -174,7 +175,7 @@ class Forwarder:
         finally:
             client.stop()
             if flight is not None:
-                self._flights.land(method, target, flight)
+                land(self._flights, flight)
             if self.request_log is not None:
                 self.request_log.forwarded(client, kind, scope, target)
 
@@ -264,23 +265,26 @@ async def _stream(
     if status in _BODYLESS:
         response.release()
         headers = [header for header in headers if header[0] != b"content-length"]
-        if flight is not None:
+        if flight is not None and flight.followed:
             flight.share(shareable(status, headers, b"", ours=False))
         await client.send_whole(status, headers, b"", head)
         return
     if head:
         response.release()
-        if flight is not None:
+        if flight is not None and flight.followed:
             flight.share(shareable(status, headers, b"", ours=False))
         await client.send_whole(status, headers, b"", head)
         return
     body = response.complete_body()
     if body is not None:  # it all came with the head: release first, then one send
         response.release()
-        if flight is not None:
+        if flight is not None and flight.followed:
             flight.share(shareable(status, headers, body, ours=False))
         await client.send_whole(status, headers, body, head)
         return
+    # Polls waiting for this answer get a copy if the whole body stays within SHARE_LIMIT.
+    kept: list[bytes] | None = [] if flight is not None and flight.followed else None
+    kept_size = 0
     try:
         await client.send_start(status, headers)
         async for chunk in response.chunks():
@@ -289,8 +293,16 @@ async def _stream(
                 client.finishing = True
             await client.send({"type": "http.response.body", "body": chunk, "more_body": more})
             client.sent_bytes += len(chunk)
+            if kept is not None:
+                kept_size += len(chunk)
+                if kept_size <= SHARE_LIMIT:
+                    kept.append(chunk)
+                else:
+                    kept = None
             if not more:
                 response.release()
+                if kept is not None and flight is not None:
+                    flight.share(shareable(status, headers, b"".join(kept), ours=False))
                 return
             # A long body: watch for the client leaving, so a dropped download closes its
             # upstream connection instead of reading on into the void.
@@ -298,6 +310,8 @@ async def _stream(
         client.finishing = True
         await client.send({"type": "http.response.body", "body": b""})
         response.release()
+        if kept is not None and flight is not None:
+            flight.share(shareable(status, headers, b"".join(kept), ours=False))
     except UpstreamError as exc:
         response.abort()
         logger.info(

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.coalesce import SHARE_LIMIT, Flight, Shared, copy_for, shareable
@@ -45,7 +45,7 @@ def test_only_the_same_credentials_and_no_range_follow(
 ) -> None:
     """Authorization and Cookie must match byte for byte (field by field); a Range on either
     side is never shared."""
-    assert Flight(leader).admits(follower) is admitted
+    assert Flight(("GET", b"/x"), leader).admits(follower) is admitted
 
 
 def test_a_followers_copy_names_its_own_request() -> None:
@@ -88,6 +88,13 @@ class HeldUpstream:
             with self.lock:
                 self.seen[request.headers.get("authorization", "-")] += 1
             await anyio.to_thread.run_sync(self.gate.wait, abandon_on_cancel=True)
+            if request.path_params["sid"].startswith("STREAMED"):
+                # Chunked, in two pieces: the body does not come with the head.
+                async def pieces() -> AsyncIterator[bytes]:
+                    yield b'{"status":'
+                    yield b'"processing"}'
+
+                return StreamingResponse(pieces(), status_code=202, media_type="application/json")
             return JSONResponse({"status": "processing"}, status_code=202)
 
         return Starlette(routes=[Route("/api/recordings/file/{sid}", file)])
@@ -115,7 +122,7 @@ def coalesced(proxy: ProxyProcess) -> float:
 
 
 def poll_all(
-    proxy: ProxyProcess, headers: list[dict[str, str]]
+    proxy: ProxyProcess, headers: list[dict[str, str]], path: str = FILE
 ) -> tuple[list[httpx.Response], list[threading.Thread]]:
     """One poll per headers dict, all at once, each on its own connection; the answers fill
     in as the threads finish."""
@@ -123,7 +130,7 @@ def poll_all(
 
     def one(index: int) -> None:
         with httpx.Client(timeout=20) as client:
-            answer = client.get(f"{proxy.url}{FILE}", headers=headers[index])
+            answer = client.get(f"{proxy.url}{path}", headers=headers[index])
         answers.append(answer)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(headers))]
@@ -132,14 +139,16 @@ def poll_all(
     return answers, threads
 
 
+@pytest.mark.parametrize("path", [FILE, "/api/recordings/file/STREAMED1"], ids=["whole", "chunked"])
 def test_ten_identical_polls_make_one_upstream_request(
-    held: tuple[HeldUpstream, ThreadedServer],
+    held: tuple[HeldUpstream, ThreadedServer], path: str
 ) -> None:
     """While one poll is upstream, nine identical ones wait for it; the upstream sees one
-    request, and each client gets the answer with its own X-Request-ID."""
+    request, and each client gets the answer with its own X-Request-ID — whether the body came
+    with the head or streamed after it."""
     upstream, server = held
     with running_proxy(guard_config(server.url, stuck_after="1h", max_wait="2h")) as proxy:
-        answers, threads = poll_all(proxy, [{"authorization": "Bearer a"}] * 10)
+        answers, threads = poll_all(proxy, [{"authorization": "Bearer a"}] * 10, path)
         wait_until(lambda: coalesced(proxy) == 9, 10, "nine polls following the first")
         upstream.gate.set()
         for thread in threads:
