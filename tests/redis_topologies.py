@@ -155,6 +155,9 @@ def start_cluster() -> RedisClusterDeployment:
         f"cluster-node-timeout {DOWN_AFTER_MS}",
         "cluster-announce-ip 127.0.0.1",
         "cluster-replica-validity-factor 0",
+        # The other masters keep serving their slots while one master's are down (the default,
+        # yes, answers CLUSTERDOWN everywhere until the replica is promoted).
+        "cluster-require-full-coverage no",
     ]
     deployment = RedisClusterDeployment(
         [
