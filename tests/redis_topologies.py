@@ -5,6 +5,7 @@ the end: processes killed, temporary directories removed."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -16,13 +17,32 @@ from pathlib import Path
 
 import pytest
 
+from proxy.errors import StoreUnavailable
+from proxy.stores.redis import RedisJobStore
 from tests.conftest import free_port, wait_for_port
 
 # Failure detection: a node is judged down after this long without answering (cluster-node-timeout
 # for the cluster, down-after-milliseconds for Sentinel), so failover tests take seconds.
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 3000
+# The shared deployments (no failover meant) judge slower: a busy test run must not fail over.
+STEADY_DOWN_AFTER_MS = 5000
 SENTINEL_SERVICE = "mymaster"
+
+
+async def warmed_up(store: RedisJobStore, within: float = 10.0) -> RedisJobStore:
+    """`store` once a ping went through. A cluster client's first call maps the cluster (CLUSTER
+    SLOTS, COMMAND) and a Sentinel one's asks for the master: on 2 busy shared cores that can
+    take longer than the 250 ms deadline, which is not what the tests are about."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await store.ping()
+            return store
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def _binary(name: str) -> str:
@@ -147,12 +167,12 @@ class RedisClusterDeployment:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_cluster() -> RedisClusterDeployment:
+def start_cluster(down_after_ms: int = STEADY_DOWN_AFTER_MS) -> RedisClusterDeployment:
     root = tempfile.mkdtemp(prefix="pollguard-cluster-")
     ports = [cluster_port() for _ in range(6)]
     settings = [
         "cluster-enabled yes",
-        f"cluster-node-timeout {DOWN_AFTER_MS}",
+        f"cluster-node-timeout {down_after_ms}",
         "cluster-announce-ip 127.0.0.1",
         "cluster-replica-validity-factor 0",
         # The other masters keep serving their slots while one master's are down (the default,
@@ -228,7 +248,7 @@ class SentinelDeployment:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def start_sentinel() -> SentinelDeployment:
+def start_sentinel(down_after_ms: int = STEADY_DOWN_AFTER_MS) -> SentinelDeployment:
     root = Path(tempfile.mkdtemp(prefix="pollguard-sentinel-"))
     master_port, replica_port = free_port(), free_port()
     master = RedisNode(master_port, root / "master", [])
@@ -239,7 +259,7 @@ def start_sentinel() -> SentinelDeployment:
             root / f"sentinel-{index}",
             [
                 f"sentinel monitor {SENTINEL_SERVICE} 127.0.0.1 {master_port} 2",
-                f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {DOWN_AFTER_MS}",
+                f"sentinel down-after-milliseconds {SENTINEL_SERVICE} {down_after_ms}",
                 f"sentinel failover-timeout {SENTINEL_SERVICE} {FAILOVER_TIMEOUT_MS}",
                 "sentinel announce-ip 127.0.0.1",
             ],

@@ -21,12 +21,14 @@ from proxy.stores.redis import RedisJobStore, record_key
 from proxy.stores.redis_topology import RedisTopology
 from tests.conftest import SLOW_FACTOR
 from tests.redis_topologies import (
+    DOWN_AFTER_MS,
     SENTINEL_SERVICE,
     RedisClusterDeployment,
     SentinelDeployment,
     start_cluster,
     start_sentinel,
     wait_until,
+    warmed_up,
 )
 
 T0 = 1_700_000_000.0
@@ -41,7 +43,7 @@ RECOVERY_BOUND = 15.0 * SLOW_FACTOR
 
 @pytest.fixture(scope="module")
 def sentinel_deployment() -> Iterator[SentinelDeployment]:
-    deployment = start_sentinel()
+    deployment = start_sentinel(DOWN_AFTER_MS)
     try:
         yield deployment
     finally:
@@ -50,7 +52,7 @@ def sentinel_deployment() -> Iterator[SentinelDeployment]:
 
 @pytest.fixture(scope="module")
 def cluster_deployment() -> Iterator[RedisClusterDeployment]:
-    deployment = start_cluster()
+    deployment = start_cluster(DOWN_AFTER_MS)
     try:
         yield deployment
     finally:
@@ -138,6 +140,7 @@ async def test_sentinel_follows_the_promoted_master(
     old_master = deployment.current_master_port()
     assert old_master == deployment.master.port
     store = sentinel_store(deployment, f"pollguard-{uuid.uuid4().hex[:8]}:")
+    await warmed_up(store)
     poller = Poller(store, [f"K{index}" for index in range(8)])
     killed_at = 0.0
 
@@ -197,6 +200,8 @@ async def test_cluster_master_loss_spares_other_masters_keys(
         RedisJobStore(None, prefix, timeout=TIMEOUT, breaker_cooldown=COOLDOWN, topology=topology)
         for _ in range(3)
     ]
+    for store in stores:
+        await warmed_up(store)
     spared = Poller(stores[0], others)
     hit = Poller(stores[1], by_master[victim_name][:3])
     mixed = Poller(stores[2], [*others[:2], *by_master[victim_name][:2]])

@@ -14,7 +14,12 @@ from redis.asyncio import RedisCluster
 import proxy.stores.redis as redis_store_module
 from proxy.stores.redis import RedisJobStore, record_key
 from proxy.stores.redis_topology import RedisTopology
-from tests.redis_topologies import SENTINEL_SERVICE, RedisClusterDeployment, SentinelDeployment
+from tests.redis_topologies import (
+    SENTINEL_SERVICE,
+    RedisClusterDeployment,
+    SentinelDeployment,
+    warmed_up,
+)
 
 T0 = 1_700_000_000.0
 LONG_TTL = 600.0
@@ -28,8 +33,10 @@ def unique_prefix() -> str:
 async def cluster_store(
     redis_cluster: RedisClusterDeployment, anyio_backend: str
 ) -> AsyncIterator[RedisJobStore]:
-    store = RedisJobStore(
-        None, unique_prefix(), topology=RedisTopology("cluster", url=redis_cluster.url)
+    store = await warmed_up(
+        RedisJobStore(
+            None, unique_prefix(), topology=RedisTopology("cluster", url=redis_cluster.url)
+        )
     )
     yield store
     await store.close()
@@ -135,6 +142,7 @@ async def test_sentinel_store_writes_to_the_current_master(
             service=SENTINEL_SERVICE,
         ),
     )
+    await warmed_up(store)
     master_port = redis_sentinel.current_master_port()
     raw = Redis(host="127.0.0.1", port=master_port)
     try:

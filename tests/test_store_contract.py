@@ -25,7 +25,12 @@ from proxy.stores.memory import SWEEP_EVERY_OBSERVES
 from proxy.stores.redis import record_key
 from proxy.stores.redis_topology import RedisTopology
 from tests.conftest import RedisServer
-from tests.redis_topologies import SENTINEL_SERVICE, RedisClusterDeployment, SentinelDeployment
+from tests.redis_topologies import (
+    SENTINEL_SERVICE,
+    RedisClusterDeployment,
+    SentinelDeployment,
+    warmed_up,
+)
 
 T0 = 1_700_000_000.0
 LONG_TTL = 600.0
@@ -71,17 +76,21 @@ async def store(request: pytest.FixtureRequest, anyio_backend: str) -> AsyncIter
         created = RedisJobStore(server.url, PREFIX)
     elif request.param == "cluster":
         cluster: RedisClusterDeployment = request.getfixturevalue("redis_cluster")
-        created = RedisJobStore(
-            None, unique_prefix(), topology=RedisTopology("cluster", url=cluster.url)
+        created = await warmed_up(
+            RedisJobStore(None, unique_prefix(), topology=RedisTopology("cluster", url=cluster.url))
         )
     else:
         sentinel: SentinelDeployment = request.getfixturevalue("redis_sentinel")
-        created = RedisJobStore(
-            None,
-            unique_prefix(),
-            topology=RedisTopology(
-                "sentinel", sentinels=tuple(sentinel.sentinel_addresses), service=SENTINEL_SERVICE
-            ),
+        created = await warmed_up(
+            RedisJobStore(
+                None,
+                unique_prefix(),
+                topology=RedisTopology(
+                    "sentinel",
+                    sentinels=tuple(sentinel.sentinel_addresses),
+                    service=SENTINEL_SERVICE,
+                ),
+            )
         )
     yield created
     await created.close()
@@ -570,12 +579,16 @@ async def test_scan_survives_changes_between_pages(store: JobStore) -> None:
         await store.observe("rec", key, T0, LONG_TTL)
     first = await store.scan("rec", "0", 10, T0)
     seen = {record.key for record in first.records}
+    cursor = first.cursor
+    while not seen and cursor is not None:  # a Redis SCAN step may find none (a cluster: often)
+        page = await store.scan("rec", cursor, 10, T0)
+        seen |= {record.key for record in page.records}
+        cursor = page.cursor
     unseen = sorted(set(keys) - seen)
     gone = unseen[-1]
     await store.forget("rec", gone)
     await store.forget("rec", sorted(seen)[0])
     await store.observe("rec", "NEW", T0, LONG_TTL)
-    cursor = first.cursor
     while cursor is not None:
         page = await store.scan("rec", cursor, 10, T0)
         seen |= {record.key for record in page.records}
