@@ -22,7 +22,7 @@ def admin_api(config: Config, guard: JobGuard | None) -> dict[str, Any]:
     jobs = JobsApi(config.admin.prefix, tokens, guard)
     gauge = None
     if guard is not None:
-        step = MEMORY_SCAN_STEP if config.state.redis_url is None else REDIS_SCAN_STEP
+        step = MEMORY_SCAN_STEP if not config.state.uses_redis else REDIS_SCAN_STEP
 
         def limits() -> dict[str, GuardLimits]:  # read per count: a reload may swap the jobs
             assert guard is not None

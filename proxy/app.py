@@ -7,10 +7,11 @@ import os
 import signal
 import ssl
 import time
+from typing import TYPE_CHECKING
 
 from proxy.admin import create_admin_app
 from proxy.admin_wiring import admin_api
-from proxy.config import Config, JobConfig, load_config
+from proxy.config import Config, JobConfig, StateConfig, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
 from proxy.forward import Forwarder, Message, Receive, Scope, Send
@@ -31,9 +32,27 @@ from proxy.tls import client_context
 from proxy.upstream import Upstream, UpstreamSettings
 from proxy.websocket import WebSocketProxy, WebSocketSettings
 
+if TYPE_CHECKING:
+    from proxy.stores.redis_topology import RedisTopology
+
 logger = logging.getLogger("pollguard")
 
 CONFIG_ENV = "POLLGUARD_CONFIG"
+
+
+def redis_topology(state: StateConfig) -> RedisTopology | None:
+    """The cluster or Sentinel topology of state; None for one server (or memory)."""
+    if state.redis_mode == "standalone":
+        return None
+    from proxy.stores.redis_topology import RedisTopology
+
+    return RedisTopology(
+        mode=state.redis_mode,
+        url=state.redis_url,
+        nodes=state.redis_nodes or (),
+        sentinels=state.sentinels or (),
+        service=state.sentinel_service,
+    )
 
 
 def guarded_job(name: str, job: JobConfig) -> GuardedJob:
@@ -174,6 +193,7 @@ class PollguardApp:
                 config.state.timeout,
                 breaker_cooldown=config.state.breaker_cooldown,
                 memory_max_records=config.state.memory_max_records,
+                topology=redis_topology(config.state),
             )
             self.repreparer = Repreparer(
                 config.upstream.url,
@@ -190,11 +210,11 @@ class PollguardApp:
                 fail_closed=config.state.on_error == "fail",
                 # Only worth it in front of a shared store: the memory store is already local.
                 remembered_records=config.state.remembered_records
-                if config.state.redis_url is not None
+                if config.state.uses_redis
                 else 0,
             )
             self.forwarder.guard = self.guard
-        redis_store = self.store if config.state.redis_url else None
+        redis_store = self.store if config.state.uses_redis else None
         token = config.admin.token.get_secret_value() if config.admin.token else None
         self.admin = create_admin_app(
             self._prefix,
@@ -211,7 +231,7 @@ class PollguardApp:
             "pollguard forwarding to %s; %d guarded route(s); state in %s",
             config.upstream.url,
             len(config.routes),
-            "redis" if config.state.redis_url else "memory",
+            f"redis ({config.state.redis_mode})" if config.state.uses_redis else "memory",
         )
 
     @property

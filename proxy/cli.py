@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers",
         type=_server_setting("workers"),
-        help=f"worker processes, >1 needs state.redis_url (default: server.workers, else "
-        f"{DEFAULT_WORKERS})",
+        help="worker processes, >1 needs a Redis store: state.redis_url or redis_mode "
+        f"(default: server.workers, else {DEFAULT_WORKERS})",
     )
     serve.add_argument(
         "--log-level",

@@ -274,6 +274,12 @@ class StateConfig(Section):
     memory_max_records: int = Field(default=DEFAULT_MEMORY_MAX_RECORDS, ge=1)
     remembered_records: int = Field(default=DEFAULT_REMEMBERED_RECORDS, ge=1)
 
+    # Topology (README "Scaling out"): one server, a Redis Cluster, or a Sentinel-managed master.
+    redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    redis_nodes: tuple[str, ...] | None = None  # cluster: startup nodes, host:port each
+    sentinels: tuple[str, ...] | None = None  # sentinel: host:port each
+    sentinel_service: Annotated[str | None, BeforeValidator(blank_to_none)] = None
+
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, url: str | None) -> str | None:
@@ -283,6 +289,93 @@ class StateConfig(Section):
                 "unix://, e.g. redis://127.0.0.1:6379/0, or leave it empty for the in-memory store"
             )
         return url
+
+    @field_validator("redis_nodes", "sentinels")
+    @classmethod
+    def _check_addresses(cls, addresses: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if addresses is None:
+            return None
+        if not addresses:
+            raise ValueError("empty — list at least one host:port, e.g. 127.0.0.1:7000")
+        for address in addresses:
+            parse_host_port(address)
+        return addresses
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether job state lives in Redis (any mode) rather than in process memory."""
+        return self.redis_url is not None or self.redis_mode != "standalone"
+
+    @model_validator(mode="after")
+    def _check_topology(self) -> StateConfig:
+        problems: list[tuple[Path, str]] = []
+        mode = self.redis_mode
+        if mode == "cluster" and self.redis_url is None and self.redis_nodes is None:
+            problems.append(
+                (
+                    ("redis_url",),
+                    "redis_mode is cluster, but neither redis_url nor redis_nodes is set — set "
+                    "redis_url to any cluster node, e.g. redis://127.0.0.1:7000, or list "
+                    "redis_nodes",
+                )
+            )
+        if mode == "cluster" and self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            if parts.scheme == "unix" or parts.path.strip("/") not in ("", "0"):
+                problems.append(
+                    (
+                        ("redis_url",),
+                        f"{mask_redis_url(self.redis_url)!r} can't address a Redis Cluster — "
+                        "use redis:// or rediss:// host:port with database 0",
+                    )
+                )
+        if mode == "sentinel":
+            if self.sentinels is None:
+                problems.append(
+                    (
+                        ("sentinels",),
+                        "redis_mode is sentinel, but no sentinels are listed — list them as "
+                        'host:port, e.g. ["127.0.0.1:26379"]',
+                    )
+                )
+            if self.sentinel_service is None:
+                problems.append(
+                    (
+                        ("sentinel_service",),
+                        "redis_mode is sentinel, but sentinel_service is not set — set the "
+                        "master's name the sentinels monitor, e.g. mymaster",
+                    )
+                )
+            if self.redis_url is not None and urlsplit(self.redis_url).scheme == "unix":
+                problems.append(
+                    (
+                        ("redis_url",),
+                        "a unix:// URL can't name a Sentinel-managed master — in sentinel mode "
+                        "redis_url only carries credentials, database and rediss://",
+                    )
+                )
+        if self.redis_nodes is not None and mode != "cluster":
+            problems.append(
+                (("redis_nodes",), f"set, but redis_mode is {mode} — it applies to cluster only")
+            )
+        if mode != "sentinel":
+            for name in ("sentinels", "sentinel_service"):
+                if getattr(self, name) is not None:
+                    problems.append(
+                        ((name,), f"set, but redis_mode is {mode} — it applies to sentinel only")
+                    )
+        if problems:
+            raise FieldProblems(problems)
+        return self
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """`host:port` (`[v6]:port` too) as (host, port); ValueError naming what is wrong."""
+    host, sep, port_text = address.strip().rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid address {address!r} — use host:port, e.g. 127.0.0.1:26379")
+    return host, int(port_text)
 
 
 class ServerConfig(Section):

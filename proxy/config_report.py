@@ -51,7 +51,7 @@ def config_warnings(cfg: Config) -> list[str]:
 
 def check_workers(cfg: Config, workers: int) -> None:
     """Several worker processes need a shared store; memory state would silently split."""
-    if workers > 1 and cfg.state.redis_url is None:
+    if workers > 1 and not cfg.state.uses_redis:
         raise ConfigError(
             f"state.redis_url: not set, but {workers} workers were requested — job state would "
             f"split between the {workers} processes (each keeps its own in-memory store); set "
@@ -92,7 +92,15 @@ def render_config(cfg: Config) -> str:
             "tls": server.tls.model_dump(),
         },
         "state": {
+            "redis_mode": state.redis_mode,
             "redis_url": None if state.redis_url is None else mask_redis_url(state.redis_url),
+            **({"redis_nodes": list(state.redis_nodes)} if state.redis_nodes is not None else {}),
+            **({"sentinels": list(state.sentinels)} if state.sentinels is not None else {}),
+            **(
+                {"sentinel_service": state.sentinel_service}
+                if state.sentinel_service is not None
+                else {}
+            ),
             "key_prefix": state.key_prefix,
             "on_error": state.on_error,
             "timeout": format_duration(state.timeout),

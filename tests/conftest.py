@@ -11,11 +11,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
 import tests.conformance.profiles  # noqa: F401  (Hypothesis profiles, before --hypothesis-profile is read)
 from tests.pki import Pki, make_pki
+
+if TYPE_CHECKING:
+    from tests.redis_topologies import RedisClusterDeployment, SentinelDeployment
 
 
 @pytest.fixture
@@ -103,3 +107,27 @@ SLOW_FACTOR = float(os.environ.get("POLLGUARD_TEST_SLOW_FACTOR", "1"))
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A private CA and the certificates it issued, as PEM files made for this test run."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterDeployment]:
+    """A 6-node Redis Cluster (3 masters, 3 replicas), started once per session."""
+    from tests.redis_topologies import start_cluster
+
+    deployment = start_cluster()
+    try:
+        yield deployment
+    finally:
+        deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[SentinelDeployment]:
+    """1 master, 1 replica and 3 sentinels (quorum 2), started once per session."""
+    from tests.redis_topologies import start_sentinel
+
+    deployment = start_sentinel()
+    try:
+        yield deployment
+    finally:
+        deployment.stop()

@@ -14,6 +14,7 @@ from proxy.stores.memory import DEFAULT_MAX_RECORDS, MemoryJobStore
 
 if TYPE_CHECKING:
     from proxy.stores.redis import RedisJobStore
+    from proxy.stores.redis_topology import RedisTopology
 
 
 def create_store(
@@ -23,17 +24,22 @@ def create_store(
     *,
     breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
     memory_max_records: int = DEFAULT_MAX_RECORDS,
+    topology: RedisTopology | None = None,
 ) -> JobStore:
-    """A RedisJobStore when a URL is configured, else a MemoryJobStore.
+    """A RedisJobStore when a URL or a cluster/Sentinel topology is configured, else a
+    MemoryJobStore.
 
     `timeout` bounds every Redis call; `breaker_cooldown` is how long Redis is skipped after a
     failed call; `memory_max_records` caps the memory store.
     """
-    if redis_url is None:
+    standalone = topology is None or topology.mode == "standalone"
+    if redis_url is None and standalone:
         return MemoryJobStore(max_records=memory_max_records)
     from proxy.stores.redis import RedisJobStore
 
-    return RedisJobStore(redis_url, key_prefix, timeout, breaker_cooldown=breaker_cooldown)
+    return RedisJobStore(
+        redis_url, key_prefix, timeout, breaker_cooldown=breaker_cooldown, topology=topology
+    )
 
 
 def __getattr__(name: str) -> Any:

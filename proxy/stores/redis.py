@@ -24,9 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
@@ -47,6 +45,13 @@ from proxy.stores.redis_calls import (
     redis_answered,
 )
 from proxy.stores.redis_scripts import ScriptCall, lua_script, run_script, run_script_batch
+from proxy.stores.redis_topology import (
+    RedisClient,
+    RedisTopology,
+    cluster_scan_step,
+    connect,
+    parse_cluster_cursor,
+)
 
 DEFAULT_KEY_PREFIX = "pollguard:"
 MIN_TTL_MILLISECONDS = 1
@@ -213,31 +218,34 @@ class RedisJobStore:
 
     def __init__(
         self,
-        url: str,
+        url: str | None,
         key_prefix: str = DEFAULT_KEY_PREFIX,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         *,
         breaker_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
         refused_retries: int = DEFAULT_REFUSED_RETRIES,
         clock: Callable[[], float] = time.monotonic,
+        topology: RedisTopology | None = None,
     ) -> None:
+        """`url` is state.redis_url; `topology` (proxy.stores.redis_topology) is given for a
+        cluster or Sentinel, and then carries `url` itself."""
         self._key_prefix = key_prefix
         self._calls = RedisCalls(
             timeout, breaker_cooldown, refused_retries=refused_retries, clock=clock
         )
+        topology = topology or RedisTopology(url=url)
         try:
             # The pool opens connections lazily and replaces broken ones, so the same store
             # recovers by itself once Redis is back. No socket_timeout: the deadline around each
             # call bounds every read, and redis-py would wrap each send in asyncio.wait_for (a
             # task per command) and each read in a timer of its own. Retries are ours
-            # (RedisCalls.retrying), so redis-py's are off.
-            self._client: Redis = Redis.from_url(
-                url,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            # (RedisCalls.retrying), so redis-py's are off (a cluster client keeps one, to map
+            # the cluster again: proxy.stores.redis_topology).
+            self._client: RedisClient = connect(topology, timeout)
         except (RedisError, ValueError) as exc:
-            raise StoreUnavailable(f"invalid Redis URL {url!r}: {exc}") from exc
+            raise StoreUnavailable(
+                f"invalid Redis {topology.mode} settings {topology.url!r}: {exc}"
+            ) from exc
         self._queued: list[_Observe] = []
         self._flushing = False
         self._flusher: asyncio.Future[None] | None = None
@@ -371,18 +379,9 @@ class RedisJobStore:
         pipeline of HMGET + PTTL for the keys it found. SCAN's COUNT is a hint: a step may
         return more keys than `count`, or none with more to come; each key that exists for the
         whole listing is returned at least once (Redis's SCAN guarantee)."""
-        try:
-            position = int(cursor)
-        except ValueError:
-            raise ValueError(f"invalid cursor {cursor!r}") from None
-        if position < 0:
-            raise ValueError(f"invalid cursor {cursor!r}")
         head = f"{self._key_prefix}{{{job}:"
         pattern = glob_escape(head) + "*"
-        next_position, names = await self._calls.call(
-            f"scan of {job}",
-            lambda: self._client.scan(cursor=position, match=pattern, count=count),
-        )
+        next_cursor, names = await self._scan_step(job, cursor, pattern, count)
         keys: list[tuple[bytes | str, str]] = []
         invalid = 0
         for name in names:
@@ -414,7 +413,30 @@ class RedisJobStore:
                 record = _admin_record(job, key, values, pttl)
                 if record is not None:  # None: deleted between SCAN and HMGET
                     records.append(record)
-        return ScanPage(records, None if int(next_position) == 0 else str(next_position), invalid)
+        return ScanPage(records, next_cursor, invalid)
+
+    async def _scan_step(
+        self, job: str, cursor: str, pattern: str, count: int
+    ) -> tuple[str | None, list[Any]]:
+        """One SCAN; in cluster mode on one master, the cursor naming which (and the masters
+        are walked in turn: every master's keys are listed)."""
+        client = self._client
+        if isinstance(client, RedisCluster):
+            start = parse_cluster_cursor(cursor)
+            return await self._calls.call(
+                f"scan of {job}", lambda: cluster_scan_step(client, start, pattern, count)
+            )
+        try:
+            position = int(cursor)
+        except ValueError:
+            raise ValueError(f"invalid cursor {cursor!r}") from None
+        if position < 0:
+            raise ValueError(f"invalid cursor {cursor!r}")
+        next_position, names = await self._calls.call(
+            f"scan of {job}",
+            lambda: client.scan(cursor=position, match=pattern, count=count),
+        )
+        return (None if int(next_position) == 0 else str(next_position)), list(names)
 
     async def audit_append(self, entry: Mapping[str, Any]) -> None:
         """XADD to a stream capped near AUDIT_MAX_ENTRIES (MAXLEN ~: Redis trims whole nodes)."""
