@@ -15,12 +15,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
 from time import perf_counter
 from typing import Any, NamedTuple
 
 from proxy.client import ClientLink
-from proxy.headers import sane_request_id
+from proxy.headers import header_value, sane_request_id
 from proxy.logtext import log_safe
 from proxy.loop_metrics import Distribution, Tally
 from proxy.metrics import REQUEST_DURATION, REQUESTS, UPSTREAM_DURATION
@@ -91,10 +90,7 @@ class RequestLog:
         seconds = perf_counter() - client.arrived_at
         status = client.status
         if self.metrics:
-            tally = self._tallies.get((kind, status))
-            if tally is None:
-                tally = self._tally(kind, status)
-            tally.value += 1
+            self._count(kind, status)
             self._durations[kind].observe(seconds)
             if client.upstream_seconds is not None:
                 self._upstream[kind].observe(client.upstream_seconds)
@@ -125,7 +121,7 @@ class RequestLog:
             target = scope.get("raw_path") or scope["path"].encode()
             if query := scope.get("query_string"):
                 target += b"?" + query
-            given = _header(scope["headers"], b"x-request-id")
+            given = header_value(scope["headers"], b"x-request-id")
             # The client's id as the forwarder would keep it; anything else is not shown.
             sane = given is not None and sane_request_id(given) == given
             request_id = given.decode("ascii") if sane and given is not None else "-"
@@ -148,13 +144,9 @@ class RequestLog:
     def _count(self, kind: str, status: int) -> None:
         tally = self._tallies.get((kind, status))
         if tally is None:
-            tally = self._tally(kind, status)
+            code = str(status) if status != NO_RESPONSE else NO_RESPONSE_CODE
+            tally = self._tallies[(kind, status)] = REQUESTS.labels(kind, code)
         tally.value += 1
-
-    def _tally(self, kind: str, status: int) -> Tally:
-        code = str(status) if status != NO_RESPONSE else NO_RESPONSE_CODE
-        tally = self._tallies[(kind, status)] = REQUESTS.labels(kind, code)
-        return tally
 
     def _write(self, request: Finished) -> None:
         """Batched, a request only joins the batch here; the batch goes to logging when it
@@ -295,10 +287,3 @@ def _plain(handlers: list[logging.Handler]) -> bool:
 def _peer(scope: Scope) -> str:
     peer = scope.get("client")
     return str(peer[0]) if peer else "-"
-
-
-def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for field, value in headers:
-        if field == name:
-            return value
-    return None
