@@ -31,7 +31,7 @@ _NO_STORE = (b"cache-control", b"no-store")
 
 class GuardAnswer(NamedTuple):
     """The answer to send instead of the upstream's. A NamedTuple, immutable, built per poll:
-    cheaper than a frozen dataclass (see policy.Decision)."""
+    cheaper than a frozen dataclass (see policy.Pass)."""
 
     status: int
     headers: RawHeaders

@@ -24,7 +24,7 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamTimeout,
 )
-from proxy.guard import NEEDS_STORE, JobGuard
+from proxy.guard import NEEDS_STORE, GuardedPoll, JobGuard
 from proxy.headers import (
     REQUEST_ID,
     RawHeaders,
@@ -145,11 +145,10 @@ class Forwarder:
             if target_job is not None and self.guard is not None:
                 try:
                     # Most polls are decided at once; only the rest cost a coroutine.
-                    answer = self.guard.review_at_once(target_job, status, out_headers, request_id)
+                    poll = GuardedPoll(target_job, status, out_headers, client_headers, request_id)
+                    answer = self.guard.review_at_once(poll)
                     if answer is NEEDS_STORE:
-                        answer = await self.guard.review_shared(
-                            target_job, status, out_headers, client_headers, request_id
-                        )
+                        answer = await self.guard.review_shared(poll)
                     if answer is not None and answer.body is not None:
                         # pollguard replaces this body: free the upstream connection first.
                         await _drain(response)

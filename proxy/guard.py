@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
@@ -26,8 +26,12 @@ from proxy.logtext import log_safe
 from proxy.loop_metrics import Tally
 from proxy.metrics import DECISIONS, JOB_AGE, REPREPARES, STORE_ERRORS
 from proxy.policy import (
+    Answered,
     Decision,
     GuardLimits,
+    InFlight,
+    Pass,
+    Reprepare,
     Verdict,
     after_reprepare,
     cooldown_retry_after,
@@ -93,6 +97,19 @@ class GuardedJob:
 class GuardTarget:
     job: GuardedJob
     match: RouteMatch
+
+
+class GuardedPoll(NamedTuple):
+    """One guarded request's pending answer, as the guard judges it: built once per request
+    (by the forwarder, when the upstream's head arrives) and handed whole through the guard's
+    methods. More facts about the poll (e.g. hints read from the pending body) belong here,
+    as fields with a default. A NamedTuple: built on every guarded poll (see policy.Pass)."""
+
+    target: GuardTarget
+    status: int  # the upstream's
+    upstream_headers: RawHeaders  # the answer's end-to-end fields, our request id included
+    client_headers: Sequence[tuple[bytes, bytes]]  # what the client sent (for the re-prepare)
+    request_id: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +202,13 @@ class JobGuard:
             targets[request] = found
         return found
 
-    def review_at_once(
-        self, target: GuardTarget, status: int, upstream_headers: RawHeaders, request_id: bytes
-    ) -> AtOnce:
+    def review_at_once(self, poll: GuardedPoll) -> AtOnce:
         """`review` for the answers that need no I/O, without a coroutine (most polls): any
         answer that is not pending, and a PASS decided from a record this process holds (the
-        memory store's own, or one remembered from Redis). NEEDS_STORE: await `review`."""
+        memory store's own, or one remembered from Redis). NEEDS_STORE: await `review_shared`."""
+        target = poll.target
         job, key = target.job, target.match.key
+        status = poll.status
         if status not in job.pending_status:
             self._not_pending(job, key, status)
             return None
@@ -202,19 +219,20 @@ class JobGuard:
             state = self.store.observe_local(job.name, key, now, job.record_ttl)
         if state is None:
             return NEEDS_STORE
+        upstream_headers = poll.upstream_headers
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
         # Only PASS may be decided from a record held here (true of any newer one too);
         # everything else reads the shared record.
         if logger.isEnabledFor(logging.INFO):
-            # The decision line needs decide()'s whole Decision (pending time, attempts).
+            # The decision line needs decide()'s whole decision (pending time, attempts).
             decision = decide(state, job.limits, now, retry_after)
-            if decision.verdict is not Verdict.PASS or decision.record is not None:
+            if type(decision) is not Pass or decision.record is not None:
                 return NEEDS_STORE  # a PASS with a record: a new episode, to be written
             if job.shadow:
-                self._log(target, _PASS, decision, request_id)
+                self._log(poll, _PASS, decision)
                 return None
-            return self._answer(target, status, decision, upstream_headers, request_id)
+            return self._answer(poll, decision)
         seconds = pass_retry_after(state, job.limits, now, retry_after)
         if seconds is None:
             return NEEDS_STORE
@@ -229,58 +247,41 @@ class JobGuard:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-    async def review(
-        self,
-        target: GuardTarget,
-        status: int,
-        upstream_headers: RawHeaders,
-        client_headers: Sequence[tuple[bytes, bytes]],
-        request_id: bytes,
-    ) -> GuardAnswer | None:
+    async def review(self, poll: GuardedPoll) -> GuardAnswer | None:
         """What to answer instead of the upstream's response, or None to pass it through:
         without I/O where `review_at_once` can decide, else from the shared record."""
-        answer = self.review_at_once(target, status, upstream_headers, request_id)
+        answer = self.review_at_once(poll)
         if answer is not NEEDS_STORE:
             return answer
-        return await self.review_shared(
-            target, status, upstream_headers, client_headers, request_id
-        )
+        return await self.review_shared(poll)
 
-    async def review_shared(
-        self,
-        target: GuardTarget,
-        status: int,
-        upstream_headers: RawHeaders,
-        client_headers: Sequence[tuple[bytes, bytes]],
-        request_id: bytes,
-    ) -> GuardAnswer | None:
+    async def review_shared(self, poll: GuardedPoll) -> GuardAnswer | None:
         """`review` for a pending answer `review_at_once` left to the shared record (it said
         NEEDS_STORE): read it, decide, re-prepare if that is the verdict."""
+        target = poll.target
         job, key = target.job, target.match.key
         now = self._clock()
-        raw_retry_after = header_value(upstream_headers, b"retry-after")
+        raw_retry_after = header_value(poll.upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
         try:
             state = await self.store.observe(job.name, key, now, job.record_ttl)
         except StoreUnavailable as exc:
-            return self._store_failed(job, exc, upstream_headers, request_id)
+            return self._store_failed(poll, exc)
         if self._recent is not None:
             self._remember(job, key, state, now)
         decision = decide(state, job.limits, now, retry_after)
         if job.shadow:
-            await self._shadow(target, state, decision, now, request_id)
+            await self._shadow(poll, state, decision, now)
             return None
-        if decision.verdict is Verdict.REPREPARE:
-            return await self._lock_and_reprepare(
-                target, status, state, decision, upstream_headers, client_headers, request_id
-            )
-        if decision.record is not None:
+        if type(decision) is Reprepare:
+            return await self._lock_and_reprepare(poll, state, decision)
+        if type(decision) is not InFlight and decision.record is not None:
             # An episode's first terminal verdict, or a new episode after a cool-down: one
             # compare-and-set. Losing it is fine (another request or replica wrote first), and
             # so is a store failure (the next poll decides the same and writes it).
             await self._store_record(job, key, state, decision.record, now)
         # Every other verdict is answered without I/O, so without another coroutine.
-        return self._answer(target, status, decision, upstream_headers, request_id)
+        return self._answer(poll, decision)
 
     async def _store_record(
         self, job: GuardedJob, key: str, state: JobState, record: JobState, now: float
@@ -294,47 +295,31 @@ class JobGuard:
         self._remember(job, key, stored, now)
 
     async def _lock_and_reprepare(
-        self,
-        target: GuardTarget,
-        status: int,
-        state: JobState,
-        decision: Decision,
-        upstream_headers: RawHeaders,
-        client_headers: Sequence[tuple[bytes, bytes]],
-        request_id: bytes,
+        self, poll: GuardedPoll, state: JobState, decision: Reprepare
     ) -> GuardAnswer | None:
-        job, key = target.job, target.match.key
-        assert decision.locked_state is not None  # decide() always sets it for REPREPARE
+        job, key = poll.target.job, poll.target.match.key
         try:
             locked = await self.store.swap(
                 job.name, key, state.version, decision.locked_state, job.record_ttl
             )
         except StoreUnavailable as exc:
-            return self._store_failed(job, exc, upstream_headers, request_id)
+            return self._store_failed(poll, exc)
         if locked is None:
             # Another request or replica changed the record first: it is re-preparing.
-            self._log(target, "reprepare-in-flight", decision, request_id)
-            return answers.pending(status, upstream_headers, job.limits.retry_after_reprepared)
-        return await self._reprepare(
-            target, locked, decision, upstream_headers, client_headers, request_id
-        )
+            self._log(poll, "reprepare-in-flight", decision)
+            return answers.pending(
+                poll.status, poll.upstream_headers, job.limits.retry_after_reprepared
+            )
+        return await self._reprepare(poll, locked, decision)
 
-    def _answer(
-        self,
-        target: GuardTarget,
-        status: int,
-        decision: Decision,
-        upstream_headers: RawHeaders,
-        request_id: bytes,
-    ) -> GuardAnswer:
+    def _answer(self, poll: GuardedPoll, decision: Answered) -> GuardAnswer:
         """The answer to any verdict but REPREPARE (enforce mode)."""
-        job = target.job
+        job = poll.target.job
         verdict = decision.verdict
         # str(): a StrEnum's value, without the Python-level `.value` property (~1k instructions).
-        self._log(target, str(verdict), decision, request_id)
-        if verdict is Verdict.PASS or verdict is Verdict.REPREPARE_IN_FLIGHT:
-            assert decision.retry_after is not None
-            return answers.pending(status, upstream_headers, decision.retry_after)
+        self._log(poll, str(verdict), decision)
+        if type(decision) is Pass or type(decision) is InFlight:
+            return answers.pending(poll.status, poll.upstream_headers, decision.retry_after)
         if verdict is Verdict.JOB_STUCK:
             detail = (
                 f"pending for {decision.pending_seconds:.0f}s; {decision.attempts} re-prepare(s) "
@@ -347,8 +332,9 @@ class JobGuard:
             )
         else:  # REPREPARE_FAILED: within the cool-down a failed re-prepare started
             detail = "a forced re-prepare of this key failed"
-        detail += self._cooldown_text(decision.retry_after)
-        return self._problem(target, str(verdict), detail, decision, upstream_headers, request_id)
+        retry_after = decision.retry_after
+        detail += self._cooldown_text(retry_after)
+        return self._problem(poll, str(verdict), detail, decision, retry_after)
 
     def _cooldown_text(self, retry_after: int | None) -> str:
         """What a terminal answer's detail adds about when the key may try again."""
@@ -361,20 +347,15 @@ class JobGuard:
         return f"; this key gets this answer until {until} ({retry_after}s), then may try again"
 
     async def _reprepare(
-        self,
-        target: GuardTarget,
-        locked: JobState,
-        decision: Decision,
-        upstream_headers: RawHeaders,
-        client_headers: Sequence[tuple[bytes, bytes]],
-        request_id: bytes,
+        self, poll: GuardedPoll, locked: JobState, decision: Reprepare
     ) -> GuardAnswer:
-        job, key = target.job, target.match.key
+        job, key = poll.target.job, poll.target.match.key
+        request_id = poll.request_id
         # Its own task: the re-prepare acts for every poller of the key, so the client that
         # happened to trigger it leaving (its request is then cancelled) must not cut it short
         # and spend an attempt on nothing. Shutdown waits for it in settled().
         work = asyncio.ensure_future(
-            self._fire_and_release(target, locked, client_headers, request_id)
+            self._fire_and_release(poll.target, locked, poll.client_headers, request_id)
         )
         self._background.add(work)
         work.add_done_callback(self._background.discard)
@@ -389,24 +370,23 @@ class JobGuard:
                     log_safe(request_id),
                     log_safe(result.detail),
                 )
-            self._log(target, "reprepare-failed", decision, request_id)
+            self._log(poll, "reprepare-failed", decision)
             # _fire_and_release recorded the failure: the key's terminal cool-down starts now.
             retry_after = cooldown_retry_after(job.limits.terminal_cooldown)
             return self._problem(
-                target,
+                poll,
                 "reprepare-failed",
                 result.detail + self._cooldown_text(retry_after),
-                decision._replace(retry_after=retry_after),
-                upstream_headers,
-                request_id,
+                decision,
+                retry_after,
             )
-        self._log(target, "reprepared", decision, request_id)
+        self._log(poll, "reprepared", decision)
         # decide() already clamped retry_after_reprepared to retry_after_max and max_wait.
         return answers.reprepared(
-            upstream_headers,
+            poll.upstream_headers,
             locked.attempts,
             job.limits.max_reprepares,
-            decision.retry_after or 1,
+            decision.retry_after,
             request_id,
         )
 
@@ -512,39 +492,35 @@ class JobGuard:
         self._remember(job, key, stored, self._clock())
 
     async def _shadow(
-        self,
-        target: GuardTarget,
-        state: JobState,
-        decision: Decision,
-        now: float,
-        request_id: bytes,
+        self, poll: GuardedPoll, state: JobState, decision: Decision, now: float
     ) -> None:
-        job, key = target.job, target.match.key
-        verdict = decision.verdict
-        if verdict is Verdict.REPREPARE and decision.locked_state is not None:
+        job, key = poll.target.job, poll.target.match.key
+        if type(decision) is Reprepare:
             # Record the re-prepare as if it had succeeded, so the decisions logged next are the
             # ones enforce mode would make, not "would re-prepare" on every poll.
             finished = after_reprepare(decision.locked_state, now, succeeded=True)
             await self._store_record(job, key, state, finished, now)
-        elif decision.record is not None:  # a terminal verdict or a new episode, as enforced
+        elif type(decision) is not InFlight and decision.record is not None:
+            # A terminal verdict or a new episode, as enforced.
             await self._store_record(job, key, state, decision.record, now)
+        verdict = decision.verdict
         if verdict is Verdict.PASS:
             name = "pass"
         elif verdict is Verdict.REPREPARE:
             name = "would re-prepare"
         else:
             name = f"would answer {verdict.value}"
-        self._log(target, name, decision, request_id)
+        self._log(poll, name, decision)
 
     def _problem(
         self,
-        target: GuardTarget,
+        poll: GuardedPoll,
         code: str,
         detail: str,
         decision: Decision,
-        upstream_headers: RawHeaders,
-        request_id: bytes,
+        retry_after: int | None,
     ) -> GuardAnswer:
+        target = poll.target
         context = ProblemContext(
             job=target.job.name,
             key=target.match.key,
@@ -553,7 +529,7 @@ class JobGuard:
             pending_seconds=decision.pending_seconds,
         )
         return answers.job_problem(
-            code, detail, context, upstream_headers, request_id, decision.retry_after
+            code, detail, context, poll.upstream_headers, poll.request_id, retry_after
         )
 
     def _log_store_error(self, exc: StoreUnavailable) -> None:
@@ -567,18 +543,13 @@ class JobGuard:
                 "fail" if self._fail_closed else "pass",
             )
 
-    def _store_failed(
-        self,
-        job: GuardedJob,
-        exc: StoreUnavailable,
-        upstream_headers: RawHeaders,
-        request_id: bytes,
-    ) -> GuardAnswer | None:
+    def _store_failed(self, poll: GuardedPoll, exc: StoreUnavailable) -> GuardAnswer | None:
         self._log_store_error(exc)
         if not self._fail_closed:
             return None
+        job = poll.target.job
         return answers.state_unavailable(
-            job.name, job.limits.retry_after, upstream_headers, request_id
+            job.name, job.limits.retry_after, poll.upstream_headers, poll.request_id
         )
 
     def _remember(self, job: GuardedJob, key: str, state: JobState | None, now: float) -> None:
@@ -605,15 +576,14 @@ class JobGuard:
             tally = self._decision_tallies[series] = DECISIONS.labels(*series)
         tally.value += 1
 
-    def _log(
-        self, target: GuardTarget, decision_name: str, decision: Decision, request_id: bytes
-    ) -> None:
+    def _log(self, poll: GuardedPoll, decision_name: str, decision: Decision) -> None:
+        target = poll.target
         self._count(target, decision_name)
         if decision_name in _ESCALATIONS and not target.job.shadow:
             JOB_AGE.labels(target.job.name, decision_name).observe(decision.pending_seconds)
         if not logger.isEnabledFor(logging.INFO):
             return
-        key, rid = log_safe(target.match.key), log_safe(request_id)
+        key, rid = log_safe(target.match.key), log_safe(poll.request_id)
         logger.info(
             "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
             target.job.name,

@@ -1,7 +1,7 @@
 """The job guard's pure decision: what to do with one pending answer for (job, key).
 
 No I/O and no clock: callers pass `now` (wall-clock seconds) and the record they observed. The
-handler then swaps `Decision.locked_state` in before re-preparing, and `after_reprepare(...)` after.
+handler then swaps `Reprepare.locked_state` in before re-preparing, and `after_reprepare(...)` after.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple, final
 
 from proxy.stores.base import NO_LOCK, NO_TERMINAL, JobState, Terminal, fresh_state
 
@@ -51,34 +51,106 @@ class Verdict(StrEnum):
     REPREPARE_FAILED = "reprepare-failed"
 
 
-# The verdict repeated within a terminal cool-down, by the terminal recorded.
-_REPEATED: dict[Terminal, Verdict] = {
-    Terminal.JOB_STUCK: Verdict.JOB_STUCK,
-    Terminal.WAIT_EXCEEDED: Verdict.WAIT_EXCEEDED,
-    Terminal.REPREPARE_FAILED: Verdict.REPREPARE_FAILED,
-}
+# What decide() concludes is one type per verdict, each a NamedTuple, not a frozen dataclass: one
+# is built per poll, and a frozen dataclass's __init__ sets each field through
+# object.__setattr__: measured, this and answers.GuardAnswer as frozen dataclasses cost ~7k
+# instructions more per guarded 202. Each verdict subclasses the tuple of its fields and names
+# its `verdict` as a class attribute, so building one costs no more than the tuple; the guard
+# tells them apart with `type(decision) is Pass` (mypy narrows on it), and no field is Optional
+# only because another verdict needs it. Tuples compare by value, whatever their type: compare
+# `type()` too where the verdict matters.
 
 
-class Decision(NamedTuple):
-    """What decide() concluded. Immutable like the rest of the policy's data, but a NamedTuple:
-    one is built per poll, and a frozen dataclass's __init__ sets each field through
-    object.__setattr__: measured, this and answers.GuardAnswer as frozen dataclasses cost
-    ~7k instructions more per guarded 202."""
+class _Passing(NamedTuple):
+    retry_after: int  # Retry-After to send now
+    pending_seconds: float
+    attempts: int  # re-prepares counted in the current window
+    # The first poll after a terminal cool-down: the new episode's fresh record, to swap in
+    # before answering. None (every other PASS): nothing to write.
+    record: JobState | None = None
 
-    verdict: Verdict
-    # PASS / REPREPARE_IN_FLIGHT: Retry-After to send now; REPREPARE: Retry-After for the 202
-    # after a successful re-prepare; terminal verdicts: seconds until the key's terminal
-    # cool-down ends (None when there is none: terminal_cooldown 0).
+
+@final
+class Pass(_Passing):
+    """Still within stuck_after: pass the pending answer on, with `retry_after`."""
+
+    __slots__ = ()
+    verdict: Final = Verdict.PASS
+
+
+class _Waiting(NamedTuple):
+    retry_after: int  # Retry-After to send now
+    pending_seconds: float
+    attempts: int
+
+
+@final
+class InFlight(_Waiting):
+    """A re-prepare of this key is running (another request's, or another replica's)."""
+
+    __slots__ = ()
+    verdict: Final = Verdict.REPREPARE_IN_FLIGHT
+
+
+class _Locking(NamedTuple):
+    retry_after: int  # for the 202 after a successful re-prepare
+    pending_seconds: float
+    attempts: int  # including this re-prepare
+    # The record to swap in before re-preparing: lock taken, attempt counted, window opened
+    # or rolled.
+    locked_state: JobState
+
+
+@final
+class Reprepare(_Locking):
+    """Stuck, with budget left: take the lock and re-prepare."""
+
+    __slots__ = ()
+    verdict: Final = Verdict.REPREPARE
+
+
+class _Ending(NamedTuple):
+    # Seconds until the key's terminal cool-down ends (None when there is none:
+    # terminal_cooldown 0).
     retry_after: int | None
     pending_seconds: float
-    # Re-prepares counted in the current window; for REPREPARE, including this one.
     attempts: int
-    # REPREPARE only: lock taken, attempt counted, window opened or rolled.
-    locked_state: JobState | None = None
-    # The record to swap in before answering (no re-prepare): for the first terminal verdict
-    # of an episode, the record marked terminal at `now`; for the first poll after a terminal
-    # cool-down (a PASS), the new episode's fresh record. None: nothing to write.
+    # The first terminal verdict of an episode: the record marked terminal at `now`, to swap in
+    # before answering. None (within the cool-down): nothing to write.
     record: JobState | None = None
+
+
+@final
+class JobStuck(_Ending):
+    __slots__ = ()
+    verdict: Final = Verdict.JOB_STUCK
+
+
+@final
+class WaitExceeded(_Ending):
+    __slots__ = ()
+    verdict: Final = Verdict.WAIT_EXCEEDED
+
+
+@final
+class ReprepareFailed(_Ending):
+    """Only within a terminal cool-down that a failed re-prepare started (the poll whose
+    re-prepare failed is answered from the Reprepare verdict and the re-prepare's outcome)."""
+
+    __slots__ = ()
+    verdict: Final = Verdict.REPREPARE_FAILED
+
+
+Ended = JobStuck | WaitExceeded | ReprepareFailed
+Answered = Pass | InFlight | Ended  # every verdict answered without a re-prepare
+Decision = Answered | Reprepare
+
+# The verdict repeated within a terminal cool-down, by the terminal recorded.
+_REPEATED: dict[Terminal, type[Ended]] = {
+    Terminal.JOB_STUCK: JobStuck,
+    Terminal.WAIT_EXCEEDED: WaitExceeded,
+    Terminal.REPREPARE_FAILED: ReprepareFailed,
+}
 
 
 def decide(
@@ -99,11 +171,11 @@ def decide(
         retry_after = retry_after_seconds(
             requested, limits.retry_after, limits.retry_after_max, seconds_left
         )
-        return Decision(Verdict.PASS, retry_after, pending_seconds, attempts)
+        return Pass(retry_after, pending_seconds, attempts)
     # Checked before exhaustion: the in-flight re-prepare may yet succeed and restart the clock.
     if now < state.lock_until:
         retry_after = _reprepared_retry_after(limits, seconds_left)
-        return Decision(Verdict.REPREPARE_IN_FLIGHT, retry_after, pending_seconds, attempts)
+        return InFlight(retry_after, pending_seconds, attempts)
     if attempts >= limits.max_reprepares:
         return _terminal(state, limits, now, Terminal.JOB_STUCK, pending_seconds, attempts)
     # The attempt counts when the lock is taken, so a broken prepare endpoint can't be hammered.
@@ -114,7 +186,7 @@ def decide(
         lock_until=now + limits.reprepare_timeout + LOCK_MARGIN_SECONDS,
     )
     retry_after = _reprepared_retry_after(limits, seconds_left)
-    return Decision(Verdict.REPREPARE, retry_after, pending_seconds, attempts + 1, locked)
+    return Reprepare(retry_after, pending_seconds, attempts + 1, locked)
 
 
 def _terminal(
@@ -124,12 +196,12 @@ def _terminal(
     terminal: Terminal,
     pending_seconds: float,
     attempts: int,
-) -> Decision:
+) -> Ended:
     """The first terminal verdict of an episode: answered, and recorded so that the polls of
     the cool-down get the same answer."""
     marked = replace(state, terminal_at=now, terminal=terminal)
     retry_after = cooldown_retry_after(limits.terminal_cooldown)
-    return Decision(_REPEATED[terminal], retry_after, pending_seconds, attempts, record=marked)
+    return _REPEATED[terminal](retry_after, pending_seconds, attempts, marked)
 
 
 def _after_terminal(
@@ -142,15 +214,14 @@ def _after_terminal(
     seconds_left = state.terminal_at + limits.terminal_cooldown - now
     if seconds_left > 0:
         window_open = state.attempts > 0 and now < state.window_start + limits.reprepare_window
-        return Decision(
-            _REPEATED[state.terminal],
+        return _REPEATED[state.terminal](
             cooldown_retry_after(seconds_left),
             now - state.episode_start,
             state.attempts if window_open else 0,
         )
     fresh = replace(fresh_state(now), version=state.version)
     decision = decide(fresh, limits, now, upstream_retry_after)
-    if decision.record is not None or decision.locked_state is not None:
+    if type(decision) is not Pass:
         return decision  # a degenerate config (stuck_after or max_wait 0) escalates at once
     return decision._replace(record=fresh)
 

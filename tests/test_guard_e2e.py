@@ -16,7 +16,7 @@ import yaml
 from proxy import guard as guard_module
 from proxy.app import guarded_job
 from proxy.config import parse_config
-from proxy.guard import NEEDS_STORE, JobGuard
+from proxy.guard import NEEDS_STORE, GuardedPoll, JobGuard
 from proxy.metrics import REGISTRY
 from proxy.reprepare import Repreparer
 from proxy.routes import RouteSpec, RouteTable
@@ -408,9 +408,11 @@ async def test_a_client_leaving_does_not_cut_the_reprepare_short() -> None:
     async with HeldBackend().running() as held, in_process_guard(held.url, now) as guard:
         target = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert target is not None
-        assert await guard.review(target, 202, [], [], b"rid-1") is not None  # episode starts
+        assert (
+            await guard.review(GuardedPoll(target, 202, [], [], b"rid-1")) is not None
+        )  # episode starts
         now[0] += 2.0  # past stuck_after (1s)
-        review = asyncio.ensure_future(guard.review(target, 202, [], [], b"rid-2"))
+        review = asyncio.ensure_future(guard.review(GuardedPoll(target, 202, [], [], b"rid-2")))
         await asyncio.wait_for(held.requested.wait(), timeout=5)
         review.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -430,9 +432,11 @@ async def test_a_reprepare_cancelled_at_shutdown_releases_its_lock() -> None:
     async with HeldBackend().running() as held, in_process_guard(held.url, now) as guard:
         target = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert target is not None
-        assert await guard.review(target, 202, [], [], b"rid-1") is not None  # episode starts
+        assert (
+            await guard.review(GuardedPoll(target, 202, [], [], b"rid-1")) is not None
+        )  # episode starts
         now[0] += 2.0  # past stuck_after (1s)
-        review = asyncio.ensure_future(guard.review(target, 202, [], [], b"rid-2"))
+        review = asyncio.ensure_future(guard.review(GuardedPoll(target, 202, [], [], b"rid-2")))
         await asyncio.wait_for(held.requested.wait(), timeout=5)
         work = [task for task in asyncio.all_tasks() if "_fire_and_release" in repr(task)]
         assert len(work) == 1
@@ -451,13 +455,13 @@ async def test_only_end_statuses_end_an_episode() -> None:
     async with in_process_guard("http://127.0.0.1:9", now) as guard:
         target = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert target is not None
-        await guard.review(target, 202, [], [], b"rid")
+        await guard.review(GuardedPoll(target, 202, [], [], b"rid"))
         before = await guard.store.observe("recording", CALL, now[0], 60)
         for status in (404, 401, 403, 500):
-            assert await guard.review(target, status, [], [], b"rid") is None
+            assert await guard.review(GuardedPoll(target, status, [], [], b"rid")) is None
         await guard.settled()
         kept = await guard.store.observe("recording", CALL, now[0] + 1, 60)
-        assert await guard.review(target, 200, [], [], b"rid") is None
+        assert await guard.review(GuardedPoll(target, 200, [], [], b"rid")) is None
         await guard.settled()
         fresh = await guard.store.observe("recording", CALL, now[0] + 2, 60)
     assert kept == before
@@ -475,20 +479,20 @@ async def test_review_at_once_answers_what_review_would_or_defers_to_it() -> Non
         assert target is not None
         pending = [(b"retry-after", b"3")]
         passes = decisions("pass")
-        at_once = guard.review_at_once(target, 202, pending, b"rid")
+        at_once = guard.review_at_once(GuardedPoll(target, 202, pending, [], b"rid"))
         assert decisions("pass") == passes + 1  # counted, with or without the INFO line
         assert at_once is not NEEDS_STORE and at_once is not None
-        assert at_once == await guard.review(target, 202, pending, [], b"rid")
+        assert at_once == await guard.review(GuardedPoll(target, 202, pending, [], b"rid"))
         assert (at_once.status, at_once.body) == (202, None)
         assert {(b"retry-after", b"3"), (b"cache-control", b"no-store")} <= set(at_once.headers)
-        assert guard.review_at_once(target, 404, pending, b"rid") is None
+        assert guard.review_at_once(GuardedPoll(target, 404, pending, [], b"rid")) is None
         now[0] += 2.0  # past stuck_after (1s): a re-prepare is due
-        assert guard.review_at_once(target, 202, pending, b"rid") is NEEDS_STORE
+        assert guard.review_at_once(GuardedPoll(target, 202, pending, [], b"rid")) is NEEDS_STORE
         now[0] += 20.0  # past max_wait (10s)
-        assert guard.review_at_once(target, 202, pending, b"rid") is NEEDS_STORE
-        problem = await guard.review(target, 202, pending, [], b"rid")
+        assert guard.review_at_once(GuardedPoll(target, 202, pending, [], b"rid")) is NEEDS_STORE
+        problem = await guard.review(GuardedPoll(target, 202, pending, [], b"rid"))
         assert problem is not None and problem.status == 500
-        assert guard.review_at_once(target, 200, pending, b"rid") is None
+        assert guard.review_at_once(GuardedPoll(target, 200, pending, [], b"rid")) is None
         await guard.settled()
         fresh = await guard.store.observe("recording", CALL, now[0], 60)
     assert fresh.episode_start == now[0]  # the 200 ended the episode
@@ -503,12 +507,12 @@ async def test_shadow_mode_is_decided_at_once_but_never_answers() -> None:
         target = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert target is not None
         passes = decisions("pass", "shadow")
-        assert guard.review_at_once(target, 202, [], b"rid") is None
+        assert guard.review_at_once(GuardedPoll(target, 202, [], [], b"rid")) is None
         assert decisions("pass", "shadow") == passes + 1
         now[0] += 2.0  # past stuck_after: enforce mode would re-prepare
-        assert guard.review_at_once(target, 202, [], b"rid") is NEEDS_STORE
+        assert guard.review_at_once(GuardedPoll(target, 202, [], [], b"rid")) is NEEDS_STORE
         would = decisions("would re-prepare", "shadow")
-        assert await guard.review(target, 202, [], [], b"rid") is None
+        assert await guard.review(GuardedPoll(target, 202, [], [], b"rid")) is None
         assert decisions("would re-prepare", "shadow") == would + 1
 
 
@@ -587,7 +591,9 @@ class CooldownPoller:
     async def poll(self) -> Answer:
         response = await self.client.get(self.url)
         headers = [(name.lower(), value) for name, value in response.headers.raw]
-        answer = await self.guard.review(self.target, response.status_code, headers, [], b"rid")
+        answer = await self.guard.review(
+            GuardedPoll(self.target, response.status_code, headers, [], b"rid")
+        )
         await self.guard.settled()
         if answer is None:
             return Answer(
@@ -735,14 +741,18 @@ async def test_review_at_once_never_passes_a_key_in_its_cooldown() -> None:
     async with cooldown_poller(jobs, now, **job) as player:
         guard, target = player.guard, player.target
         pending = [(b"retry-after", b"1")]
-        assert guard.review_at_once(target, 202, pending, b"rid") is not NEEDS_STORE
+        assert (
+            guard.review_at_once(GuardedPoll(target, 202, pending, [], b"rid")) is not NEEDS_STORE
+        )
         now[0] = 1002.0
         assert problem_code(await player.poll()) == "wait-exceeded"
         for at in (1002.5, 1011.9, 1012.0):
             now[0] = at
-            assert guard.review_at_once(target, 202, pending, b"rid") is NEEDS_STORE
+            assert (
+                guard.review_at_once(GuardedPoll(target, 202, pending, [], b"rid")) is NEEDS_STORE
+            )
         assert (await player.poll()).status == 202  # the new episode, written
-        at_once = guard.review_at_once(target, 202, pending, b"rid")
+        at_once = guard.review_at_once(GuardedPoll(target, 202, pending, [], b"rid"))
         assert at_once is not NEEDS_STORE and at_once is not None and at_once.status == 202
 
 
@@ -758,7 +768,7 @@ async def test_shadow_mode_records_the_cooldown_as_enforce_would() -> None:
         would = decisions("would answer wait-exceeded", "shadow")
         for at in (1000.0, 1002.0, 1005.0, 1012.0):
             now[0] = at
-            assert await guard.review(target, 202, [], [], b"rid") is None
+            assert await guard.review(GuardedPoll(target, 202, [], [], b"rid")) is None
             record = await guard.store.read("recording", CALL, at)
             assert record is not None and record.state is not None
             if at == 1005.0:

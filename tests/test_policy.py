@@ -13,7 +13,10 @@ from proxy import policy as policy_module
 from proxy.policy import (
     LOCK_MARGIN_SECONDS,
     TTL_MARGIN_SECONDS,
+    Decision,
     GuardLimits,
+    InFlight,
+    Reprepare,
     Verdict,
     after_reprepare,
     cooldown_retry_after,
@@ -38,6 +41,18 @@ LIMITS = GuardLimits(
     reprepare_timeout=10.0,
 )
 FRESH = fresh_state(T0)
+
+
+def locked_state(decision: Decision) -> JobState | None:
+    """A Reprepare's record to lock with; None for every other verdict (they have none)."""
+    return decision.locked_state if type(decision) is Reprepare else None
+
+
+def record(decision: Decision) -> JobState | None:
+    """The record a verdict answered without a re-prepare writes; None for the others."""
+    if type(decision) is Reprepare or type(decision) is InFlight:
+        return None
+    return decision.record
 
 
 def http_date(when: float) -> str:
@@ -78,7 +93,7 @@ def test_not_stuck_passes_with_clamped_retry_after(
     assert decision.verdict is Verdict.PASS
     assert decision.retry_after == expected
     assert decision.pending_seconds == now - T0
-    assert decision.locked_state is None
+    assert locked_state(decision) is None
 
 
 def test_just_before_stuck_after_passes() -> None:
@@ -93,7 +108,7 @@ def test_exactly_at_stuck_after_reprepares_and_takes_the_lock() -> None:
     assert decision.verdict is Verdict.REPREPARE
     assert decision.retry_after == 10
     assert decision.attempts == 1
-    assert decision.locked_state == replace(
+    assert locked_state(decision) == replace(
         FRESH,
         window_start=now,
         attempts=1,
@@ -106,9 +121,9 @@ def test_reprepare_keeps_an_open_window() -> None:
     state = replace(FRESH, clock_start=T0 + 100, window_start=T0 + 60, attempts=1)
     decision = decide(state, LIMITS, T0 + 160, None)
     assert decision.verdict is Verdict.REPREPARE
-    assert decision.locked_state is not None
-    assert decision.locked_state.window_start == T0 + 60
-    assert decision.locked_state.attempts == 2
+    assert locked_state(decision) is not None
+    assert locked_state(decision).window_start == T0 + 60
+    assert locked_state(decision).attempts == 2
 
 
 @pytest.mark.parametrize(
@@ -131,7 +146,7 @@ def test_in_flight_wins_over_exhausted_attempts() -> None:
     state = replace(FRESH, window_start=T0 + 50, attempts=2, lock_until=T0 + 70)
     decision = decide(state, LIMITS, T0 + 60, None)
     assert decision.verdict is Verdict.REPREPARE_IN_FLIGHT
-    assert decision.locked_state is None
+    assert locked_state(decision) is None
 
 
 @pytest.mark.parametrize(
@@ -153,12 +168,12 @@ def test_exhausted_attempts_until_the_window_ends(
     if expected is Verdict.JOB_STUCK:
         # The terminal cool-down's Retry-After, and the record marked terminal at `now`.
         assert decision.retry_after == 120
-        assert decision.locked_state is None
-        assert decision.record == replace(state, terminal_at=now, terminal=Terminal.JOB_STUCK)
+        assert locked_state(decision) is None
+        assert record(decision) == replace(state, terminal_at=now, terminal=Terminal.JOB_STUCK)
     else:
-        assert decision.locked_state is not None
-        assert decision.locked_state.window_start == now
-        assert decision.locked_state.attempts == 1
+        assert locked_state(decision) is not None
+        assert locked_state(decision).window_start == now
+        assert locked_state(decision).attempts == 1
 
 
 def test_zero_max_reprepares_is_stuck_at_once() -> None:
@@ -330,11 +345,11 @@ def simulate(
     for step in range(int(until / poll_every) + 1):
         now = T0 + step * poll_every
         decision = decide(state, limits, now, None)
-        if decision.locked_state is not None:
-            locked = replace(decision.locked_state, version=state.version + 1)
+        if locked_state(decision) is not None:
+            locked = replace(locked_state(decision), version=state.version + 1)
             state = after_reprepare(locked, now, reprepare_succeeds)
-        elif decision.record is not None:
-            state = replace(decision.record, version=state.version + 1)
+        elif record(decision) is not None:
+            state = replace(record(decision), version=state.version + 1)
         verdicts.append((now - T0, decision.verdict))
     return verdicts
 
@@ -463,7 +478,7 @@ def test_within_the_cooldown_the_terminal_answer_repeats(
     assert decision.retry_after == retry_after
     assert decision.pending_seconds == pytest.approx(180 + after)
     assert decision.attempts == state.attempts
-    assert (decision.locked_state, decision.record) == (None, None)
+    assert (locked_state(decision), record(decision)) == (None, None)
     assert pass_retry_after(state, LIMITS, STUCK_AT + after, "3") is None
 
 
@@ -488,8 +503,8 @@ def test_after_the_cooldown_a_new_episode_starts(
     assert decision.verdict is Verdict.PASS
     assert decision.retry_after == retry_after
     assert (decision.pending_seconds, decision.attempts) == (0.0, 0)
-    assert decision.locked_state is None
-    assert decision.record == replace(fresh_state(now), version=state.version)
+    assert locked_state(decision) is None
+    assert record(decision) == replace(fresh_state(now), version=state.version)
     # The fast path never passes it: the new episode has to be written first.
     assert pass_retry_after(state, LIMITS, now, upstream) is None
 
@@ -521,7 +536,7 @@ def test_the_first_terminal_answer_is_recorded(
     decision = decide(state, replace(LIMITS, terminal_cooldown=cooldown), now, None)
     assert decision.verdict is REPEATED[terminal]
     assert decision.retry_after == retry_after
-    assert decision.record == replace(state, terminal_at=now, terminal=terminal)
+    assert record(decision) == replace(state, terminal_at=now, terminal=terminal)
 
 
 def test_zero_cooldown_starts_a_new_episode_at_the_next_poll() -> None:
@@ -530,7 +545,7 @@ def test_zero_cooldown_starts_a_new_episode_at_the_next_poll() -> None:
     state = MARKED[Terminal.JOB_STUCK]
     decision = decide(state, limits, STUCK_AT, None)
     assert decision.verdict is Verdict.PASS
-    assert decision.record == replace(fresh_state(STUCK_AT), version=state.version)
+    assert record(decision) == replace(fresh_state(STUCK_AT), version=state.version)
 
 
 def test_a_new_episode_is_judged_as_its_first_poll() -> None:
@@ -542,11 +557,11 @@ def test_a_new_episode_is_judged_as_its_first_poll() -> None:
     exceeded = decide(state, replace(LIMITS, max_wait=0.0), now, None)
     assert exceeded.verdict is Verdict.WAIT_EXCEEDED
     fresh = replace(fresh_state(now), version=state.version)
-    assert exceeded.record == replace(fresh, terminal_at=now, terminal=Terminal.WAIT_EXCEEDED)
+    assert record(exceeded) == replace(fresh, terminal_at=now, terminal=Terminal.WAIT_EXCEEDED)
     stuck = decide(state, replace(LIMITS, stuck_after=0.0), now, None)
     assert stuck.verdict is Verdict.REPREPARE
-    assert stuck.locked_state is not None and stuck.locked_state.episode_start == now
-    assert stuck.record is None
+    assert locked_state(stuck) is not None and locked_state(stuck).episode_start == now
+    assert record(stuck) is None
 
 
 @pytest.mark.parametrize(
@@ -611,9 +626,9 @@ def test_pass_retry_after_is_decide_when_it_passes(
     )
     now = T0 + episode + elapsed
     decision = decide(state, limits, now, upstream)
-    passes = decision.verdict is Verdict.PASS and decision.record is None
+    passes = decision.verdict is Verdict.PASS and record(decision) is None
     expected = decision.retry_after if passes else None
     assert pass_retry_after(state, limits, now, upstream) == expected
     if state.terminal_at != NO_TERMINAL and now < state.terminal_at + cooldown:
         assert decision.verdict is REPEATED[state.terminal]
-        assert decision.record is None  # no store write per poll within the cool-down
+        assert record(decision) is None  # no store write per poll within the cool-down

@@ -21,7 +21,7 @@ import yaml
 
 from proxy.app import PollguardApp, guard_rules
 from proxy.config import Config, parse_config
-from proxy.guard import NEEDS_STORE
+from proxy.guard import NEEDS_STORE, GuardedPoll
 from proxy.metrics import REGISTRY
 from proxy.reload import MAX_CONFIG_BYTES, Reloader, plan_reload, restart_required
 from tests.conftest import RedisServer
@@ -145,7 +145,9 @@ async def test_in_flight_request_on_a_removed_job_finishes_and_new_requests_use_
     async with in_process_guard(UPSTREAM, now) as guard:
         old = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert old is not None and old.job.limits.stuck_after == 1.0
-        assert await guard.review(old, 202, [], [], b"rid-1") is not None  # episode starts
+        assert (
+            await guard.review(GuardedPoll(old, 202, [], [], b"rid-1")) is not None
+        )  # episode starts
         # A reload: stuck_after 5s, and the job renamed (the old one removed).
         new_data = guard_config(UPSTREAM, stuck_after="5s")
         new_data["jobs"] = {"renamed": new_data["jobs"]["recording"]}
@@ -155,15 +157,19 @@ async def test_in_flight_request_on_a_removed_job_finishes_and_new_requests_use_
         assert guard.rules.targets == {}  # no target outlives its rules
         # The request that found its target before the reload finishes on the old job, through
         # the store (record TTL carried by the job, not looked up by its now-removed name).
-        answer = await guard.review_shared(old, 202, [], [], b"rid-2")
+        answer = await guard.review_shared(GuardedPoll(old, 202, [], [], b"rid-2"))
         assert answer is not None and answer.status == 202
         now[0] += 2.0  # past the old stuck_after (1s), within the new one (5s)
         new = guard.target("GET", f"/api/recordings/file/{CALL}")
         assert new is not None and new.job.name == "renamed"
-        assert await guard.review(new, 202, [], [], b"rid-3") is not None
+        assert await guard.review(GuardedPoll(new, 202, [], [], b"rid-3")) is not None
         now[0] += 2.0
-        assert guard.review_at_once(new, 202, [], b"rid-4") is not NEEDS_STORE  # a PASS
-        assert guard.review_at_once(old, 202, [], b"rid-5") is NEEDS_STORE  # old: stuck
+        assert (
+            guard.review_at_once(GuardedPoll(new, 202, [], [], b"rid-4")) is not NEEDS_STORE
+        )  # a PASS
+        assert (
+            guard.review_at_once(GuardedPoll(old, 202, [], [], b"rid-5")) is NEEDS_STORE
+        )  # old: stuck
         guard.reconfigure(*guard_rules(load({"upstream": {"url": UPSTREAM}})))
         assert guard.target("GET", f"/api/recordings/file/{CALL}") is None
 
