@@ -22,17 +22,15 @@ from proxy.demo.client import (
     ClientSettings,
     Outcome,
     PollEvent,
-    old_client_settings,
     play,
 )
 from proxy.demo.simulator import Simulator
 from tests.conftest import SLOW_FACTOR, RedisServer
-from tests.e2e_support import E2E_TIMINGS, servers, sim_settings
+from tests.e2e_support import servers, sim_settings
 
 SID = call_sid_for("alice", 0)
 TOKEN = "alice-token"
 SCENARIO_CAP_SECONDS = 20.0 * SLOW_FACTOR
-TERMINAL_SLACK_SECONDS = 2.0 * SLOW_FACTOR
 DEMO_CAP_SECONDS = 30.0 * SLOW_FACTOR
 HERD_SIZE = 40
 PLAYER = ClientSettings(max_polls=30)
@@ -44,16 +42,6 @@ def jobs_created(simulator: Simulator) -> int:
 
 def forced_prepares(simulator: Simulator) -> int:
     return int(simulator.backend.snapshot()["forced_prepares"].get(SID, 0))
-
-
-def file_requests(simulator: Simulator) -> int:
-    requests: dict[str, dict[str, int]] = simulator.backend.snapshot()["requests"]
-    return sum(
-        n
-        for endpoint, by_status in requests.items()
-        if endpoint.endswith(" file")
-        for n in by_status.values()
-    )
 
 
 async def capped_play(
@@ -82,57 +70,6 @@ async def test_healthy_job_plays_through_pollguard() -> None:
     assert result.outcome is Outcome.PLAYED
     assert result.bytes_verified and result.range_verified
     assert result.statuses[-1] == 206
-    assert jobs_created(simulator) == 1
-
-
-@pytest.mark.anyio
-async def test_stuck_once_is_reprepared_exactly_once_and_plays() -> None:
-    """stuck-once: one re-prepare (seen by the GET-polling client), two jobs, and it plays."""
-    with servers() as stack:
-        simulator, backend = stack.simulator(sim_settings(WorkerMode.STALL_FIRST))
-        guard = stack.pollguard(backend.url)
-        result = await capped_play(guard.url, ClientSettings(poll_method="GET", max_polls=30))
-    assert result.outcome is Outcome.PLAYED and result.bytes_verified and result.range_verified
-    assert result.reprepares_seen == 1
-    assert (jobs_created(simulator), forced_prepares(simulator)) == (2, 1)
-
-
-@pytest.mark.anyio
-async def test_worker_offline_ends_in_job_stuck_within_bound() -> None:
-    """worker-offline: 500 job-stuck within stuck_after×(max_reprepares+1)+slack, bounded
-    jobs and upstream file requests."""
-    timings = E2E_TIMINGS
-    with servers() as stack:
-        simulator, backend = stack.simulator(sim_settings(WorkerMode.OFFLINE))
-        guard = stack.pollguard(backend.url)
-        result = await capped_play(guard.url)
-        upstream_file_requests = file_requests(simulator)
-    problem = assert_problem(result, "job-stuck")
-    assert problem["error"] == "job-stuck"
-    assert (problem["job"], problem["key"]) == ("recording", SID)
-    assert problem["attempts"] == problem["max_attempts"] == timings.max_reprepares
-    bound = timings.stuck_after * (timings.max_reprepares + 1) + TERMINAL_SLACK_SECONDS
-    assert result.elapsed < bound
-    assert jobs_created(simulator) <= 1 + timings.max_reprepares
-    # Every client request was forwarded exactly once, and there were few of them: HEAD polls
-    # at Retry-After 1 s for ~3 s, then one GET that reads the problem document.
-    assert upstream_file_requests == result.requests
-    assert upstream_file_requests <= 7
-
-
-@pytest.mark.anyio
-async def test_failing_reprepare_ends_in_reprepare_failed() -> None:
-    """reprepare-fails: the prepare endpoint answers 500, so the client gets reprepare-failed."""
-    with servers() as stack:
-        simulator, backend = stack.simulator(sim_settings(WorkerMode.OFFLINE, prepare_fails=True))
-        guard = stack.pollguard(backend.url)
-        result = await capped_play(guard.url)
-    problem = assert_problem(result, "reprepare-failed")
-    # The player polls with HEAD and reads the problem with one GET. That GET falls within the
-    # key's terminal cool-down: the same code, no second re-prepare, and until when; the
-    # failure's own detail (the upstream's 500) went with the HEAD's answer.
-    assert "re-prepare of this key failed" in problem["detail"]
-    assert "then may try again" in problem["detail"]
     assert jobs_created(simulator) == 1
 
 
@@ -189,20 +126,6 @@ async def test_upstream_down_answers_502_fast() -> None:
     assert_problem(result, "upstream-unavailable", status=502)
     assert result.statuses == (502, 502)
     assert result.elapsed < 2.0
-
-
-@pytest.mark.anyio
-async def test_old_fixed_delay_client_ends_on_terminal_500_not_its_retry_limit() -> None:
-    """old-client: polling every 0.25 s regardless of Retry-After, against worker-offline, it is
-    stopped by pollguard's job-stuck long before its own 200-poll limit."""
-    old_client = old_client_settings(delay=0.25, max_polls=200)
-    with servers() as stack:
-        simulator, backend = stack.simulator(sim_settings(WorkerMode.OFFLINE))
-        guard = stack.pollguard(backend.url)
-        result = await capped_play(guard.url, old_client)
-    assert_problem(result, "job-stuck")
-    assert result.polls < 40
-    assert jobs_created(simulator) <= 1 + E2E_TIMINGS.max_reprepares
 
 
 def test_demo_command_runs_every_scenario_as_promised() -> None:
