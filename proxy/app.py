@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from proxy.admin import create_admin_app
 from proxy.admin_wiring import admin_api
-from proxy.config import Config, JobConfig, StateConfig, load_config
+from proxy.config import Config, JobConfig, StateConfig, job_limits, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
 from proxy.forward import Forwarder, Message, Receive, Scope, Send
@@ -20,7 +20,6 @@ from proxy.headers import new_request_id
 from proxy.logformat import lean_log_records
 from proxy.logtext import log_safe
 from proxy.metrics_export import SharedMetrics, share_from_environment
-from proxy.policy import GuardLimits
 from proxy.problems import Problem
 from proxy.reload import Reloader, under_serve
 from proxy.reprepare import Repreparer, ReprepareRequest
@@ -62,17 +61,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
         pending_status=frozenset(job.pending_status),
         end_status=frozenset(job.end_status),
         key_pattern=job.key_pattern,
-        limits=GuardLimits(
-            stuck_after=job.stuck_after,
-            max_reprepares=job.max_reprepares,
-            reprepare_window=job.reprepare_window,
-            max_wait=job.max_wait,
-            retry_after=job.retry_after,
-            retry_after_max=job.retry_after_max,
-            retry_after_reprepared=job.retry_after_reprepared,
-            reprepare_timeout=job.reprepare.timeout,
-            terminal_cooldown=job.terminal_cooldown,
-        ),
+        limits=job_limits(job),
         reprepare=ReprepareRequest(
             method=job.reprepare.method,
             path=job.reprepare.path,

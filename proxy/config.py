@@ -44,6 +44,7 @@ from proxy.config_loading import (
 from proxy.config_tls import ServerTLSConfig, UpstreamTLSConfig
 from proxy.errors import ConfigError
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
+from proxy.policy import DEFAULT_TERMINAL_COOLDOWN_SECONDS, GuardLimits
 
 __all__ = [
     "AdminConfig",
@@ -107,7 +108,7 @@ DEFAULT_MAX_WAIT = 1200.0
 DEFAULT_RETRY_AFTER = 2.0
 DEFAULT_RETRY_AFTER_MAX = 30.0
 DEFAULT_RETRY_AFTER_REPREPARED = 3.0
-DEFAULT_TERMINAL_COOLDOWN = 120.0
+DEFAULT_TERMINAL_COOLDOWN = DEFAULT_TERMINAL_COOLDOWN_SECONDS  # declared once, by the policy
 DEFAULT_REPREPARE_METHOD = "POST"
 DEFAULT_FORWARD_HEADERS = ("authorization", "cookie")
 DEFAULT_REPREPARE_TIMEOUT = 10.0
@@ -551,6 +552,23 @@ class JobConfig(Section):
         if problems:
             raise FieldProblems(problems)
         return self
+
+
+def job_limits(job: JobConfig) -> GuardLimits:
+    """The policy's limits for `job`: the one place config becomes GuardLimits. The demo
+    declares its limits as GuardLimits and writes its config from them; a test reads them back
+    through here."""
+    return GuardLimits(
+        stuck_after=job.stuck_after,
+        max_reprepares=job.max_reprepares,
+        reprepare_window=job.reprepare_window,
+        max_wait=job.max_wait,
+        retry_after=job.retry_after,
+        retry_after_max=job.retry_after_max,
+        retry_after_reprepared=job.retry_after_reprepared,
+        reprepare_timeout=job.reprepare.timeout,
+        terminal_cooldown=job.terminal_cooldown,
+    )
 
 
 class RouteConfig(Section):

@@ -11,14 +11,15 @@ from typing import Any
 import httpx
 
 from proxy.demo.backend import Faults, SimulatorSettings, WorkerMode
-from proxy.demo.guard_config import GuardTimings, pollguard_config
+from proxy.demo.guard_config import pollguard_config
 from proxy.demo.servers import PollguardProcess, ThreadedServer
 from proxy.demo.simulator import Simulator, create_simulator
+from proxy.policy import GuardLimits
 
 AUTH = {"Authorization": "Bearer alice-token"}
 POLL_INTERVAL_SECONDS = 0.02
 # The e2e guard: stuck after 1s, two re-prepares, integer Retry-After of 1s everywhere.
-E2E_TIMINGS = GuardTimings(
+E2E_TIMINGS = GuardLimits(
     stuck_after=1.0,
     max_reprepares=2,
     reprepare_window=30.0,
@@ -69,7 +70,7 @@ class Stack:
         return self._exits.enter_context(httpx.Client(base_url=base_url, timeout=5))
 
     def pollguard(
-        self, upstream_url: str, timings: GuardTimings = E2E_TIMINGS, **config: Any
+        self, upstream_url: str, timings: GuardLimits = E2E_TIMINGS, **config: Any
     ) -> PollguardProcess:
         return self._exits.enter_context(
             PollguardProcess(pollguard_config(upstream_url, timings, **config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import yaml
 
+from proxy.config import job_limits, parse_config
 from proxy.demo.backend import WorkerMode
 from proxy.demo.catalog import (
     DEFAULT_RECORDING_SIZE,
@@ -28,12 +31,14 @@ from proxy.demo.cli import (
     simulator_settings,
 )
 from proxy.demo.client import ClientSettings, Outcome, old_client_settings, play
+from proxy.demo.guard_config import DEMO_LIMITS, pollguard_config, scaled
 from proxy.demo.ranges import RangeNotSatisfiable, parse_single_range
 from proxy.demo.scenarios import SCENARIOS, Path
 from proxy.demo.servers import free_port
 from proxy.demo.simulator import Simulator
+from proxy.policy import GuardLimits
 from tests.conftest import wait_for_port
-from tests.e2e_support import AUTH, Stack, servers, sim_settings, wait_until
+from tests.e2e_support import AUTH, E2E_TIMINGS, Stack, servers, sim_settings, wait_until
 
 SID = call_sid_for("alice", 0)
 FILE = f"/api/recordings/file/{SID}"
@@ -255,6 +260,20 @@ def test_demo_parser_defaults_and_scenario_selection() -> None:
     sim = parser.parse_args(["simulate-backend", "--port", "5999", "--worker-mode", "offline"])
     assert sim.func is run_simulate_backend_command
     assert simulator_settings(sim).faults.worker_mode is WorkerMode.OFFLINE
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [DEMO_LIMITS, scaled(DEMO_LIMITS, 3.0), scaled(DEMO_LIMITS, 7.0), E2E_TIMINGS],
+    ids=["demo", "demo-speed-3", "demo-speed-7", "e2e"],
+)
+def test_the_demo_config_carries_its_limits(limits: GuardLimits) -> None:
+    """The config the demo writes from its limits is read back (as pollguard reads it) into
+    the same limits, to the millisecond: the verdicts judge what pollguard runs."""
+    text = yaml.safe_dump(pollguard_config("http://127.0.0.1:9", limits))
+    read = job_limits(parse_config(text, env={}).jobs["recording"])
+    for field in dataclasses.fields(GuardLimits):
+        assert getattr(read, field.name) == pytest.approx(getattr(limits, field.name), abs=1e-3)
 
 
 def test_simulate_backend_command_serves_as_its_own_process() -> None:

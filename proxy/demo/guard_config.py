@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
+
+from proxy.policy import GuardLimits
 
 RECORDING_KEY_PATTERN = "^CA[0-9a-fA-F]{32}$"
 FILE_ROUTE = "/api/recordings/file/{call_sid}"
@@ -12,37 +14,40 @@ PREPARE_ROUTE = "/api/recordings/{call_sid}/prepare"
 MIN_RETRY_AFTER_SECONDS = 1.0  # Retry-After is whole seconds; it cannot be compressed below 1
 
 
-@dataclass(frozen=True)
-class GuardTimings:
-    """The job's durations in seconds. Defaults are the demo's: minutes compressed to seconds."""
+# The job's limits in the demo: minutes compressed to seconds. The policy's own GuardLimits,
+# so the config written from them and the verdicts judged by them cannot drift apart; the
+# terminal cool-down is the config's default.
+DEMO_LIMITS = GuardLimits(
+    stuck_after=3.0,
+    max_reprepares=2,
+    reprepare_window=60.0,
+    max_wait=30.0,
+    retry_after=1.0,
+    retry_after_max=5.0,
+    retry_after_reprepared=1.0,
+    reprepare_timeout=5.0,
+)
 
-    stuck_after: float = 3.0
-    max_reprepares: int = 2
-    reprepare_window: float = 60.0
-    max_wait: float = 30.0
-    retry_after: float = 1.0
-    retry_after_max: float = 5.0
-    retry_after_reprepared: float = 1.0
-    reprepare_timeout: float = 5.0
 
-    def scaled(self, speed: float) -> GuardTimings:
-        """Every duration divided by `speed`; Retry-After values never below one second."""
+def scaled(limits: GuardLimits, speed: float) -> GuardLimits:
+    """Every duration but the re-prepare's timeout and the cool-down divided by `speed`;
+    Retry-After values never below one second."""
 
-        def fast(seconds: float) -> float:
-            return seconds / speed
+    def fast(seconds: float) -> float:
+        return seconds / speed
 
-        def fast_retry(seconds: float) -> float:
-            return max(MIN_RETRY_AFTER_SECONDS, math.ceil(seconds / speed))
+    def fast_retry(seconds: float) -> float:
+        return max(MIN_RETRY_AFTER_SECONDS, math.ceil(seconds / speed))
 
-        return replace(
-            self,
-            stuck_after=fast(self.stuck_after),
-            reprepare_window=fast(self.reprepare_window),
-            max_wait=fast(self.max_wait),
-            retry_after=fast_retry(self.retry_after),
-            retry_after_max=max(fast_retry(self.retry_after_max), fast_retry(self.retry_after)),
-            retry_after_reprepared=fast_retry(self.retry_after_reprepared),
-        )
+    return replace(
+        limits,
+        stuck_after=fast(limits.stuck_after),
+        reprepare_window=fast(limits.reprepare_window),
+        max_wait=fast(limits.max_wait),
+        retry_after=fast_retry(limits.retry_after),
+        retry_after_max=max(fast_retry(limits.retry_after_max), fast_retry(limits.retry_after)),
+        retry_after_reprepared=fast_retry(limits.retry_after_reprepared),
+    )
 
 
 def duration(seconds: float) -> str:
@@ -52,13 +57,14 @@ def duration(seconds: float) -> str:
 
 def pollguard_config(
     upstream_url: str,
-    timings: GuardTimings,
+    limits: GuardLimits,
     *,
     redis_url: str = "",
     on_error: str = "pass",
     mode: str = "enforce",
 ) -> dict[str, Any]:
-    """A complete config (issue 2/3 format) guarding the simulator's recordings routes."""
+    """A complete config (issue 2/3 format) guarding the simulator's recordings routes, with
+    `limits` (proxy.config.job_limits reads the same limits back from it)."""
     return {
         "upstream": {"url": upstream_url, "connect_timeout": "1s", "read_timeout": "10s"},
         "state": {"redis_url": redis_url, "on_error": on_error},
@@ -66,20 +72,21 @@ def pollguard_config(
             "recording": {
                 "mode": mode,
                 "pending_status": [202],
-                "stuck_after": duration(timings.stuck_after),
-                "max_reprepares": timings.max_reprepares,
-                "reprepare_window": duration(timings.reprepare_window),
-                "max_wait": duration(timings.max_wait),
-                "retry_after": duration(timings.retry_after),
-                "retry_after_max": duration(timings.retry_after_max),
-                "retry_after_reprepared": duration(timings.retry_after_reprepared),
+                "stuck_after": duration(limits.stuck_after),
+                "max_reprepares": limits.max_reprepares,
+                "reprepare_window": duration(limits.reprepare_window),
+                "max_wait": duration(limits.max_wait),
+                "retry_after": duration(limits.retry_after),
+                "retry_after_max": duration(limits.retry_after_max),
+                "retry_after_reprepared": duration(limits.retry_after_reprepared),
+                "terminal_cooldown": duration(limits.terminal_cooldown),
                 "key_pattern": RECORDING_KEY_PATTERN,
                 "reprepare": {
                     "method": "POST",
                     "path": PREPARE_ROUTE,
                     "query": {"force": "1"},
                     "forward_headers": ["authorization", "cookie"],
-                    "timeout": duration(timings.reprepare_timeout),
+                    "timeout": duration(limits.reprepare_timeout),
                 },
             },
         },

@@ -20,12 +20,13 @@ from proxy.demo.client import (
     old_client_settings,
     play,
 )
-from proxy.demo.guard_config import GuardTimings, pollguard_config
+from proxy.demo.guard_config import DEMO_LIMITS, pollguard_config, scaled
 from proxy.demo.live import LiveOutcome, LiveResult, follow
 from proxy.demo.scenarios import SCENARIOS, ClientKind, Path, Scenario
 from proxy.demo.servers import PollguardProcess, ServerStartError, ThreadedServer
 from proxy.demo.simulator import create_simulator
 from proxy.demo.verdicts import Verdict, exchanges_text, judge, judge_live, outcome_text
+from proxy.policy import GuardLimits
 
 DEMO_TENANT = "alice"
 DEMO_BACKEND_RETRY_AFTER_SECONDS = 1  # the legacy 2s, compressed like the guard's timings
@@ -42,8 +43,8 @@ class DemoOptions:
     old_client: bool = False
 
     @property
-    def timings(self) -> GuardTimings:
-        return GuardTimings().scaled(self.speed)
+    def timings(self) -> GuardLimits:
+        return scaled(DEMO_LIMITS, self.speed)
 
     def client_settings(self) -> ClientSettings:
         if self.old_client:

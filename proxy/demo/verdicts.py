@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from proxy.demo.backend import WorkerMode
 from proxy.demo.client import ClientResult, Outcome
 from proxy.demo.events import NORMAL_CLOSURE
-from proxy.demo.guard_config import GuardTimings
 from proxy.demo.live import LiveOutcome, LiveResult
 from proxy.demo.scenarios import Path, Scenario
+from proxy.policy import GuardLimits
 
 UNAUTHENTICATED = 401
 LIVE_STEPS = ("#1 queued", "#1 running", "#1 ready")
@@ -22,7 +22,7 @@ class Verdict:
 
 
 def judge(
-    scenario: Scenario, path: Path, result: ClientResult, jobs_created: int, timings: GuardTimings
+    scenario: Scenario, path: Path, result: ClientResult, jobs_created: int, timings: GuardLimits
 ) -> Verdict:
     """Did this run end the way pollguard promises (or, direct, the way the bug predicts)?"""
     played = result.outcome is Outcome.PLAYED
