@@ -38,13 +38,13 @@ from proxy.config_loading import (
     mask_redis_url,
     parse_duration,
     parse_size,
-    template_params,
     translate_validation_error,
 )
 from proxy.config_tls import ServerTLSConfig, UpstreamTLSConfig
 from proxy.errors import ConfigError
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
 from proxy.policy import DEFAULT_TERMINAL_COOLDOWN_SECONDS, GuardLimits
+from proxy.routes import template_params
 
 __all__ = [
     "AdminConfig",

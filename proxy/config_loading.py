@@ -31,8 +31,6 @@ _ENV_REF_RE = re.compile(r"\$\$\{|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<d
 _ENV_ESCAPE = "$${"
 _ENV_HINT = "use ${NAME} or ${NAME:-default}, or $${ for a literal ${"
 
-_TEMPLATE_PARAM_RE = re.compile(r"\{([^{}]*)\}")
-_IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 Path = tuple[str | int, ...]
 
@@ -135,29 +133,6 @@ def format_duration(seconds: float) -> str:
         if count >= 1 and math.isclose(count, round(count), rel_tol=0, abs_tol=1e-9):
             return f"{round(count)}{unit}"
     return repr(float(seconds))
-
-
-def template_params(template: str) -> tuple[str, ...]:
-    """The `{name}`s of a path or key template, in order; ValueError if malformed."""
-    names: list[str] = []
-    for match in _TEMPLATE_PARAM_RE.finditer(template):
-        name = match.group(1)
-        if not _IDENTIFIER_RE.match(name):
-            raise ValueError(
-                f"invalid parameter {{{name}}} in {template!r} — a parameter is {{name}} where "
-                "name is letters, digits and underscores, not starting with a digit"
-            )
-        if name in names:
-            raise ValueError(
-                f"duplicate parameter {{{name}}} in {template!r} — give each parameter its own name"
-            )
-        names.append(name)
-    leftover = _TEMPLATE_PARAM_RE.sub("", template)
-    if "{" in leftover or "}" in leftover:
-        raise ValueError(
-            f"unbalanced brace in {template!r} — write parameters as {{name}}, braces paired"
-        )
-    return tuple(names)
 
 
 def interpolate_env(data: Any, env: Mapping[str, str], problems: list[tuple[Path, str]]) -> Any:

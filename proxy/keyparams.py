@@ -19,6 +19,7 @@ from proxy.routes import (
     fill_template,
     is_guardable_param,
     template_params,
+    template_parts,
 )
 
 
@@ -33,11 +34,10 @@ def key_template(route: RouteSpec) -> str:
 
 
 def _inverse(template: str, *, lazy: bool) -> re.Pattern[str]:
-    names = template_params(template)
-    regex = re.escape(template)
-    for name in names:
-        group = f"(?P<{name}>[^/]+{'?' if lazy else ''})"
-        regex = regex.replace(re.escape(f"{{{name}}}"), group, 1)
+    regex = "".join(
+        re.escape(literal) if name is None else f"(?P<{name}>[^/]+{'?' if lazy else ''})"
+        for literal, name in template_parts(template)
+    )
     return re.compile(regex)
 
 

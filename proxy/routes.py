@@ -26,7 +26,9 @@ from proxy.errors import ConfigError
 MAX_KEY_BYTES = 256
 DEFAULT_KEY_SEPARATOR = ":"
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Anything between a pair of braces is a placeholder, so "{1st}" is named invalid, not stray.
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SEGMENT = "[^/]+"
 _DOT_SEGMENTS = frozenset({"", ".", ".."})
 # "/" cannot come out of _SEGMENT; it is listed so the predicate holds on its own.
@@ -60,20 +62,14 @@ class _CompiledRoute:
     prefix: str  # the literal text before the first parameter: a cheap first test
 
 
+class TemplateError(ConfigError, ValueError):
+    """A malformed path or key template. A ValueError too, so that a config validator turns it
+    into a field problem naming the path."""
+
+
 def template_params(template: str) -> tuple[str, ...]:
-    """The placeholder names of `template` in order; ConfigError on stray braces or duplicates."""
-    names: list[str] = []
-    for literal, name in _split_template(template):
-        if name is not None:
-            if name in names:
-                raise ConfigError(f"template {template!r} names {{{name}}} twice; rename one")
-            names.append(name)
-        elif "{" in literal or "}" in literal:
-            raise ConfigError(
-                f"template {template!r} has a stray brace in {literal!r}; "
-                "placeholders look like {name} with name a Python identifier"
-            )
-    return tuple(names)
+    """The `{name}`s of a path or key template, in order; TemplateError if malformed."""
+    return tuple(name for _, name in template_parts(template) if name is not None)
 
 
 def fill_template(template: str, params: Mapping[str, str]) -> str:
@@ -168,16 +164,16 @@ def _compile(spec: RouteSpec) -> _CompiledRoute:
                 f"route {spec.path!r} of job {spec.job!r}: key {spec.key!r} uses "
                 f"{', '.join(unknown)}, which the path does not define; use one of {list(names)}"
             )
+    parts = template_parts(spec.path)
     regex = "".join(
-        re.escape(literal) if name is None else f"(?P<{name}>{_SEGMENT})"
-        for literal, name in _split_template(spec.path)
+        re.escape(literal) if name is None else f"(?P<{name}>{_SEGMENT})" for literal, name in parts
     )
     return _CompiledRoute(
         spec=spec,
         methods=frozenset(method.upper() for method in spec.methods),
         pattern=re.compile(regex),
         params=names,
-        prefix=spec.path.split("{", 1)[0],
+        prefix=parts[0][0] if parts else "",
     )
 
 
@@ -188,23 +184,41 @@ def _route_key(route: _CompiledRoute, params: Mapping[str, str]) -> str:
 
 
 @functools.lru_cache(maxsize=256)  # templates come from config: few, and filled per request
-def _split_template(template: str) -> tuple[tuple[str, str | None], ...]:
-    """Alternating (literal, None) and ("", name) parts of `template`."""
+def template_parts(template: str) -> tuple[tuple[str, str | None], ...]:
+    """Alternating (literal, None) and ("", name) parts of a path or key template: the one
+    parser of `{name}` templates (routes, keys, the re-prepare path, config validation).
+    TemplateError for a name that is not an identifier, a name used twice, or a lone brace."""
     parts: list[tuple[str, str | None]] = []
+    names: set[str] = set()
     position = 0
     for found in _PLACEHOLDER.finditer(template):
+        name = found.group(1)
+        if not _IDENTIFIER.fullmatch(name):
+            raise TemplateError(
+                f"invalid parameter {{{name}}} in {template!r} — a parameter is {{name}} where "
+                "name is letters, digits and underscores, not starting with a digit"
+            )
+        if name in names:
+            raise TemplateError(
+                f"duplicate parameter {{{name}}} in {template!r} — give each parameter its own name"
+            )
+        names.add(name)
         if found.start() > position:
             parts.append((template[position : found.start()], None))
-        parts.append(("", found.group(1)))
+        parts.append(("", name))
         position = found.end()
     if position < len(template):
         parts.append((template[position:], None))
+    if any(name is None and ("{" in literal or "}" in literal) for literal, name in parts):
+        raise TemplateError(
+            f"unbalanced brace in {template!r} — write parameters as {{name}}, braces paired"
+        )
     return tuple(parts)
 
 
 def _fill(template: str, params: Mapping[str, str], *, encode: bool) -> str:
     pieces: list[str] = []
-    for literal, name in _split_template(template):
+    for literal, name in template_parts(template):
         if name is None:
             pieces.append(literal)
             continue

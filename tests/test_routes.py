@@ -128,9 +128,9 @@ def test_empty_table_is_falsy() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        (RouteSpec("/x/{id}/{id}", GET, "j"), "twice"),
-        (RouteSpec("/x/{id", GET, "j"), "stray brace"),
-        (RouteSpec("/x/{1d}", GET, "j"), "stray brace"),
+        (RouteSpec("/x/{id}/{id}", GET, "j"), "duplicate parameter"),
+        (RouteSpec("/x/{id", GET, "j"), "unbalanced brace"),
+        (RouteSpec("/x/{1d}", GET, "j"), "invalid parameter"),
         (RouteSpec("/x/{id}", GET, "j", "{other}"), "other"),
     ],
 )
