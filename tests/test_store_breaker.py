@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
 
+from proxy.errors import StoreUnavailable
 from proxy.stores.breaker import (
     CLOSED,
     Admission,
@@ -15,6 +17,7 @@ from proxy.stores.breaker import (
     settle,
     skips_calls,
 )
+from proxy.stores.redis_calls import StoreErrors
 
 T0 = 1000.0
 COOLDOWN = 2.0
@@ -134,3 +137,37 @@ def test_every_reachable_state_and_outcome_keeps_the_invariants() -> None:
             if state.phase is Phase.PROBING:
                 # at most one call of the probing epoch is in flight: the probe
                 assert in_flight.count(state.epoch) <= 1
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        pytest.param(ValueError("bad reply"), "Redis swap of j/k failed: ValueError: bad reply"),
+        pytest.param(TimeoutError(), "Redis swap of j/k failed: no answer within the deadline"),
+        pytest.param(StoreUnavailable("skipped"), "skipped"),
+    ],
+)
+def test_store_errors_translate_every_failure_once(raised: Exception, message: str) -> None:
+    """Inside StoreErrors any Exception leaves as StoreUnavailable naming the call and the
+    cause (chained); a StoreUnavailable passes unchanged, and so does cancellation."""
+    with pytest.raises(StoreUnavailable) as caught, StoreErrors("swap of j/k"):
+        raise raised
+    assert str(caught.value) == message
+    if not isinstance(raised, StoreUnavailable):
+        assert caught.value.__cause__ is raised
+    with pytest.raises(asyncio.CancelledError), StoreErrors("swap of j/k"):
+        raise asyncio.CancelledError
+
+
+def test_store_errors_translate_only_the_kinds_given() -> None:
+    """With `kinds`, other errors pass untranslated (a bug stays a traceback)."""
+    with pytest.raises(TypeError), StoreErrors("x", kinds=(OSError,)):
+        raise TypeError("a bug")
+    with pytest.raises(StoreUnavailable, match="closing the Redis client failed: OSError"):
+        with StoreErrors(
+            "client",
+            template="closing the Redis {what} failed: {detail}",
+            detail=repr,
+            kinds=(OSError,),
+        ):
+            raise OSError("gone")

@@ -27,7 +27,6 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
-from proxy.errors import StoreUnavailable
 from proxy.stores.base import (
     AUDIT_MAX_ENTRIES,
     NO_TERMINAL,
@@ -42,6 +41,7 @@ from proxy.stores.redis_calls import (
     DEFAULT_REFUSED_RETRIES,
     DEFAULT_TIMEOUT_SECONDS,
     RedisCalls,
+    StoreErrors,
     redis_answered,
 )
 from proxy.stores.redis_scripts import ScriptCall, lua_script, run_script, run_script_batch
@@ -234,18 +234,19 @@ class RedisJobStore:
             timeout, breaker_cooldown, refused_retries=refused_retries, clock=clock
         )
         topology = topology or RedisTopology(url=url)
-        try:
-            # The pool opens connections lazily and replaces broken ones, so the same store
-            # recovers by itself once Redis is back. No socket_timeout: the deadline around each
-            # call bounds every read, and redis-py would wrap each send in asyncio.wait_for (a
-            # task per command) and each read in a timer of its own. Retries are ours
-            # (RedisCalls.retrying), so redis-py's are off (a cluster client keeps one, to map
-            # the cluster again: proxy.stores.redis_topology).
+        # The pool opens connections lazily and replaces broken ones, so the same store
+        # recovers by itself once Redis is back. No socket_timeout: the deadline around each
+        # call bounds every read, and redis-py would wrap each send in asyncio.wait_for (a
+        # task per command) and each read in a timer of its own. Retries are ours
+        # (RedisCalls.retrying), so redis-py's are off (a cluster client keeps one, to map
+        # the cluster again: proxy.stores.redis_topology).
+        with StoreErrors(
+            f"{topology.mode} settings {topology.url!r}",
+            template="invalid Redis {what}: {detail}",
+            detail=str,
+            kinds=(RedisError, ValueError),
+        ):
             self._client: RedisClient = connect(topology, timeout)
-        except (RedisError, ValueError) as exc:
-            raise StoreUnavailable(
-                f"invalid Redis {topology.mode} settings {topology.url!r}: {exc}"
-            ) from exc
         self._queued: list[_Observe] = []
         self._flushing = False
         self._flusher: asyncio.Future[None] | None = None
@@ -285,10 +286,8 @@ class RedisJobStore:
         if not self._flushing:
             self._flushing = True
             self._flusher = asyncio.ensure_future(self._flush_observes())
-        try:
+        with StoreErrors(what):
             return _decode(await call.result)
-        except Exception as exc:
-            raise self._calls.unavailable(what, exc) from exc
 
     async def _flush_observes(self) -> None:
         try:
@@ -512,10 +511,13 @@ class RedisJobStore:
         await self._calls.call("ping", self._client.ping)
 
     async def close(self) -> None:
-        try:
+        with StoreErrors(
+            "client",
+            template="closing the Redis {what} failed: {detail}",
+            detail=repr,
+            kinds=(RedisError, OSError),
+        ):
             await self._client.aclose()
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"closing the Redis client failed: {exc!r}") from exc
 
     def _key(self, job: str, key: str) -> str:
         return record_key(self._key_prefix, job, key)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -64,6 +65,47 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):  # asyncio.timeout's; redis-py's has a message
         return "no answer within the deadline"
     return f"{type(exc).__name__}: {exc}"
+
+
+_FAILED = "Redis {what} failed: {detail}"
+
+
+class StoreErrors:
+    """The one place where Redis failures become StoreUnavailable, as httpx's
+    map_httpcore_exceptions: `with StoreErrors("swap of job/key"):` raises StoreUnavailable
+    ("Redis swap of job/key failed: <detail>") from any of `kinds` raised inside; a
+    StoreUnavailable passes as it is, and so do cancellation and everything not in `kinds`.
+    A class with __slots__, not a @contextmanager generator: observe and swap run on guarded
+    polls, and a generator-based context manager costs a generator and two more frames each."""
+
+    __slots__ = ("_detail", "_kinds", "_template", "_what")
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        template: str = _FAILED,
+        detail: Callable[[BaseException], str] = describe,
+        kinds: tuple[type[Exception], ...] = (Exception,),
+    ) -> None:
+        self._what = what
+        self._template = template  # formatted with {what} and {detail}
+        self._detail = detail
+        self._kinds = kinds
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc is None or isinstance(exc, StoreUnavailable) or not isinstance(exc, self._kinds):
+            return
+        message = self._template.format(what=self._what, detail=self._detail(exc))
+        raise StoreUnavailable(message) from exc
 
 
 class RedisCalls:
@@ -128,23 +170,16 @@ class RedisCalls:
                 "Redis answers again after %.1fs; guarding resumes", now - self._opened_at
             )
 
-    def unavailable(self, what: str, exc: BaseException) -> StoreUnavailable:
-        """The StoreUnavailable to raise for a failed call (already one: itself)."""
-        if isinstance(exc, StoreUnavailable):
-            return exc
-        return StoreUnavailable(f"Redis {what} failed: {describe(exc)}")
-
     async def call(self, what: str, command: Callable[[], Awaitable[Result]]) -> Result:
         """Run one Redis command under the breaker and the deadline; failures → StoreUnavailable."""
         epoch = self.admit(what)
-        try:
-            async with asyncio.timeout(self.timeout):
-                result = await self.retrying(command)
-        except BaseException as exc:
-            self.settle(epoch, exc)
-            if isinstance(exc, Exception):
-                raise self.unavailable(what, exc) from exc
-            raise
+        with StoreErrors(what):
+            try:
+                async with asyncio.timeout(self.timeout):
+                    result = await self.retrying(command)
+            except BaseException as exc:
+                self.settle(epoch, exc)  # the breaker judges the error itself, untranslated
+                raise
         self.settle(epoch, None)
         return result
 
