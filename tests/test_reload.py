@@ -28,7 +28,7 @@ from tests.conftest import RedisServer
 from tests.e2e_support import wait_until
 from tests.job_upstream import JobBackend, guard_config
 from tests.servers import ProxyProcess, ThreadedServer, running_proxy
-from tests.test_guard_e2e import CALL, in_process_guard
+from tests.test_guard import CALL, in_process_guard
 
 TOKEN = "reload-t0ken"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
