@@ -531,6 +531,10 @@ def _sweep_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     return headers
 
 
+def _none_means_defaults(value: object) -> object:
+    return {} if value is None else value
+
+
 class SweepConfig(Section):
     """One replica at a time re-prepares this job's stuck keys nobody polls (proxy.sweeper)."""
 
@@ -561,7 +565,8 @@ class JobConfig(Section):
     # Identical polls in flight on one replica share one upstream request (the herd shield).
     coalesce: bool = True
     reprepare: ReprepareConfig
-    sweep: SweepConfig | None = None  # off when absent
+    # Off when absent; `sweep:` alone (YAML null), like any section, means the defaults.
+    sweep: Annotated[SweepConfig | None, BeforeValidator(_none_means_defaults)] = None
 
     @model_validator(mode="after")
     def _retry_after_within_max(self) -> JobConfig:

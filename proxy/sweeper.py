@@ -6,7 +6,11 @@ store, the one process) lists the job's records with the store's `scan` and re-p
 that `judge` picks: unpolled for `idle_after` (by the record's `last_poll`) and stuck by exactly
 the judgement a pending poll would get now — `policy.decide` with no Retry-After, REPREPARE only,
 so a terminal, in-flight or budget-exhausted episode is left alone, and whatever clocks decide()
-learns apply here too. The re-prepare takes the lock through the same compare-and-set as a poll
+learns apply here too. One more condition: the last poll came after the stuck clock last
+started. A poll is the only evidence that a job is still pending (a record is observed on
+pending answers only); after a re-prepare nobody polled, the job may well be done, and
+re-preparing it again every `stuck_after` (up to max_reprepares) could restart a finished job
+under its returning user. So a key is swept once per stretch of polling. The re-prepare takes the lock through the same compare-and-set as a poll
 (`JobGuard.sweep_reprepare`): a poll or another replica acting first wins, and the key is
 re-prepared once.
 
@@ -75,6 +79,8 @@ class Skip(StrEnum):
     INVALID = "invalid"  # unreadable (garbage in Redis)
     NO_POLL_TIME = "no-poll-time"  # the store knows no last poll: idleness can't be shown
     POLLED = "polled"  # polled within idle_after: its own pollers will act
+    # Not polled since the stuck clock last (re)started: nobody saw the re-prepared job pending.
+    UNSEEN = "not-seen-since-reprepare"
 
 
 class Judgement(NamedTuple):
@@ -93,8 +99,8 @@ def idle_seconds(record: EpisodeRecord, now: float) -> float | None:
 
 
 def judge(record: EpisodeRecord, limits: GuardLimits, idle_after: float, now: float) -> Judgement:
-    """Sweep a record when nobody polled it for `idle_after` and a pending poll arriving now
-    would re-prepare it."""
+    """Sweep a record when nobody polled it for `idle_after`, its last poll saw it pending
+    after its stuck clock started, and a pending poll arriving now would re-prepare it."""
     state = record.state
     if state is None:
         return Judgement(Skip.INVALID, None, None, None)
@@ -103,6 +109,8 @@ def judge(record: EpisodeRecord, limits: GuardLimits, idle_after: float, now: fl
         return Judgement(Skip.NO_POLL_TIME, None, now - state.episode_start, None)
     if idle < idle_after:
         return Judgement(Skip.POLLED, idle, now - state.episode_start, None)
+    if record.last_poll is not None and record.last_poll < state.clock_start:
+        return Judgement(Skip.UNSEEN, idle, now - state.episode_start, None)
     decision = decide(state, limits, now, None)
     if decision.verdict is not Verdict.REPREPARE:
         return Judgement(decision.verdict, idle, decision.pending_seconds, None)
