@@ -279,6 +279,11 @@ class Sweeper:
 
     # The periodic loop.
 
+    @property
+    def running(self) -> bool:
+        """Whether the periodic loop runs (some job sweeps)."""
+        return self._task is not None and not self._task.done()
+
     def reconfigured(self) -> None:
         """Run the loop while some job sweeps, and none otherwise (at startup, after a reload)."""
         if self._settings():

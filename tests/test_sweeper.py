@@ -401,15 +401,15 @@ async def test_reconfigured_runs_the_loop_only_while_a_job_sweeps(
         settings: dict[str, Any] = {}
         idle = Sweeper(guard, lambda: settings, scan_step=10)
         idle.reconfigured()
-        assert idle._task is None
+        assert not idle.running
         settings.update(sweep_settings(parse_config(yaml.safe_dump(config_with({})), env={}).jobs))
         idle.reconfigured()
-        task = idle._task
+        task = idle._task  # the loop itself, to see it end
         assert task is not None and not task.done()
         settings.clear()
         idle.reconfigured()
         await asyncio.gather(task, return_exceptions=True)
-        assert task.cancelled() and idle._task is None
+        assert task.cancelled() and not idle.running
 
 
 @pytest.mark.anyio
@@ -575,3 +575,30 @@ def test_cli_sweep_exit_codes(tmp_path: Path) -> None:
     invalid = pollguard("sweep", "--config", str(bad))
     assert invalid.returncode == 2
     assert "jobs.recording.sweep.interval" in invalid.stderr
+
+
+@pytest.mark.anyio
+async def test_a_reload_starts_and_stops_the_sweeper() -> None:
+    """The app runs no sweeper task while no job sweeps; a reload adding `sweep` starts it (a
+    jobs change, applied without a restart) and one removing it stops it."""
+    from proxy.app import PollguardApp
+    from proxy.reload import plan_reload
+
+    without = config_with({})
+    del without["jobs"]["recording"]["sweep"]
+    running = parse_config(yaml.safe_dump(without), env={})
+    swept = parse_config(yaml.safe_dump(config_with(SWEEP)), env=ENV)
+    plan = plan_reload(running, swept, guarded=True)
+    assert (plan.jobs, plan.restart_required) == (("recording (changed)",), ())
+    app = PollguardApp(running)
+    await app.startup()
+    try:
+        assert app.sweeper is not None and not app.sweeper.running
+        app.reconfigure(plan.effective)
+        task = app.sweeper._task  # the loop itself, to see it end
+        assert task is not None and not task.done()
+        app.reconfigure(running)
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.cancelled() and not app.sweeper.running
+    finally:
+        await app.shutdown()
