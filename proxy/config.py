@@ -44,6 +44,7 @@ from proxy.config_loading import (
 from proxy.config_tls import ServerTLSConfig, UpstreamTLSConfig
 from proxy.errors import ConfigError
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
+from proxy.routes import DEFAULT_KEY_SEPARATOR
 
 __all__ = [
     "AdminConfig",
@@ -54,6 +55,7 @@ __all__ = [
     "ServerConfig",
     "ServerTLSConfig",
     "StateConfig",
+    "SweepConfig",
     "UpstreamConfig",
     "UpstreamTLSConfig",
     "WebSocketConfig",
@@ -112,6 +114,12 @@ DEFAULT_REPREPARE_METHOD = "POST"
 DEFAULT_FORWARD_HEADERS = ("authorization", "cookie")
 DEFAULT_REPREPARE_TIMEOUT = 10.0
 DEFAULT_ROUTE_METHODS = frozenset({"GET", "HEAD"})
+# The sweeper (jobs.<name>.sweep, proxy.sweeper): a pass every 30s over keys unpolled for 1m.
+DEFAULT_SWEEP_INTERVAL = 30.0
+DEFAULT_SWEEP_IDLE_AFTER = 60.0
+MIN_SWEEP_INTERVAL = 1.0  # each pass claims a lease and scans: not a busy loop
+MAX_SWEEP_INTERVAL = 3600.0
+MAX_SWEEP_IDLE_AFTER = 86400.0
 UPSTREAM_SCHEMES = ("http", "https")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -506,6 +514,39 @@ class ReprepareConfig(Section):
 
 
 MAX_MIN_POLL_INTERVAL = 600.0  # seconds: a pending answer reused for longer hides a ready job
+_HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # field-value: no CTL but HTAB
+
+
+def _sweep_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    for name, value in headers.items():
+        if name.encode() in NEVER_FORWARDED_ON_REPREPARE:
+            raise ValueError(
+                f"{name!r} can't be set — it frames or identifies the re-prepare request itself; "
+                "remove it (set e.g. authorization)"
+            )
+        if _HEADER_VALUE_BAD.search(value) or value != value.strip():
+            raise ValueError(
+                f"the value of {name!r} has a control character or surrounding whitespace — an "
+                "HTTP field value is printable text; fix the value (or the variable it comes from)"
+            )
+    return headers
+
+
+def _none_means_defaults(value: object) -> object:
+    return {} if value is None else value
+
+
+class SweepConfig(Section):
+    """One replica at a time re-prepares this job's stuck keys nobody polls (proxy.sweeper)."""
+
+    interval: Annotated[Duration, Field(ge=MIN_SWEEP_INTERVAL, le=MAX_SWEEP_INTERVAL)] = (
+        DEFAULT_SWEEP_INTERVAL
+    )
+    idle_after: Annotated[Duration, Field(le=MAX_SWEEP_IDLE_AFTER)] = DEFAULT_SWEEP_IDLE_AFTER
+    # The sweep's re-prepare has no client request to forward credentials from: these stand in.
+    headers: Annotated[
+        dict[HeaderName, str], BeforeValidator(_stringify_values), AfterValidator(_sweep_headers)
+    ] = Field(default_factory=dict)
 
 
 class JobConfig(Section):
@@ -528,6 +569,8 @@ class JobConfig(Section):
     # proxy.shield); 0: off. Bounded: clients of the key see an answer at most this old.
     min_poll_interval: DurationOrZero = Field(default=0.0, le=MAX_MIN_POLL_INTERVAL)
     reprepare: ReprepareConfig
+    # Off when absent; `sweep:` alone (YAML null), like any section, means the defaults.
+    sweep: Annotated[SweepConfig | None, BeforeValidator(_none_means_defaults)] = None
 
     @model_validator(mode="after")
     def _retry_after_within_max(self) -> JobConfig:
@@ -554,6 +597,15 @@ class JobConfig(Section):
                         "raise retry_after_max",
                     )
                 )
+        if self.sweep is not None and self.sweep.idle_after <= self.retry_after_max:
+            problems.append(
+                (
+                    ("sweep", "idle_after"),
+                    f"{format_duration(self.sweep.idle_after)} is not longer than "
+                    f"retry_after_max ({format_duration(self.retry_after_max)}) — a client "
+                    "waiting the Retry-After it was given would look idle; raise idle_after",
+                )
+            )
         if problems:
             raise FieldProblems(problems)
         return self
@@ -664,7 +716,24 @@ class Config(Section):
                     )
                 )
                 continue
-            for name in template_params(job.reprepare.path):
+            needed = template_params(job.reprepare.path)
+            if job.sweep is not None:
+                # The sweeper has only a stored key: each route's key must give every
+                # parameter of the re-prepare path (proxy.keyparams inverts it).
+                key = route.key
+                if key is None:
+                    key = DEFAULT_KEY_SEPARATOR.join(f"{{{name}}}" for name in route.param_names)
+                lacking = [name for name in needed if name not in template_params(key)]
+                if lacking:
+                    problems.append(
+                        (
+                            ("jobs", route.job, "sweep"),
+                            f"routes[{index}] key {key!r} lacks {lacking}, which "
+                            f"reprepare.path needs — the sweeper has only the key; add "
+                            f"{{{lacking[0]}}} to routes[{index}].key or remove sweep",
+                        )
+                    )
+            for name in needed:
                 if name not in route.param_names:
                     problems.append(
                         (

@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal
 
 from proxy import answers
@@ -472,6 +472,45 @@ class JobGuard:
         result = await asyncio.shield(work)
         REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
         outcome = "succeeded" if result.succeeded else "failed"
+        return ForcedOutcome(outcome, result.detail, locked.attempts, state)
+
+    async def sweep_reprepare(
+        self,
+        job_name: str,
+        key: str,
+        params: Mapping[str, str],
+        state: JobState,
+        locked_state: JobState,
+        headers: Mapping[str, str],
+        request_id: bytes,
+    ) -> ForcedOutcome:
+        """The sweeper's re-prepare (proxy.sweeper) of a key decide() found stuck in `state`:
+        take the lock (`locked_state`, decide()'s) through the same compare-and-set `swap` as a
+        poll, fire with the same idempotency key and release. `headers` (sweep.headers) stand in
+        for the client's, whose request is not there; they replace reprepare.headers of their
+        name. A failure leaves the episode as it was, as an operator's does: the sweeper's
+        credentials failing says little about the job, and its owner may still poll. Its
+        outcome is "succeeded", "failed" or "reprepare-in-flight"; StoreUnavailable propagates."""
+        job = self._rules.jobs[job_name]
+        locked = await self.store.swap(job.name, key, state.version, locked_state, job.record_ttl)
+        if locked is None:
+            return ForcedOutcome(
+                "reprepare-in-flight",
+                "a poll or another replica changed the record first",
+                locked_state.attempts,
+                state,
+            )
+        fixed = {n: v for n, v in job.reprepare.headers.items() if n.lower() not in headers}
+        reprepare = replace(job.reprepare, headers={**fixed, **headers})
+        target = GuardTarget(replace(job, reprepare=reprepare), RouteMatch(job.name, key, params))
+        work = asyncio.ensure_future(
+            self._fire_and_release(target, locked, (), request_id, forced=True)
+        )
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+        result = await asyncio.shield(work)
+        outcome = "succeeded" if result.succeeded else "failed"
+        REPREPARES.labels(job.name, outcome).inc()
         return ForcedOutcome(outcome, result.detail, locked.attempts, state)
 
     async def _fire_and_release(

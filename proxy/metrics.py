@@ -87,6 +87,13 @@ REPREPARES = Counter(
     ["job", "outcome"],
     registry=REGISTRY,
 )
+SWEEPS = Counter(
+    "pollguard_sweeps",
+    "Stuck keys nobody polled that the sweeper picked (jobs.<name>.sweep), by job and outcome "
+    "(reprepared, reprepare-failed, reprepare-in-flight, needs-params)",
+    ["job", "outcome"],
+    registry=REGISTRY,
+)
 STORE_ERRORS = Counter(
     "pollguard_store_errors",
     "Job-state store (Redis) calls that failed",
