@@ -261,8 +261,9 @@ def _replicas(setup: Setup, opts: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _script_calls(ports: list[int]) -> int:
-    """EVAL/EVALSHA commands these Redis servers executed (INFO commandstats)."""
+def _redis_scripts(ports: list[int]) -> int:
+    """EVAL/EVALSHA commands these Redis servers executed (INFO commandstats): one per guarded
+    poll that reached Redis (a pipelined batch still runs one script per poll)."""
     total = 0
     for port in ports:
         for line in topologies.redis_cli(port, "INFO", "commandstats").splitlines():
@@ -291,9 +292,13 @@ def _unguarded(port: int) -> float:
 
 
 def _breaker_closed(port: int) -> None:
-    """Wait (≤ 5 s) for the store's breaker to be closed, so no run starts with it open."""
+    """Wait (≤ 5 s) for the store's breaker to be closed, so no run starts with it open. Only a
+    guarded poll after the cool-down probes Redis and closes it: send one every 100 ms."""
     deadline = time.monotonic() + 5
+    probe = 0
     while _metric(port, "pollguard_store_breaker_open") and time.monotonic() < deadline:
+        probe += 1
+        _get(port, f"/pending/probe-{time.time_ns()}-{probe}")
         time.sleep(0.1)
 
 
@@ -327,6 +332,7 @@ def _topology(setup: Setup, topology: str, opts: dict[str, int]) -> dict[str, An
         )
         _breaker_closed(running.port)
         unguarded_before = _unguarded(running.port)
+        calls_before = _redis_scripts(masters)
         pending = load.run_wrk(
             running.port,
             peers.PENDING_PATH,
@@ -336,9 +342,10 @@ def _topology(setup: Setup, topology: str, opts: dict[str, int]) -> dict[str, An
             script=peers.PENDING_SCRIPT,
             script_env={"BENCH_PENDING_KEYS": str(peers.PENDING_KEYS)},
         )
+        pending_calls = _redis_scripts(masters) - calls_before
         unguarded_between = _unguarded(running.port)
         _breaker_closed(running.port)
-        calls_before = _script_calls(masters)
+        calls_before = _redis_scripts(masters)
         fresh = load.run_wrk(
             running.port,
             "/pending/fresh",
@@ -348,7 +355,7 @@ def _topology(setup: Setup, topology: str, opts: dict[str, int]) -> dict[str, An
             script=FRESH_SCRIPT,
             script_env={"BENCH_RUN": f"fresh-{run_id}"},
         )
-        scripts = _script_calls(masters) - calls_before
+        fresh_calls = _redis_scripts(masters) - calls_before
         unguarded_after = _unguarded(running.port)
     finally:
         _stop(running)
@@ -358,7 +365,8 @@ def _topology(setup: Setup, topology: str, opts: dict[str, int]) -> dict[str, An
         key + "pending_p99_ms": pending.p99_ms,
         key + "fresh_rps": fresh.req_per_s,
         key + "fresh_p99_ms": fresh.p99_ms,
-        key + "scripts_per_fresh": scripts / fresh.requests if fresh.requests else None,
+        key + "scripts_per_pending": pending_calls / pending.requests if pending.requests else None,
+        key + "scripts_per_fresh": fresh_calls / fresh.requests if fresh.requests else None,
         # Polls the breaker or a failed call left unguarded: such a run is not the topology's.
         key + "pending_unguarded": int(unguarded_between - unguarded_before),
         key + "fresh_unguarded": int(unguarded_after - unguarded_between),
@@ -445,8 +453,11 @@ def _start_shared(
         setup = Setup(replace(ctx, background_pids=background), files, herd_port, redis_port)
         if "topologies" in rows:
             _log("scale-out: starting Redis Cluster (3 masters, 3 replicas) and Sentinel")
-            cluster = topologies.start_cluster(work)
-            sentinel = topologies.start_sentinel(work)
+            # Side by side: most of either start is waiting (cluster state, sentinels' hellos).
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                started_sentinel = pool.submit(topologies.start_sentinel, work)
+                cluster = topologies.start_cluster(work)
+                sentinel = started_sentinel.result()
             background = (*background, *cluster.pids, *sentinel.pids)
             setup = replace(setup, cluster=cluster, sentinel=sentinel)
         if "workers" in rows:

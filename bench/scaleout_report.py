@@ -166,7 +166,7 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
     else:
         out += [
             "| Redis | guarded 202 req/s | p99 ms | ÷ standalone | fresh keys 202 req/s | p99 ms | "
-            "÷ standalone | Redis scripts per fresh poll | polls left unguarded | "
+            "÷ standalone | Redis scripts per poll (fresh keys) | polls left unguarded | "
             "non-2xx or errors |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
@@ -188,7 +188,8 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
                 f"{_cell(_values(data, key + 'pending_p99_ms'), 1)} | {versus[0]} | "
                 f"{_cell(_values(data, key + 'fresh_rps'))} | "
                 f"{_cell(_values(data, key + 'fresh_p99_ms'), 1)} | {versus[1]} | "
-                f"{_cell(_values(data, key + 'scripts_per_fresh'), 2)} | {unguarded:,.0f} | "
+                f"{_cell(_values(data, key + 'scripts_per_pending'), 3)} "
+                f"({_cell(_values(data, key + 'scripts_per_fresh'), 2)}) | {unguarded:,.0f} | "
                 f"{sum(_values(data, key + 'bad')):,.0f} |"
             )
 
@@ -234,7 +235,9 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
         "warm-up first (the client maps the cluster, asks the sentinels), then the peers' "
         "guarded 202 load (32 connections over 1,000 keys: most polls are answered from the "
         "replica's remembered records) and keys never polled before (bench/fresh_keys.lua: "
-        "every poll one Redis round trip). Polls left unguarded: failed Redis calls and "
+        "every poll one Redis round trip). Redis scripts per poll: EVAL/EVALSHA calls "
+        "(`INFO commandstats` deltas over the masters) ÷ requests, the polls that reached "
+        "Redis. Polls left unguarded: failed Redis calls and "
         "breaker skips (`pollguard_store_errors_total` + `pollguard_store_skipped_total`); "
         "such a run measured `state.on_error: pass`, not the topology. **Workers**: `python -m "
         "proxy serve --workers N` (standalone Redis store, as `--workers 2` needs, for both), "
