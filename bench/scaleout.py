@@ -394,16 +394,23 @@ def _workers(setup: Setup, workers: int, opts: dict[str, int]) -> dict[str, Any]
     )
     try:
         load.time_to_first_response(port, started)
-        # The warm-up also gives every worker time to finish its startup.
-        load.run_wrk(port, "/small", opts["warmup"], [], pin=False)
-        pids = [proc.pid, *procs.children(proc.pid)]
+        # The first answer may come from the first worker up: the warm-up (≥ 2 s) also gives
+        # the other time to finish its startup.
+        load.run_wrk(port, "/small", max(opts["warmup"], 2), [], pin=False)
+        children = procs.children(proc.pid)
+        pids = [proc.pid, *children]
+        cpu_before = [procs.cpu_seconds(pid) for pid in children]
         small = load.run_wrk(
             port, "/small", opts["seconds"], pids, setup.ctx.background_pids, pin=False
         )
+        used = [procs.cpu_seconds(pid) - t for pid, t in zip(children, cpu_before, strict=True)]
     finally:
         procs.stop(proc)
     key = f"workers_{workers}_"
+    # Did the load spread? The busiest child's share of the children's CPU (½ = even); with
+    # one worker, `serve` runs it in its own process and has no children.
     return {
+        key + "busiest_share": max(used) / sum(used) if len(used) > 1 and sum(used) else None,
         key + "rps": small.req_per_s,
         key + "p99_ms": small.p99_ms,
         key + "foreign_cores": small.foreign_cores,

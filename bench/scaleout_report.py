@@ -199,9 +199,9 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
         out.append(status)
     else:
         out += [
-            "| workers | small GET req/s | p99 ms | ÷ one worker | foreign load (cores) | "
-            "non-2xx or errors |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| workers | small GET req/s | p99 ms | ÷ one worker | busiest worker's CPU share | "
+            "foreign load (cores) | non-2xx or errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for workers in (1, 2):
             key = f"workers_{workers}_"
@@ -209,6 +209,7 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
             out.append(
                 f"| {workers} | {_cell(_values(data, key + 'rps'))} | "
                 f"{_cell(_values(data, key + 'p99_ms'), 2)} | {versus} | "
+                f"{_cell(_values(data, key + 'busiest_share'), 2) if workers > 1 else ''} | "
                 f"{_cell(_values(data, key + 'foreign_cores'), 2)} | "
                 f"{sum(_values(data, key + 'bad')):,.0f} |"
             )
@@ -242,6 +243,7 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
         "such a run measured `state.on_error: pass`, not the topology. **Workers**: `python -m "
         "proxy serve --workers N` (standalone Redis store, as `--workers 2` needs, for both), "
         "wrk on `/small` with 32 connections; nothing pinned, in front of a second, unpinned "
-        "nginx upstream; ÷ one worker per round.",
+        "nginx upstream; ÷ one worker per round. Busiest worker's CPU share: its utime+stime "
+        "over the run ÷ all workers' (0.5: the kernel spread the connections evenly).",
     ]
     return out
