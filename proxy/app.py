@@ -82,6 +82,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
             timeout=job.reprepare.timeout,
         ),
         coalesce=job.coalesce,
+        min_poll_interval=job.min_poll_interval,
     )
 
 

@@ -505,6 +505,9 @@ class ReprepareConfig(Section):
     timeout: Duration = DEFAULT_REPREPARE_TIMEOUT
 
 
+MAX_MIN_POLL_INTERVAL = 600.0  # seconds: a pending answer reused for longer hides a ready job
+
+
 class JobConfig(Section):
     mode: Literal["enforce", "shadow"] = "enforce"
     pending_status: frozenset[StatusCode] = Field(default=DEFAULT_PENDING_STATUS, min_length=1)
@@ -521,6 +524,9 @@ class JobConfig(Section):
     key_pattern: Annotated[re.Pattern[str] | None, BeforeValidator(_compile_regex)] = None
     # Identical polls in flight on one replica share one upstream request (the herd shield).
     coalesce: bool = True
+    # A pending answer is reused for this long across replicas (the cross-replica shield,
+    # proxy.shield); 0: off. Bounded: clients of the key see an answer at most this old.
+    min_poll_interval: DurationOrZero = Field(default=0.0, le=MAX_MIN_POLL_INTERVAL)
     reprepare: ReprepareConfig
 
     @model_validator(mode="after")

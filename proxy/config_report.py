@@ -161,6 +161,9 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
         ),
         "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
         "coalesce": job.coalesce,
+        "min_poll_interval": (
+            format_duration(job.min_poll_interval) if job.min_poll_interval else "0s"
+        ),
         "reprepare": {
             "method": reprepare.method,
             "path": reprepare.path,

@@ -39,6 +39,7 @@ from proxy.policy import (
 from proxy.recent import RecentRecords, trust_seconds
 from proxy.reprepare import Repreparer, ReprepareRequest, ReprepareResult, idempotency_key
 from proxy.routes import RouteMatch, RouteTable, is_guardable_key
+from proxy.shield import Shield
 from proxy.stores import JobState, JobStore
 
 logger = logging.getLogger("pollguard.guard")
@@ -81,6 +82,8 @@ class GuardedJob:
     reprepare: ReprepareRequest
     # Identical polls in flight share one upstream request (proxy.coalesce).
     coalesce: bool = True
+    # Seconds a pending answer is reused across replicas (proxy.shield); 0: off.
+    min_poll_interval: float = 0.0
     # How long the job's records live, derived from its limits once, not per poll; carried by
     # the job so a request still holding it after a reload removed the job keeps its TTL.
     record_ttl: float = field(init=False)
@@ -144,6 +147,8 @@ class JobGuard:
         # Replica-local memory of records read from a shared store; 0 = none.
         self._remembered_records = remembered_records
         self._recent = RecentRecords(remembered_records) if remembered_records else None
+        # The cross-replica herd shield over the same store (jobs with min_poll_interval).
+        self.shield = Shield(store, clock=clock)
 
     @property
     def rules(self) -> GuardRules:
@@ -163,6 +168,7 @@ class JobGuard:
         orderly shutdown before the store closes, and for tests."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.shield.settled()
 
     def target(self, method: str, path: str, raw_path: bytes | None = None) -> GuardTarget | None:
         """The job a request belongs to, or None for an unguarded request. `path` is the decoded

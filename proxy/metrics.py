@@ -68,6 +68,13 @@ COALESCED = LoopCounter(
     ["job"],
     registry=REGISTRY,
 )
+SHIELDED = LoopCounter(
+    "pollguard_shielded_requests",
+    "Guarded polls answered with a pending answer another poll of the same key got within "
+    "jobs.<name>.min_poll_interval, on any replica (the cross-replica shield), by job",
+    ["job"],
+    registry=REGISTRY,
+)
 DECISIONS = LoopCounter(
     "pollguard_decisions",
     "Guard decisions on pending answers, by job, decision and mode",
