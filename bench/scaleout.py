@@ -205,7 +205,8 @@ def _herd(setup: Setup, opts: dict[str, int]) -> dict[str, Any]:
         "herd_upstream_rps": upstream_rps,
         "herd_client_per_upstream": result.req_per_s / upstream_rps,
         "herd_upstream_per_window": upstream_rps * STUCK_DELAY_MS / 1000,
-        "herd_bad": result.non_2xx + result.socket_errors,
+        "herd_non_2xx": result.non_2xx,
+        "herd_socket_errors": result.socket_errors,
     }
 
 
@@ -263,7 +264,8 @@ def _replicas(setup: Setup, opts: dict[str, int]) -> dict[str, Any]:
         "replicas_mean_key_rps": statistics.mean(per_key),
         "replicas_shortest_gap_s": shortest,
         "replicas_seconds": last - first,
-        "replicas_bad": sum(r.non_2xx + r.socket_errors for r in results),
+        "replicas_non_2xx": sum(r.non_2xx for r in results),
+        "replicas_socket_errors": sum(r.socket_errors for r in results),
     }
 
 

@@ -134,7 +134,7 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
         out += [
             "| pollers | store | upstream answer takes | client polls/s | client p99 ms | "
             "upstream polls/s | client ÷ upstream | upstream requests per window | "
-            "non-2xx or errors |",
+            "non-2xx / socket errors |",
             "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
             f"| {data['herd_pollers']:,} | standalone Redis | {window} ms | "
             f"{_cell(_values(data, 'herd_client_rps'))} | "
@@ -142,7 +142,8 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
             f"{_cell(_values(data, 'herd_upstream_rps'), 1)} | "
             f"{_cell(_values(data, 'herd_client_per_upstream'))} | "
             f"{_cell(_values(data, 'herd_upstream_per_window'), 2)} | "
-            f"{sum(_values(data, 'herd_bad')):,.0f} |",
+            f"{sum(_values(data, 'herd_non_2xx')):,.0f} / "
+            f"{sum(_values(data, 'herd_socket_errors')):,.0f} |",
         ]
 
     out += ["", "### Across replicas: `min_poll_interval`", ""]
@@ -153,7 +154,7 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
         out += [
             "| replicas | pollers | keys | min_poll_interval | client polls/s | upstream polls, "
             "all keys | upstream polls/s per key, worst | mean | shortest gap between a key's "
-            "upstream polls, s | non-2xx or errors |",
+            "upstream polls, s | non-2xx / socket errors |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
             f"| 2 | {data['replica_pollers']:,} | {data['replica_keys']} | "
             f"{data['min_poll_interval_s']:g} s | {_cell(_values(data, 'replicas_client_rps'))} | "
@@ -162,7 +163,8 @@ def section(data: dict[str, Any] | None, opts: dict[str, int]) -> list[str]:
             f"{_cell(_values(data, 'replicas_worst_key_rps'), 3)} | "
             f"{_cell(_values(data, 'replicas_mean_key_rps'), 3)} | "
             f"{_cell(_values(data, 'replicas_shortest_gap_s'), 2)} | "
-            f"{sum(_values(data, 'replicas_bad')):,.0f} |",
+            f"{sum(_values(data, 'replicas_non_2xx')):,.0f} / "
+            f"{sum(_values(data, 'replicas_socket_errors')):,.0f} |",
         ]
 
     out += ["", "### Redis topologies: guarded 202", ""]
