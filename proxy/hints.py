@@ -334,7 +334,7 @@ def _iso_seconds(text: str) -> float:
     if len(text) < 11 or text[10] not in "Tt ":
         raise ValueError("not an ISO 8601 date-time (a date and a time) nor epoch seconds")
     try:
-        when = datetime.fromisoformat(text)
+        when = datetime.fromisoformat(text.upper())  # RFC 3339 allows a lower-case t and z
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = when.timestamp()
