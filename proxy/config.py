@@ -44,12 +44,19 @@ from proxy.config_loading import (
 from proxy.config_tls import ServerTLSConfig, UpstreamTLSConfig
 from proxy.errors import ConfigError
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
+from proxy.hints import (
+    DEFAULT_QUEUED_AFTER,
+    DEFAULT_RUNNING_AFTER,
+    DEFAULT_RUNNING_WITHOUT_START,
+    HintsConfig,
+)
 from proxy.routes import DEFAULT_KEY_SEPARATOR
 
 __all__ = [
     "AdminConfig",
     "Config",
     "JobConfig",
+    "ProbeConfig",
     "ReprepareConfig",
     "RouteConfig",
     "ServerConfig",
@@ -549,6 +556,23 @@ class SweepConfig(Section):
     ] = Field(default_factory=dict)
 
 
+DEFAULT_PROBE_METHOD = "GET"
+DEFAULT_PROBE_TIMEOUT = 2.0
+DEFAULT_PROBE_MIN_INTERVAL = 10.0
+
+
+class ProbeConfig(Section):
+    """`jobs.<name>.probe`: a status request whose answer is read with the job's hints."""
+
+    method: HttpMethod = DEFAULT_PROBE_METHOD
+    path: Annotated[PathTemplate, AfterValidator(_no_dot_segments)]
+    forward_headers: Annotated[tuple[HeaderName, ...], AfterValidator(_forwardable)] = (
+        DEFAULT_FORWARD_HEADERS
+    )
+    timeout: Duration = DEFAULT_PROBE_TIMEOUT
+    min_interval: Duration = DEFAULT_PROBE_MIN_INTERVAL  # per key, across replicas
+
+
 class JobConfig(Section):
     mode: Literal["enforce", "shadow"] = "enforce"
     pending_status: frozenset[StatusCode] = Field(default=DEFAULT_PENDING_STATUS, min_length=1)
@@ -571,10 +595,24 @@ class JobConfig(Section):
     reprepare: ReprepareConfig
     # Off when absent; `sweep:` alone (YAML null), like any section, means the defaults.
     sweep: Annotated[SweepConfig | None, BeforeValidator(_none_means_defaults)] = None
+    # The backend's own clocks (proxy.hints, proxy.probe); default: no hints.
+    hints: HintsConfig = Field(default_factory=HintsConfig)
+    queued_after: Duration = DEFAULT_QUEUED_AFTER
+    running_after: Duration = DEFAULT_RUNNING_AFTER
+    running_without_start: Literal["stuck", "wait"] = DEFAULT_RUNNING_WITHOUT_START
+    probe: ProbeConfig | None = None
 
     @model_validator(mode="after")
     def _retry_after_within_max(self) -> JobConfig:
         problems: list[tuple[Path, str]] = []
+        if self.probe is not None and not self.hints.enabled:
+            problems.append(
+                (
+                    ("probe",),
+                    "set, but hints has no status source — the probe's answer is read with "
+                    "the job's hints; add hints.status, e.g. {json: /status}",
+                )
+            )
         # A pending status is checked first; overlapping the *default* end_status is fine
         # (pending_status: [202, 204] means 204 is pending), naming it in both lists is not.
         both = sorted(self.pending_status & self.end_status)
@@ -733,14 +771,19 @@ class Config(Section):
                             f"{{{lacking[0]}}} to routes[{index}].key or remove sweep",
                         )
                     )
-            for name in needed:
-                if name not in route.param_names:
-                    problems.append(
-                        (
-                            ("jobs", route.job, "reprepare", "path"),
-                            f"{_not_a_param(name, route)} (routes[{index}] uses job {route.job})",
+            templates = {"reprepare": job.reprepare.path}
+            if job.probe is not None:
+                templates["probe"] = job.probe.path
+            for section, template in templates.items():
+                for name in template_params(template):
+                    if name not in route.param_names:
+                        problems.append(
+                            (
+                                ("jobs", route.job, section, "path"),
+                                f"{_not_a_param(name, route)} (routes[{index}] uses job "
+                                f"{route.job})",
+                            )
                         )
-                    )
         if problems:
             raise FieldProblems(problems)
         return self
@@ -754,6 +797,8 @@ _MISSING_HINTS: dict[tuple[type[BaseModel], str], str] = {
     "again, e.g. path: /api/recordings/{call_sid}/prepare",
     (ReprepareConfig, "path"): "set the backend path that forces the job to be prepared again, "
     "e.g. /api/recordings/{call_sid}/prepare",
+    (ProbeConfig, "path"): "set the backend path that answers the job's status, e.g. "
+    "/api/recordings/{call_sid}/status",
     (RouteConfig, "path"): "set the request path this route matches, e.g. "
     "/api/recordings/file/{call_sid}",
     (RouteConfig, "job"): "name the job (a key under jobs) that tracks this route",
