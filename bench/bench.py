@@ -1,10 +1,12 @@
 """Benchmark pollguard against nginx and the Python proxies, in one run, on one machine.
 
 Usage (normally through bench/run, which installs everything first):
-    python bench/bench.py [--quick] [--rounds N] [--peers a,b] [--ws-only] [--report-only]
+    python bench/bench.py [--quick] [--rounds N] [--peers a,b] [--scale-out rows] [--ws-only]
+                          [--report-only]
 Peers are measured in alternating order, round after round, so machine drift hits all of
 them equally; the report shows medians with min–max. Each round measures HTTP, then WebSockets
-(bench/ws.py) in a second process of the same peer.
+(bench/ws.py) in a second process of the same peer. Then the scale-out rows (bench/scaleout.py:
+herd, replicas, topologies, workers), as many rounds.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import load
 import peers
 import procs
 import report
+import scaleout
 import upstream
 import ws
 
@@ -287,6 +290,7 @@ def run(args: argparse.Namespace) -> int:
     if args.seconds:
         opts["seconds"] = args.seconds
     selected = [p for p in peers.PEERS if not args.peers or p.name in args.peers.split(",")]
+    rows: tuple[str, ...] = args.scale_out
     if args.ws_only:
         selected = [p for p in selected if p.websocket]
     WORK.mkdir(parents=True, exist_ok=True)
@@ -372,6 +376,9 @@ def run(args: argparse.Namespace) -> int:
                 )
                 _log(f"  {peer.name}: Redis frozen {opts['frozen']} s, guarded 202: {segments}")
             samples[peer.name].append(asdict(sample))
+    scaled = None
+    if not args.ws_only and rows:
+        scaled = scaleout.measure(ctx, files, opts, rows)
     # Deterministic instruction counts: full runs only (valgrind is slow; --quick is CI's).
     counted = None
     if not args.quick and not args.ws_only and any(p.is_pollguard for p in runnable):
@@ -394,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
             for p in selected
         ],
         "instructions": counted,
+        "scaleout": scaled,
     }
     RESULTS_JSON.write_text(json.dumps(results, indent=2))
     # A --quick smoke run (CI) or a partial one must not overwrite the committed full report.
@@ -420,6 +428,8 @@ def _exit_code(results: dict[str, Any]) -> int:
             or any(s.get("error") or s.get("ws_error") for s in samples)
         ):
             broken.append(peer["name"])
+    # A scale-out row that raised (not one missing a speed target, not one n/a here).
+    broken += [f"scale-out {row}" for row in ((results.get("scaleout") or {}).get("errors") or {})]
     if broken:
         _log(f"FAILED: pollguard could not be benchmarked: {', '.join(broken)}")
         return 1
@@ -439,6 +449,14 @@ def main() -> int:
     )
     parser.add_argument(
         "--peers", help="comma-separated subset of: " + ", ".join(p.name for p in peers.PEERS)
+    )
+    parser.add_argument(
+        "--scale-out",
+        type=scaleout.parse_rows,
+        default=scaleout.ROWS,
+        help="comma-separated subset of the scale-out rows to measure: "
+        + ", ".join(scaleout.ROWS)
+        + "; 'all' (default) or 'none'",
     )
     parser.add_argument(
         "--ws-only",

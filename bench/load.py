@@ -103,13 +103,16 @@ def run_wrk(
     background_pids: Sequence[int] = (),
     script: Path | None = None,
     script_env: dict[str, str] | None = None,
+    connections: int = WRK_CONNECTIONS,
+    pin: bool = True,
 ) -> WrkResult:
+    """wrk on the load core (`pin`), or wherever the scheduler puts it (unpinned runs)."""
     url = f"http://127.0.0.1:{port}{path}"
     argv = [
         "wrk",
         *(["-s", str(script)] if script else []),
         f"-t{WRK_THREADS}",
-        f"-c{WRK_CONNECTIONS}",
+        f"-c{connections}",
         f"-d{seconds}s",
         "--latency",
         "--timeout",
@@ -119,7 +122,7 @@ def run_wrk(
     cpu_before = _cpu_total(pids) if pids else None
     foreign = ForeignLoad([*pids, *background_pids])
     done = subprocess.run(
-        procs.pinned(procs.LOAD_CORE, argv),
+        procs.pinned(procs.LOAD_CORE, argv) if pin else argv,
         capture_output=True,
         text=True,
         timeout=seconds + WRK_SLACK_SECONDS,

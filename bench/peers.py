@@ -172,8 +172,13 @@ def _start_pollguard_variant(ctx: Context, name: str, extra: str) -> Running:
 
 def _start_pollguard(ctx: Context, redis: bool) -> Running:
     name = "pollguard-redis" if redis else "pollguard"
+    return start_pollguard(ctx, name, pollguard_config(ctx, redis))
+
+
+def start_pollguard(ctx: Context, name: str, config_text: str) -> Running:
+    """pollguard under uvicorn with `config_text`, pinned to the proxy core."""
     config = ctx.work / f"{name}.yaml"
-    config.write_text(pollguard_config(ctx, redis))
+    config.write_text(config_text)
     # The server protocols `pollguard serve` runs (bounded request heads, no trailers as headers,
     # 1001 at shutdown): measured as deployed, their cost included.
     target = [

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import peers as peers_module
+import scaleout_report
 import upstream
 
 PACKAGES = [
@@ -560,14 +561,16 @@ def render_markdown(results: dict[str, Any]) -> str:
     out += _frozen_section(peers, opts)
     out += ws_section(peers, meta)
     out += instructions_section(results.get("instructions"))
+    out += scaleout_report.section(results.get("scaleout"), opts)
     out += [
         "",
-        "## Targets (issues 5 and 8; medians of this run)",
+        "## Targets (issues 5, 8, 11 and 12; medians of this run)",
         "",
         "| target | measured | |",
         "|---|---:|---|",
     ]
     out += _target_lines(by_name, results.get("instructions"))
+    out += scaleout_report.target_lines(results.get("scaleout"))
     out += ["", "## Peers", ""]
     out += [f"- **{p['name']}**: {p['description']}" for p in peers]
     out += [

@@ -94,12 +94,12 @@ events {{ worker_connections 4096; }}
 """
 
 
-def upstream_config(work: Path, files: UpstreamFiles, port: int) -> str:
+def upstream_config(work: Path, files: UpstreamFiles, port: int, name: str = "upstream") -> str:
     return (
-        _main_block(work, "upstream")
+        _main_block(work, name)
         + f"""
 http {{
-{_common_http(work, "upstream")}
+{_common_http(work, name)}
     server {{
         listen 127.0.0.1:{port};
         location = /small {{ default_type text/plain; return 200 "{SMALL_BODY.rstrip()}\\n"; }}
@@ -176,15 +176,20 @@ def nginx_argv(work: Path, name: str, config_text: str) -> list[str]:
     return ["nginx", "-p", str(work), "-e", str(work / f"{name}-error.log"), "-c", str(conf)]
 
 
-def start_upstream(work: Path, files: UpstreamFiles) -> tuple[subprocess.Popen[bytes], int]:
+def start_upstream(
+    work: Path, files: UpstreamFiles, name: str = "upstream", pin: bool = True
+) -> tuple[subprocess.Popen[bytes], int]:
+    """The nginx upstream on the load core; `pin=False` for unpinned runs (another `name`)."""
     port = procs.free_port()
-    argv = nginx_argv(work, "upstream", upstream_config(work, files, port))
-    proc = procs.start(procs.pinned(procs.LOAD_CORE, argv), log=work / "logs" / "upstream.log")
+    argv = nginx_argv(work, name, upstream_config(work, files, port, name))
+    proc = procs.start(
+        procs.pinned(procs.LOAD_CORE, argv) if pin else argv, log=work / "logs" / f"{name}.log"
+    )
     procs.wait_for_port(port, proc)
     return proc, port
 
 
-def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_redis(work: Path, name: str = "redis") -> tuple[subprocess.Popen[bytes], int]:
     port = procs.free_port()
     argv = [
         "redis-server",
@@ -201,7 +206,7 @@ def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], int]:
         "--dir",
         str(work),
     ]
-    proc = procs.start(procs.pinned(procs.LOAD_CORE, argv), log=work / "logs" / "redis.log")
+    proc = procs.start(procs.pinned(procs.LOAD_CORE, argv), log=work / "logs" / f"{name}.log")
     procs.wait_for_port(port, proc)
     return proc, port
 

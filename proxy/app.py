@@ -10,7 +10,7 @@ import time
 from typing import TYPE_CHECKING
 
 from proxy.admin import create_admin_app
-from proxy.admin_wiring import admin_api
+from proxy.admin_wiring import MEMORY_SCAN_STEP, REDIS_SCAN_STEP, admin_api
 from proxy.config import Config, JobConfig, StateConfig, job_limits, load_config
 from proxy.errors import ConfigError
 from proxy.fdlimit import raise_open_files_limit
@@ -27,6 +27,7 @@ from proxy.request_log import ADMIN, NO_RESPONSE, RequestLog
 from proxy.routes import RouteSpec, RouteTable
 from proxy.server_http import configure as configure_server_protocol
 from proxy.stores import JobStore, create_store
+from proxy.sweeper import Sweeper, sweep_settings
 from proxy.tls import client_context
 from proxy.upstream import Upstream, UpstreamSettings
 from proxy.websocket import WebSocketProxy, WebSocketSettings
@@ -71,6 +72,7 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
             timeout=job.reprepare.timeout,
         ),
         coalesce=job.coalesce,
+        min_poll_interval=job.min_poll_interval,
     )
 
 
@@ -124,6 +126,7 @@ class PollguardApp:
         self.store: JobStore | None = None
         self.shared_metrics: SharedMetrics | None = None
         self.guard: JobGuard | None = None
+        self.sweeper: Sweeper | None = None
         self.repreparer: Repreparer | None = None
         request_log = RequestLog(
             metrics=config.metrics.requests,
@@ -203,6 +206,14 @@ class PollguardApp:
                 else 0,
             )
             self.forwarder.guard = self.guard
+            # Jobs with `sweep` are swept periodically; with none, no task runs. Their settings
+            # are read from the running config at each pass, so a reload applies to them.
+            self.sweeper = Sweeper(
+                self.guard,
+                lambda: sweep_settings(self.config.jobs),
+                scan_step=REDIS_SCAN_STEP if config.state.uses_redis else MEMORY_SCAN_STEP,
+            )
+            self.sweeper.reconfigured()
         redis_store = self.store if config.state.uses_redis else None
         token = config.admin.token.get_secret_value() if config.admin.token else None
         self.admin = create_admin_app(
@@ -232,6 +243,8 @@ class PollguardApp:
         if self.guard is not None:
             self.guard.reconfigure(*guard_rules(config))
         self.config = config
+        if self.sweeper is not None:
+            self.sweeper.reconfigured()  # a job that started or stopped sweeping
 
     async def shutdown(self) -> None:
         if self.reloader is not None:
@@ -239,6 +252,8 @@ class PollguardApp:
         # Under pollguard serve every WebSocket is closed by now (proxy.server_ws, at SIGTERM);
         # under another server, this closes the rest with 1001.
         await self.websockets.close_all(self.config.server.shutdown_timeout)
+        if self.sweeper is not None:
+            await self.sweeper.stop()
         if self.guard is not None:
             # Episodes that just ended are forgotten in the background: let those writes land
             # (each is bounded by state.timeout) before the store closes.

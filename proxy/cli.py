@@ -34,6 +34,7 @@ from proxy.jobs_cli import add_jobs_parser
 from proxy.logformat import FORMATTERS
 from proxy.server_http import PROTOCOL_PATH
 from proxy.server_ws import WS_PROTOCOL_PATH
+from proxy.sweep_cli import add_sweep_parser
 from proxy.tls import uvicorn_ssl_options
 
 EXIT_CONFIG_ERROR = 2
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(commands)
     add_simulate_backend_parser(commands)
     add_jobs_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 

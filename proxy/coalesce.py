@@ -45,18 +45,22 @@ class Shared(NamedTuple):
 class Flight:
     """One leading request in flight, and what it shares when it lands."""
 
-    __slots__ = ("_outcome", "client_headers", "key")
+    __slots__ = ("_outcome", "client_headers", "keep", "kept", "key")
 
     def __init__(self, key: FlightKey, client_headers: Sequence[tuple[bytes, bytes]]) -> None:
         self.key = key
         self.client_headers = client_headers
         # Made when the first follower comes: most leaders have none.
         self._outcome: asyncio.Future[Shared | None] | None = None
+        # Set when the answer is wanted beyond the followers (the cross-replica shield's claim,
+        # proxy.shield): share() then also keeps it here.
+        self.keep = False
+        self.kept: Shared | None = None
 
     @property
     def followed(self) -> bool:
         """Whether anyone waits for this answer (else the leader need not keep a copy)."""
-        return self._outcome is not None
+        return self._outcome is not None or self.keep
 
     def admits(self, client_headers: Sequence[tuple[bytes, bytes]]) -> bool:
         """Whether a request with these header fields may follow this one."""
@@ -71,6 +75,8 @@ class Flight:
         return await asyncio.shield(self._outcome)
 
     def share(self, shared: Shared | None) -> None:
+        if self.keep and self.kept is None:
+            self.kept = shared
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_result(shared)
 

@@ -43,18 +43,26 @@ from proxy.config_loading import (
 from proxy.config_tls import ServerTLSConfig, UpstreamTLSConfig
 from proxy.errors import ConfigError
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE
+from proxy.hints import (
+    DEFAULT_QUEUED_AFTER,
+    DEFAULT_RUNNING_AFTER,
+    DEFAULT_RUNNING_WITHOUT_START,
+    HintsConfig,
+)
 from proxy.policy import DEFAULT_TERMINAL_COOLDOWN_SECONDS, GuardLimits
-from proxy.routes import template_params
+from proxy.routes import DEFAULT_KEY_SEPARATOR, template_params
 
 __all__ = [
     "AdminConfig",
     "Config",
     "JobConfig",
+    "ProbeConfig",
     "ReprepareConfig",
     "RouteConfig",
     "ServerConfig",
     "ServerTLSConfig",
     "StateConfig",
+    "SweepConfig",
     "UpstreamConfig",
     "UpstreamTLSConfig",
     "WebSocketConfig",
@@ -113,6 +121,12 @@ DEFAULT_REPREPARE_METHOD = "POST"
 DEFAULT_FORWARD_HEADERS = ("authorization", "cookie")
 DEFAULT_REPREPARE_TIMEOUT = 10.0
 DEFAULT_ROUTE_METHODS = frozenset({"GET", "HEAD"})
+# The sweeper (jobs.<name>.sweep, proxy.sweeper): a pass every 30s over keys unpolled for 1m.
+DEFAULT_SWEEP_INTERVAL = 30.0
+DEFAULT_SWEEP_IDLE_AFTER = 60.0
+MIN_SWEEP_INTERVAL = 1.0  # each pass claims a lease and scans: not a busy loop
+MAX_SWEEP_INTERVAL = 3600.0
+MAX_SWEEP_IDLE_AFTER = 86400.0
 UPSTREAM_SCHEMES = ("http", "https")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _JOB_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -506,6 +520,59 @@ class ReprepareConfig(Section):
     timeout: Duration = DEFAULT_REPREPARE_TIMEOUT
 
 
+MAX_MIN_POLL_INTERVAL = 600.0  # seconds: a pending answer reused for longer hides a ready job
+_HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # field-value: no CTL but HTAB
+
+
+def _sweep_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
+    for name, value in headers.items():
+        if name.encode() in NEVER_FORWARDED_ON_REPREPARE:
+            raise ValueError(
+                f"{name!r} can't be set — it frames or identifies the re-prepare request itself; "
+                "remove it (set e.g. authorization)"
+            )
+        if _HEADER_VALUE_BAD.search(value) or value != value.strip():
+            raise ValueError(
+                f"the value of {name!r} has a control character or surrounding whitespace — an "
+                "HTTP field value is printable text; fix the value (or the variable it comes from)"
+            )
+    return headers
+
+
+def _none_means_defaults(value: object) -> object:
+    return {} if value is None else value
+
+
+class SweepConfig(Section):
+    """One replica at a time re-prepares this job's stuck keys nobody polls (proxy.sweeper)."""
+
+    interval: Annotated[Duration, Field(ge=MIN_SWEEP_INTERVAL, le=MAX_SWEEP_INTERVAL)] = (
+        DEFAULT_SWEEP_INTERVAL
+    )
+    idle_after: Annotated[Duration, Field(le=MAX_SWEEP_IDLE_AFTER)] = DEFAULT_SWEEP_IDLE_AFTER
+    # The sweep's re-prepare has no client request to forward credentials from: these stand in.
+    headers: Annotated[
+        dict[HeaderName, str], BeforeValidator(_stringify_values), AfterValidator(_sweep_headers)
+    ] = Field(default_factory=dict)
+
+
+DEFAULT_PROBE_METHOD = "GET"
+DEFAULT_PROBE_TIMEOUT = 2.0
+DEFAULT_PROBE_MIN_INTERVAL = 10.0
+
+
+class ProbeConfig(Section):
+    """`jobs.<name>.probe`: a status request whose answer is read with the job's hints."""
+
+    method: HttpMethod = DEFAULT_PROBE_METHOD
+    path: Annotated[PathTemplate, AfterValidator(_no_dot_segments)]
+    forward_headers: Annotated[tuple[HeaderName, ...], AfterValidator(_forwardable)] = (
+        DEFAULT_FORWARD_HEADERS
+    )
+    timeout: Duration = DEFAULT_PROBE_TIMEOUT
+    min_interval: Duration = DEFAULT_PROBE_MIN_INTERVAL  # per key, across replicas
+
+
 class JobConfig(Section):
     mode: Literal["enforce", "shadow"] = "enforce"
     pending_status: frozenset[StatusCode] = Field(default=DEFAULT_PENDING_STATUS, min_length=1)
@@ -522,11 +589,30 @@ class JobConfig(Section):
     key_pattern: Annotated[re.Pattern[str] | None, BeforeValidator(_compile_regex)] = None
     # Identical polls in flight on one replica share one upstream request (the herd shield).
     coalesce: bool = True
+    # A pending answer is reused for this long across replicas (the cross-replica shield,
+    # proxy.shield); 0: off. Bounded: clients of the key see an answer at most this old.
+    min_poll_interval: DurationOrZero = Field(default=0.0, le=MAX_MIN_POLL_INTERVAL)
     reprepare: ReprepareConfig
+    # Off when absent; `sweep:` alone (YAML null), like any section, means the defaults.
+    sweep: Annotated[SweepConfig | None, BeforeValidator(_none_means_defaults)] = None
+    # The backend's own clocks (proxy.hints, proxy.probe); default: no hints.
+    hints: HintsConfig = Field(default_factory=HintsConfig)
+    queued_after: Duration = DEFAULT_QUEUED_AFTER
+    running_after: Duration = DEFAULT_RUNNING_AFTER
+    running_without_start: Literal["stuck", "wait"] = DEFAULT_RUNNING_WITHOUT_START
+    probe: ProbeConfig | None = None
 
     @model_validator(mode="after")
     def _retry_after_within_max(self) -> JobConfig:
         problems: list[tuple[Path, str]] = []
+        if self.probe is not None and not self.hints.enabled:
+            problems.append(
+                (
+                    ("probe",),
+                    "set, but hints has no status source — the probe's answer is read with "
+                    "the job's hints; add hints.status, e.g. {json: /status}",
+                )
+            )
         # A pending status is checked first; overlapping the *default* end_status is fine
         # (pending_status: [202, 204] means 204 is pending), naming it in both lists is not.
         both = sorted(self.pending_status & self.end_status)
@@ -549,6 +635,15 @@ class JobConfig(Section):
                         "raise retry_after_max",
                     )
                 )
+        if self.sweep is not None and self.sweep.idle_after <= self.retry_after_max:
+            problems.append(
+                (
+                    ("sweep", "idle_after"),
+                    f"{format_duration(self.sweep.idle_after)} is not longer than "
+                    f"retry_after_max ({format_duration(self.retry_after_max)}) — a client "
+                    "waiting the Retry-After it was given would look idle; raise idle_after",
+                )
+            )
         if problems:
             raise FieldProblems(problems)
         return self
@@ -676,14 +771,36 @@ class Config(Section):
                     )
                 )
                 continue
-            for name in template_params(job.reprepare.path):
-                if name not in route.param_names:
+            needed = template_params(job.reprepare.path)
+            if job.sweep is not None:
+                # The sweeper has only a stored key: each route's key must give every
+                # parameter of the re-prepare path (proxy.keyparams inverts it).
+                key = route.key
+                if key is None:
+                    key = DEFAULT_KEY_SEPARATOR.join(f"{{{name}}}" for name in route.param_names)
+                lacking = [name for name in needed if name not in template_params(key)]
+                if lacking:
                     problems.append(
                         (
-                            ("jobs", route.job, "reprepare", "path"),
-                            f"{_not_a_param(name, route)} (routes[{index}] uses job {route.job})",
+                            ("jobs", route.job, "sweep"),
+                            f"routes[{index}] key {key!r} lacks {lacking}, which "
+                            f"reprepare.path needs — the sweeper has only the key; add "
+                            f"{{{lacking[0]}}} to routes[{index}].key or remove sweep",
                         )
                     )
+            templates = {"reprepare": job.reprepare.path}
+            if job.probe is not None:
+                templates["probe"] = job.probe.path
+            for section, template in templates.items():
+                for name in template_params(template):
+                    if name not in route.param_names:
+                        problems.append(
+                            (
+                                ("jobs", route.job, section, "path"),
+                                f"{_not_a_param(name, route)} (routes[{index}] uses job "
+                                f"{route.job})",
+                            )
+                        )
         if problems:
             raise FieldProblems(problems)
         return self
@@ -697,6 +814,8 @@ _MISSING_HINTS: dict[tuple[type[BaseModel], str], str] = {
     "again, e.g. path: /api/recordings/{call_sid}/prepare",
     (ReprepareConfig, "path"): "set the backend path that forces the job to be prepared again, "
     "e.g. /api/recordings/{call_sid}/prepare",
+    (ProbeConfig, "path"): "set the backend path that answers the job's status, e.g. "
+    "/api/recordings/{call_sid}/status",
     (RouteConfig, "path"): "set the request path this route matches, e.g. "
     "/api/recordings/file/{call_sid}",
     (RouteConfig, "job"): "name the job (a key under jobs) that tracks this route",

@@ -161,6 +161,9 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
         ),
         "key_pattern": None if job.key_pattern is None else job.key_pattern.pattern,
         "coalesce": job.coalesce,
+        "min_poll_interval": (
+            format_duration(job.min_poll_interval) if job.min_poll_interval else "0s"
+        ),
         "reprepare": {
             "method": reprepare.method,
             "path": reprepare.path,
@@ -169,6 +172,16 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
             "forward_headers": list(reprepare.forward_headers),
             "timeout": format_duration(reprepare.timeout),
         },
+        **({} if job.sweep is None else {"sweep": _plain_sweep(job)}),
+    }
+
+
+def _plain_sweep(job: JobConfig) -> dict[str, Any]:
+    assert job.sweep is not None
+    return {
+        "interval": format_duration(job.sweep.interval),
+        "idle_after": format_duration(job.sweep.idle_after),
+        "headers": {name: _mask_if_secret(name, v) for name, v in job.sweep.headers.items()},
     }
 
 

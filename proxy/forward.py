@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from proxy.client import ClientLink, Message, Patrol, Receive, Send
-from proxy.coalesce import SHARE_LIMIT, Flight, Flights, copy_for, land, shareable
+from proxy.coalesce import SHARE_LIMIT, Flight, Flights, Shared, copy_for, land, shareable
 from proxy.errors import (
     BadRequest,
     ClientDisconnected,
@@ -30,12 +30,14 @@ from proxy.headers import (
     RawHeaders,
     TrustedNetworks,
     forwarded_request_headers,
+    header_value,
     new_request_id,
 )
 from proxy.logtext import log_safe
-from proxy.metrics import COALESCED, UPSTREAM_ERRORS
+from proxy.metrics import COALESCED, SHIELDED, UPSTREAM_ERRORS
 from proxy.problems import Problem
 from proxy.request_log import GUARDED, UNGUARDED, RequestLog
+from proxy.shield import ShieldedAnswer, Ticket, shield_digest
 from proxy.upstream import Upstream, UpstreamResponse
 
 logger = logging.getLogger("pollguard.forward")
@@ -79,6 +81,7 @@ class Forwarder:
         # ~2k instructions on a path that runs for every request.
         client = ClientLink(receive, send, self._patrol, self.upstream.loop)
         flight: Flight | None = None  # this request leads identical ones (proxy.coalesce)
+        ticket: Ticket | None = None  # this request holds the shield's claim (proxy.shield)
         raw_path: bytes | None = scope.get("raw_path")
         target = raw_path if raw_path else quote(scope["path"]).encode()
         if query := scope.get("query_string"):
@@ -121,6 +124,33 @@ class Forwarder:
                             await client.send_whole(shared.status, copy_headers, copy_body, head)
                             return
                         # The leader could not share its answer: ask the upstream ourselves.
+                if (
+                    target_job.job.min_poll_interval
+                    and method == "GET"
+                    and body is None
+                    and self.guard is not None
+                    and header_value(client_headers, b"range") is None
+                ):
+                    job, shield = target_job.job, self.guard.shield
+                    entered = await shield.enter(
+                        job.name,
+                        target_job.match.key,
+                        shield_digest(method, target, client_headers),
+                        job.min_poll_interval,
+                        job.pending_status,
+                    )
+                    if type(entered) is ShieldedAnswer:
+                        SHIELDED.labels(job.name).value += 1
+                        copy_headers, copy_body = shield.copy(entered, request_id)
+                        if flight is not None and flight.followed:
+                            flight.share(Shared(entered.status, copy_headers, copy_body, False))
+                        await client.send_whole(entered.status, copy_headers, copy_body, False)
+                        return
+                    if type(entered) is Ticket:
+                        ticket = entered
+                        if flight is None:  # not coalescing: a flight of its own, never joined
+                            flight = Flight((method, target), client_headers)
+                        flight.keep = True
             try:
                 sent_at = perf_counter()
                 response = await self.upstream.send(method, target, headers, body, host)
@@ -175,6 +205,8 @@ class Forwarder:
             client.stop()
             if flight is not None:
                 land(self._flights, flight)
+                if ticket is not None and self.guard is not None:
+                    self.guard.shield.settle(ticket, flight.kept)
             if self.request_log is not None:
                 self.request_log.forwarded(client, kind, scope, target)
 

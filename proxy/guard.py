@@ -14,7 +14,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, NamedTuple
 
 from proxy import answers
@@ -43,6 +43,7 @@ from proxy.policy import (
 from proxy.recent import RecentRecords, trust_seconds
 from proxy.reprepare import Repreparer, ReprepareRequest, ReprepareResult, idempotency_key
 from proxy.routes import RouteMatch, RouteTable, is_guardable_key
+from proxy.shield import Shield
 from proxy.stores import JobState, JobStore
 
 logger = logging.getLogger("pollguard.guard")
@@ -85,6 +86,8 @@ class GuardedJob:
     reprepare: ReprepareRequest
     # Identical polls in flight share one upstream request (proxy.coalesce).
     coalesce: bool = True
+    # Seconds a pending answer is reused across replicas (proxy.shield); 0: off.
+    min_poll_interval: float = 0.0
     # How long the job's records live, derived from its limits once, not per poll; carried by
     # the job so a request still holding it after a reload removed the job keeps its TTL.
     record_ttl: float = field(init=False)
@@ -161,6 +164,8 @@ class JobGuard:
         # Replica-local memory of records read from a shared store; 0 = none.
         self._remembered_records = remembered_records
         self._recent = RecentRecords(remembered_records) if remembered_records else None
+        # The cross-replica herd shield over the same store (jobs with min_poll_interval).
+        self.shield = Shield(store, clock=clock)
 
     @property
     def rules(self) -> GuardRules:
@@ -180,6 +185,7 @@ class JobGuard:
         orderly shutdown before the store closes, and for tests."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        await self.shield.settled()
 
     def target(self, method: str, path: str, raw_path: bytes | None = None) -> GuardTarget | None:
         """The job a request belongs to, or None for an unguarded request. `path` is the decoded
@@ -446,6 +452,45 @@ class JobGuard:
         result = await asyncio.shield(work)
         REPREPARES.labels(job.name, "succeeded" if result.succeeded else "failed").inc()
         outcome = "succeeded" if result.succeeded else "failed"
+        return ForcedOutcome(outcome, result.detail, locked.attempts, state)
+
+    async def sweep_reprepare(
+        self,
+        job_name: str,
+        key: str,
+        params: Mapping[str, str],
+        state: JobState,
+        locked_state: JobState,
+        headers: Mapping[str, str],
+        request_id: bytes,
+    ) -> ForcedOutcome:
+        """The sweeper's re-prepare (proxy.sweeper) of a key decide() found stuck in `state`:
+        take the lock (`locked_state`, decide()'s) through the same compare-and-set `swap` as a
+        poll, fire with the same idempotency key and release. `headers` (sweep.headers) stand in
+        for the client's, whose request is not there; they replace reprepare.headers of their
+        name. A failure leaves the episode as it was, as an operator's does: the sweeper's
+        credentials failing says little about the job, and its owner may still poll. Its
+        outcome is "succeeded", "failed" or "reprepare-in-flight"; StoreUnavailable propagates."""
+        job = self._rules.jobs[job_name]
+        locked = await self.store.swap(job.name, key, state.version, locked_state, job.record_ttl)
+        if locked is None:
+            return ForcedOutcome(
+                "reprepare-in-flight",
+                "a poll or another replica changed the record first",
+                locked_state.attempts,
+                state,
+            )
+        fixed = {n: v for n, v in job.reprepare.headers.items() if n.lower() not in headers}
+        reprepare = replace(job.reprepare, headers={**fixed, **headers})
+        target = GuardTarget(replace(job, reprepare=reprepare), RouteMatch(job.name, key, params))
+        work = asyncio.ensure_future(
+            self._fire_and_release(target, locked, (), request_id, forced=True)
+        )
+        self._background.add(work)
+        work.add_done_callback(self._background.discard)
+        result = await asyncio.shield(work)
+        outcome = "succeeded" if result.succeeded else "failed"
+        REPREPARES.labels(job.name, outcome).inc()
         return ForcedOutcome(outcome, result.detail, locked.attempts, state)
 
     async def _fire_and_release(

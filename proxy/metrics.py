@@ -68,6 +68,13 @@ COALESCED = LoopCounter(
     ["job"],
     registry=REGISTRY,
 )
+SHIELDED = LoopCounter(
+    "pollguard_shielded_requests",
+    "Guarded polls answered with a pending answer another poll of the same key got within "
+    "jobs.<name>.min_poll_interval, on any replica (the cross-replica shield), by job",
+    ["job"],
+    registry=REGISTRY,
+)
 DECISIONS = LoopCounter(
     "pollguard_decisions",
     "Guard decisions on pending answers, by job, decision and mode",
@@ -77,6 +84,13 @@ DECISIONS = LoopCounter(
 REPREPARES = Counter(
     "pollguard_reprepares",
     "Forced re-prepare requests sent to the upstream, by job and outcome",
+    ["job", "outcome"],
+    registry=REGISTRY,
+)
+SWEEPS = Counter(
+    "pollguard_sweeps",
+    "Stuck keys nobody polled that the sweeper picked (jobs.<name>.sweep), by job and outcome "
+    "(reprepared, reprepare-failed, reprepare-in-flight, needs-params)",
     ["job", "outcome"],
     registry=REGISTRY,
 )

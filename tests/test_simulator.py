@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx
 import pytest
 import yaml
 
 from proxy.config import job_limits, parse_config
-from proxy.demo.backend import WorkerMode
+from proxy.demo.backend import Backend, StuckJobs, WorkerMode
 from proxy.demo.catalog import (
     DEFAULT_RECORDING_SIZE,
     call_sid_for,
@@ -36,6 +37,7 @@ from proxy.demo.ranges import RangeNotSatisfiable, parse_single_range
 from proxy.demo.scenarios import SCENARIOS, Path
 from proxy.demo.servers import free_port
 from proxy.demo.simulator import Simulator
+from proxy.hints import parse_timestamp
 from proxy.policy import GuardLimits
 from tests.conftest import wait_for_port
 from tests.e2e_support import AUTH, E2E_TIMINGS, Stack, servers, sim_settings, wait_until
@@ -97,7 +99,17 @@ def test_first_poll_enqueues_one_job_then_file_is_served_with_ranges(stack: Stac
     simulator, client = start(stack)
     first = client.get(FILE, headers=AUTH)
     assert (first.status_code, first.headers["retry-after"]) == (202, "1")
-    assert first.json()["status"] == "processing"
+    pending = first.json()
+    assert (pending["status"], pending["started_at"]) == ("queued", None)
+    assert pending["created_at"].endswith("Z")
+    wait_until(
+        lambda: client.get(FILE, headers=AUTH).json().get("started_at") is not None,
+        5,
+        "the job to start",
+    )
+    running = client.get(FILE, headers=AUTH).json()
+    assert running["status"] == "running"
+    assert parse_timestamp(running["started_at"]) >= parse_timestamp(running["created_at"])
     assert client.get(FILE, headers=AUTH).status_code == 202
     assert jobs_created(simulator) == 1
     wait_until(lambda: client.head(FILE, headers=AUTH).status_code == 200, 5, "the job")
@@ -145,6 +157,54 @@ def test_stall_first_hangs_job_one_and_forced_prepare_recovers(stack: Stack) -> 
     wait_until(lambda: client.head(FILE, headers=AUTH).status_code == 200, 5, "job 2")
     assert jobs_created(simulator) == 2
     assert simulator.backend.snapshot()["forced_prepares"] == {SID: 1}
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "started_at"),
+    [
+        (StuckJobs.QUEUED, "queued", None),
+        (StuckJobs.RUNNING, "running", "2026-01-01T00:00:00.000Z"),
+        (StuckJobs.RUNNING_NO_START, "running", None),
+    ],
+)
+def test_seeded_stuck_jobs_carry_their_old_times(
+    kind: StuckJobs, status: str, started_at: str | None
+) -> None:
+    """stuck_for: each call starts with a job created that long ago, in the chosen state, that
+    the worker never picks up."""
+    settings = sim_settings(WorkerMode.OK)
+    settings = replace(settings, stuck_for=3600.0, stuck_jobs=kind)
+    backend = Backend(settings, clock=lambda: 1_767_229_200.0)  # 2026-01-01T01:00:00Z
+    assert backend.seed_stuck([SID, call_sid_for("alice", 1)]) == 2
+    job = backend.active_job(SID)
+    assert job is not None and job.stuck
+    assert job.as_json() == {
+        "run_id": "run-1",
+        "call_sid": SID,
+        "job_number": 1,
+        "status": status,
+        "created_at": "2026-01-01T00:00:00.000Z",
+        "started_at": started_at,
+    }
+    assert backend._queued_jobs() == []
+
+
+def test_a_job_stuck_for_an_hour_recovers_only_when_forced(stack: Stack) -> None:
+    """With stuck_for, the first poll already finds an hour-old queued job; a forced prepare
+    replaces it and the new job (a fresh created_at) finishes."""
+    settings = replace(sim_settings(WorkerMode.OK), stuck_for=3600.0)
+    simulator, server = stack.simulator(settings)
+    client = stack.client(server.url)
+    first = client.get(FILE, headers=AUTH)
+    old = first.json()
+    assert (first.status_code, old["status"], old["run_id"]) == (202, "queued", "run-1")
+    assert time.time() - parse_timestamp(old["created_at"]) >= 3600
+    forced = client.post(PREPARE, params={"force": "1"}, headers=AUTH).json()
+    assert forced["run_id"] != old["run_id"]
+    wait_until(lambda: client.head(FILE, headers=AUTH).status_code == 200, 5, "the new job")
+    assert simulator.backend.snapshot()["forced_prepares"] == {SID: 1}
+    other = client.get(f"/api/recordings/file/{call_sid_for('alice', 1)}", headers=AUTH).json()
+    assert other["status"] == "queued" and other["created_at"] == old["created_at"]
 
 
 def test_crash_mid_job_leaves_job_running_forever(stack: Stack) -> None:
@@ -260,6 +320,16 @@ def test_demo_parser_defaults_and_scenario_selection() -> None:
     sim = parser.parse_args(["simulate-backend", "--port", "5999", "--worker-mode", "offline"])
     assert sim.func is run_simulate_backend_command
     assert simulator_settings(sim).faults.worker_mode is WorkerMode.OFFLINE
+    assert simulator_settings(sim).stuck_for == 0
+    stuck = parser.parse_args(
+        ["simulate-backend", "--stuck-for", "3600", "--stuck-jobs", "running-no-start"]
+    )
+    assert (simulator_settings(stuck).stuck_for, simulator_settings(stuck).stuck_jobs) == (
+        3600.0,
+        StuckJobs.RUNNING_NO_START,
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["simulate-backend", "--stuck-for", "-1"])
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, crea
 from proxy.stores.base import (
     AUDIT_MAX_ENTRIES,
     NO_TERMINAL,
+    SHIELD_CLAIM,
     START_CURSOR,
     Terminal,
     fresh_state,
@@ -824,3 +825,37 @@ async def test_redis_audit_is_a_capped_stream(redis_server: RedisServer) -> None
     finally:
         await raw.aclose()
         await store.close()
+
+
+@pytest.mark.anyio
+async def test_a_shield_entry_is_claimed_once_then_holds_the_answer(store: JobStore) -> None:
+    """The herd shield's entry (proxy.shield): the first caller claims it, the next see the
+    claim, then the published answer; a release after publishing keeps the answer; another
+    digest is another entry; the admin listing never shows entries."""
+    assert await store.shield_enter("rec", "K1", "d1", 60.0, T0) is None
+    assert await store.shield_enter("rec", "K1", "d1", 60.0, T0) == SHIELD_CLAIM
+    assert await store.shield_enter("rec", "K1", "d2", 60.0, T0) is None
+    await store.shield_publish("rec", "K1", "d1", b'{"v":1}\nbody')
+    await store.shield_release("rec", "K1", "d1")
+    assert await store.shield_enter("rec", "K1", "d1", 60.0, T0 + 1) == b'{"v":1}\nbody'
+    await store.shield_release("rec", "K1", "d2")  # still a claim: dropped
+    assert await store.shield_enter("rec", "K1", "d2", 60.0, T0 + 1) is None
+    await store.observe("rec", "K1", T0, LONG_TTL)
+    page = await store.scan("rec", START_CURSOR, 100, T0)
+    assert [record.key for record in page.records] == ["K1"]
+    assert page.invalid == 0
+
+
+@pytest.mark.anyio
+async def test_a_shield_entry_ends_with_its_interval(store: JobStore) -> None:
+    """A claim nobody answered, or an answer, lives `interval` seconds from the claim: then
+    the next caller claims afresh."""
+    assert await store.shield_enter("rec", "K1", "d", SHORT_TTL, T0) is None
+    await poll_until(
+        lambda: store.shield_enter("rec", "K1", "d", SHORT_TTL, T0 + 10), lambda e: e is None
+    )
+    assert await store.shield_enter("rec", "K2", "d", SHORT_TTL, T0) is None
+    await store.shield_publish("rec", "K2", "d", b'{"v":1}\nold')
+    await poll_until(
+        lambda: store.shield_enter("rec", "K2", "d", SHORT_TTL, T0 + 10), lambda e: e is None
+    )

@@ -10,8 +10,9 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -42,6 +43,14 @@ class JobStatus(StrEnum):
 ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
 
+class StuckJobs(StrEnum):
+    """What the jobs the simulator starts with (`stuck_for` ago) look like."""
+
+    QUEUED = "queued"  # never picked up
+    RUNNING = "running"  # started when created, then hung
+    RUNNING_NO_START = "running-no-start"  # "running", but no started_at was ever written
+
+
 @dataclass(frozen=True)
 class Faults:
     """What is broken right now; switchable at run time."""
@@ -57,6 +66,10 @@ class SimulatorSettings:
     download_seconds: float = DEFAULT_DOWNLOAD_SECONDS
     retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
     recording_size: int = DEFAULT_RECORDING_SIZE
+    # > 0: every recorded call starts with a job created this many seconds ago that never
+    # finishes (the state a backend is in when pollguard gets deployed in front of it).
+    stuck_for: float = 0.0
+    stuck_jobs: StuckJobs = StuckJobs.QUEUED
 
 
 @dataclass
@@ -65,7 +78,9 @@ class Job:
     call_sid: str
     number: int  # 1 for the call's first job, 2 for the next, ...
     status: JobStatus = JobStatus.QUEUED
-    created_at: float = field(default_factory=time.monotonic)
+    created_at: float = field(default_factory=time.time)  # wall clock, as the backend's DB
+    started_at: float | None = None
+    stuck: bool = False  # seeded stuck: the worker never picks it up
     # Every status the job has had, in order: a status feed replays what it has not sent yet,
     # so a client sees each step even when two happen between its looks.
     history: list[JobStatus] = field(default_factory=lambda: [JobStatus.QUEUED])
@@ -76,7 +91,14 @@ class Job:
             "call_sid": self.call_sid,
             "job_number": self.number,
             "status": str(self.status),
+            "created_at": iso_utc(self.created_at),
+            "started_at": None if self.started_at is None else iso_utc(self.started_at),
         }
+
+
+def iso_utc(seconds: float) -> str:
+    """ISO 8601 in UTC with milliseconds and a Z, as the legacy backend writes its times."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 @dataclass(frozen=True)
@@ -91,8 +113,14 @@ class JobHistory:
 class Backend:
     """Jobs, ready recordings, counters, and the worker loop."""
 
-    def __init__(self, settings: SimulatorSettings, on_event: EventListener | None = None) -> None:
+    def __init__(
+        self,
+        settings: SimulatorSettings,
+        on_event: EventListener | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
+        self._clock = clock
         self.faults = settings.faults
         self._on_event = on_event
         self._lock = threading.Lock()
@@ -166,18 +194,40 @@ class Backend:
         with self._lock:
             self._requests.setdefault(endpoint, Counter())[status] += 1
 
-    def enqueue(self, call_sid: str) -> Job:
+    def enqueue(
+        self, call_sid: str, *, created_at: float | None = None, quiet: bool = False
+    ) -> Job:
         with self._lock:
             self._jobs_created[call_sid] += 1
             job = Job(
                 run_id=f"run-{next(self._run_ids)}",
                 call_sid=call_sid,
                 number=self._jobs_created[call_sid],
+                created_at=self._clock() if created_at is None else created_at,
             )
             self._jobs[job.run_id] = job
             self._active_by_call[call_sid] = job.run_id
-        self._emit(call_sid, f"backend: job #{job.number} queued ({job.run_id})")
+        if not quiet:
+            self._emit(call_sid, f"backend: job #{job.number} queued ({job.run_id})")
         return job
+
+    def seed_stuck(self, call_sids: Iterable[str]) -> int:
+        """Give each call a job created `settings.stuck_for` seconds ago that never finishes by
+        itself (a forced prepare replaces it); the number of jobs seeded."""
+        created = self._clock() - self.settings.stuck_for
+        kind = self.settings.stuck_jobs
+        seeded = 0
+        for call_sid in call_sids:
+            job = self.enqueue(call_sid, created_at=created, quiet=True)
+            with self._lock:
+                job.stuck = True
+                if kind is not StuckJobs.QUEUED:
+                    job.status = JobStatus.RUNNING
+                    job.history.append(JobStatus.RUNNING)
+                    job.started_at = created if kind is StuckJobs.RUNNING else None
+            seeded += 1
+        self._emit("-", f"backend: {seeded} jobs stuck {kind} for {self.settings.stuck_for:g}s")
+        return seeded
 
     def force_replace(self, call_sid: str) -> Job:
         """`prepare?force=1`: fail the active job (if any) and enqueue a fresh one."""
@@ -202,6 +252,8 @@ class Backend:
                 if self.faults.worker_mode is not WorkerMode.OFFLINE:
                     for job in self._queued_jobs():
                         self._set_status(job, JobStatus.RUNNING)
+                        with self._lock:
+                            job.started_at = self._clock()
                         task = asyncio.create_task(self._work_on(job))
                         self._job_tasks.add(task)
                         task.add_done_callback(self._job_tasks.discard)
@@ -212,7 +264,11 @@ class Backend:
 
     def _queued_jobs(self) -> list[Job]:
         with self._lock:
-            return [job for job in self._jobs.values() if job.status is JobStatus.QUEUED]
+            return [
+                job
+                for job in self._jobs.values()
+                if job.status is JobStatus.QUEUED and not job.stuck
+            ]
 
     async def _work_on(self, job: Job) -> None:
         mode = self.faults.worker_mode

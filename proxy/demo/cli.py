@@ -9,7 +9,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from proxy.clihelp import DefaultsHelpFormatter
-from proxy.demo.backend import Faults, SimulatorSettings, WorkerMode
+from proxy.demo.backend import Faults, SimulatorSettings, StuckJobs, WorkerMode
 from proxy.demo.catalog import (
     DEFAULT_RECORDING_SIZE,
     TENANT_TOKENS,
@@ -38,6 +38,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
     return value
 
 
@@ -135,6 +145,20 @@ def add_simulate_backend_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--latency-ms", type=int, default=0, help="added to every request")
     parser.add_argument(
+        "--stuck-for",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="start with every call's job created this long ago and stuck (e.g. 3600); 0: none",
+    )
+    parser.add_argument(
+        "--stuck-jobs",
+        choices=[kind.value for kind in StuckJobs],
+        default=StuckJobs.QUEUED.value,
+        help="how --stuck-for jobs look: never picked up, running since created, or running "
+        "with no started_at",
+    )
+    parser.add_argument(
         "--recording-size", type=int, default=DEFAULT_RECORDING_SIZE, help="bytes per recording"
     )
     parser.add_argument(
@@ -157,6 +181,8 @@ def simulator_settings(args: argparse.Namespace) -> SimulatorSettings:
         download_seconds=args.download_seconds,
         retry_after_seconds=args.retry_after,
         recording_size=args.recording_size,
+        stuck_for=args.stuck_for,
+        stuck_jobs=StuckJobs(args.stuck_jobs),
     )
 
 

@@ -16,7 +16,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from proxy.demo.backend import Backend, EventListener, Faults, SimulatorSettings, WorkerMode
+from proxy.demo.backend import (
+    Backend,
+    EventListener,
+    Faults,
+    Job,
+    SimulatorSettings,
+    WorkerMode,
+)
 from proxy.demo.catalog import TENANT_TOKENS, Call, recording_bytes, seeded_calls
 from proxy.demo.events import EVENTS_PATH, run_feed
 from proxy.demo.ranges import RangeNotSatisfiable, parse_single_range
@@ -61,6 +68,8 @@ def create_simulator(
     """Build the simulator app and its backend; the worker runs for the app's lifespan."""
     backend = Backend(settings, on_event)
     calls = seeded_calls()
+    if settings.stuck_for > 0:
+        backend.seed_stuck(sid for sid, call in calls.items() if call.has_recording_url)
 
     def counted(endpoint: str) -> Callable[[Handler], Handler]:
         def wrap(handler: Handler) -> Handler:
@@ -84,9 +93,11 @@ def create_simulator(
             return None, _json({"error": "not_found", "message": "call not found"}, 404, request)
         return call, None
 
-    def pending(request: Request, run_id: str) -> Response:
+    def pending(request: Request, job: Job) -> Response:
+        # The job's own status and times, as the legacy backend's pending answer carries them.
+        fields = job.as_json()
         return _json(
-            {"status": "processing", "run_id": run_id},
+            {key: fields[key] for key in ("status", "run_id", "created_at", "started_at")},
             202,
             request,
             **{"Retry-After": str(settings.retry_after_seconds)},
@@ -106,7 +117,7 @@ def create_simulator(
         if backend.is_ready(call.call_sid):
             return serve_recording(request, call.call_sid)
         job = backend.active_job(call.call_sid) or backend.enqueue(call.call_sid)
-        return pending(request, job.run_id)
+        return pending(request, job)
 
     def serve_recording(request: Request, call_sid: str) -> Response:
         size = settings.recording_size

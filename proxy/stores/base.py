@@ -79,6 +79,9 @@ class ScanPage:
 AUDIT_MAX_ENTRIES = 10_000
 # The first cursor of a listing.
 START_CURSOR = "0"
+# What a herd-shield entry holds while its claimant's upstream request is in flight (an answer,
+# once stored, starts with "{": proxy.shield).
+SHIELD_CLAIM = b"c"
 
 
 class JobStore(Protocol):
@@ -132,6 +135,23 @@ class JobStore(Protocol):
     async def claim_lease(self, name: str, seconds: float) -> bool:
         """True for the one caller (across replicas sharing the store) that may do the work
         called `name` for the next `seconds`."""
+        ...
+
+    async def shield_enter(
+        self, job: str, key: str, digest: str, interval: float, now: float
+    ) -> bytes | None:
+        """The herd-shield entry of (job, key, digest) (proxy.shield), atomically: its bytes
+        (SHIELD_CLAIM while the claimant's request is in flight, then the answer), or None
+        when there was none, and the caller now holds a new claim for `interval` seconds."""
+        ...
+
+    async def shield_publish(self, job: str, key: str, digest: str, entry: bytes) -> None:
+        """Store the claimant's answer in the entry for the rest of its interval (nothing when
+        the entry has expired)."""
+        ...
+
+    async def shield_release(self, job: str, key: str, digest: str) -> None:
+        """Drop the entry if it still holds a claim (its answer was not one to reuse)."""
         ...
 
     async def write_counts(self, counts: Mapping[str, int]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from proxy.metrics import MEMORY_STORE_EVICTIONS
 from proxy.stores.base import (
     AUDIT_MAX_ENTRIES,
+    SHIELD_CLAIM,
     EpisodeRecord,
     JobState,
     ScanPage,
@@ -32,6 +33,9 @@ DEFAULT_MAX_RECORDS = 100_000
 # Records holding a live re-prepare lock that one eviction steps over before it gives up and
 # evicts the oldest anyway (a few re-prepares are in flight at any time, not thousands).
 EVICTION_LOCK_SKIPS = 8
+# Herd-shield entries (proxy.shield) held at most; at the cap the oldest goes, which costs at
+# most one more upstream poll for its key.
+MAX_SHIELD_ENTRIES = 10_000
 
 
 class _Entry:
@@ -85,6 +89,8 @@ class MemoryJobStore:
         self._seq = 0
         self._audit: deque[dict[str, Any]] = deque(maxlen=AUDIT_MAX_ENTRIES)
         self._counts: dict[str, int] = {}
+        # (job, key, digest) → [entry, expires_at]
+        self._shield: OrderedDict[tuple[str, str, str], list[Any]] = OrderedDict()
 
     def __len__(self) -> int:
         """Records held, including expired ones not yet swept."""
@@ -179,6 +185,34 @@ class MemoryJobStore:
         """Always granted: there are no other replicas to share the work with (the caller
         bounds how often it asks)."""
         return True
+
+    async def shield_enter(
+        self, job: str, key: str, digest: str, interval: float, now: float
+    ) -> bytes | None:
+        name = (job, key, digest)
+        held = self._shield.get(name)
+        if held is not None and now < held[1]:
+            entry: bytes = held[0]
+            return entry
+        if held is None and len(self._shield) >= MAX_SHIELD_ENTRIES:
+            for stale in [n for n, (_, until) in self._shield.items() if now >= until]:
+                del self._shield[stale]
+            if len(self._shield) >= MAX_SHIELD_ENTRIES:
+                self._shield.popitem(last=False)
+        self._shield[name] = [SHIELD_CLAIM, now + interval]
+        self._shield.move_to_end(name)
+        return None
+
+    async def shield_publish(self, job: str, key: str, digest: str, entry: bytes) -> None:
+        held = self._shield.get((job, key, digest))
+        if held is not None:
+            held[0] = entry  # its expiry stays: enter() judges it
+
+    async def shield_release(self, job: str, key: str, digest: str) -> None:
+        name = (job, key, digest)
+        held = self._shield.get(name)
+        if held is not None and held[0] == SHIELD_CLAIM:
+            del self._shield[name]
 
     async def write_counts(self, counts: Mapping[str, int]) -> None:
         self._counts = dict(counts)

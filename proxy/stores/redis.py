@@ -30,6 +30,7 @@ from redis.exceptions import RedisError
 from proxy.stores.base import (
     AUDIT_MAX_ENTRIES,
     NO_TERMINAL,
+    SHIELD_CLAIM,
     EpisodeRecord,
     JobState,
     ScanPage,
@@ -118,6 +119,26 @@ redis.call('HSET', KEYS[1], 'episode_start', ARGV[2], 'clock_start', ARGV[3],
            'terminal_at', ARGV[8], 'terminal', ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ARGV[10])
 return 1
+""")
+
+
+# KEYS[1] shield entry; ARGV: the claim marker, the interval in ms. The entry, or nil after
+# claiming it.
+_SHIELD_ENTER = lua_script("""
+local entry = redis.call('GET', KEYS[1])
+if entry then
+  return entry
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+""")
+
+# KEYS[1] shield entry; ARGV: the claim marker. Deleted only while it still holds a claim.
+_SHIELD_RELEASE = lua_script("""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
 """)
 
 
@@ -498,6 +519,41 @@ class RedisJobStore:
             except (UnicodeDecodeError, ValueError):
                 continue
         return counts
+
+    async def shield_enter(
+        self, job: str, key: str, digest: str, interval: float, now: float
+    ) -> bytes | None:
+        """One EVALSHA: GET, or SET PX when absent (`now` is Redis's business here: PX)."""
+        call = ScriptCall(
+            self._shield_key(job, key, digest),
+            [SHIELD_CLAIM.decode(), str(_ttl_milliseconds(interval))],
+        )
+        entry: Any = await self._calls.call(
+            f"shield of {job}/{key}", lambda: run_script(self._client, _SHIELD_ENTER, call)
+        )
+        if entry is None or isinstance(entry, bytes):
+            return entry
+        with StoreErrors(f"shield of {job}/{key}"):
+            raise ValueError(f"unexpected reply {type(entry).__name__}")
+
+    async def shield_publish(self, job: str, key: str, digest: str, entry: bytes) -> None:
+        """SET XX KEEPTTL: the answer lives as long as the claim it replaces would have."""
+        name = self._shield_key(job, key, digest)
+        await self._calls.call(
+            f"shield publish of {job}/{key}",
+            lambda: self._client.set(name, entry, xx=True, keepttl=True),
+        )
+
+    async def shield_release(self, job: str, key: str, digest: str) -> None:
+        call = ScriptCall(self._shield_key(job, key, digest), [SHIELD_CLAIM.decode()])
+        await self._calls.call(
+            f"shield release of {job}/{key}",
+            lambda: run_script(self._client, _SHIELD_RELEASE, call),
+        )
+
+    def _shield_key(self, job: str, key: str, digest: str) -> str:
+        """Beside the record, in its hash slot, and outside the admin listing's pattern."""
+        return f"{self._key_prefix}shield:{{{job}:{key}}}:{digest}"
 
     @property
     def _audit_key(self) -> str:
