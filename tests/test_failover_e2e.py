@@ -33,7 +33,8 @@ from typing import Any
 
 import httpx
 import pytest
-from redis.asyncio import Redis, RedisCluster
+from redis import Redis as SyncRedis
+from redis.asyncio import RedisCluster
 from redis.exceptions import RedisError
 
 from proxy.errors import StoreUnavailable
@@ -63,9 +64,10 @@ REPREPARE_TIMEOUT = 1.0  # a lock whose release the outage swallowed expires 5 s
 TIMEOUT = 0.25
 COOLDOWN = 2.0
 POLL_INTERVAL = 0.1
-MAX_POLLS = 1000  # per poller, a bound should the clock misbehave (a run takes ~150)
+MAX_POLLS = 1000  # per poller, a bound should the clock misbehave (a run makes ~100)
 RETRY_AFTER_MAX = 5  # guard_config's retry_after_max
 CHECK_INTERVAL = 0.05
+PROMOTION_CHECK = 0.01
 # Failure detection (1 s) + election and promotion, with room to spare on 2 shared cores.
 FAILOVER_BOUND = 15.0 * SLOW_FACTOR
 # Guarded answers come back at most one breaker_cooldown after the promotion (the breaker's
@@ -193,16 +195,24 @@ async def wait_for(
         await asyncio.sleep(CHECK_INTERVAL)
 
 
-async def ask(port: int, *command: str) -> Any:
-    """One command on a fresh connection; None when the node does not answer in time."""
-    client = Redis(port=port)
+def when_true(condition: Callable[[], bool], within: float, what: str) -> float:
+    """When the blocking `condition` first held (monotonic), polled every PROMOTION_CHECK in a
+    thread of its own (asyncio.to_thread): the moment is not late by a turn among the pollers
+    on the event loop."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        time.sleep(PROMOTION_CHECK)
+    return time.monotonic()
+
+
+def reply(client: SyncRedis, *command: str) -> Any:
+    """`command`'s reply, or None when the node does not answer."""
     try:
-        async with asyncio.timeout(TIMEOUT * 2):
-            return await client.execute_command(*command)
-    except (RedisError, OSError, TimeoutError):
+        return client.execute_command(*command)
+    except (RedisError, OSError):
         return None
-    finally:
-        await client.aclose()
 
 
 async def read_records(store: RedisJobStore, keys: list[str]) -> dict[str, JobState]:
@@ -236,7 +246,7 @@ class Scenario:
     topology: RedisTopology  # for the test's own store, which reads the records
     key_prefix: str
     victim: RedisNode
-    promoted: Callable[[], Awaitable[bool]]  # the failover is done, as clients are told
+    promoted: Callable[[], bool]  # the failover is done, as clients are told (blocking)
     keys: list[str]
     victim_keys: frozenset[str]
 
@@ -312,7 +322,9 @@ async def _poll_through_failover(scenario: Scenario, jobs: JobBackend, urls: lis
             prepares_at_kill = Counter(jobs.prepares)
             scenario.victim.kill()
             killed_at = time.monotonic()
-            promoted_at = await wait_for(scenario.promoted, FAILOVER_BOUND, "the promotion")
+            promoted_at = await asyncio.to_thread(
+                when_true, scenario.promoted, FAILOVER_BOUND, "the promotion"
+            )
             await wait_for(herd.all_terminal, SETTLE_BOUND + FAILOVER_BOUND, "terminal answers")
             after = await read_records(store, keys)
         finally:
@@ -384,12 +396,13 @@ def test_cluster_failover_end_to_end(cluster_deployment: RedisClusterDeployment)
     assert len(by_master) == 3
     victim_name = sorted(by_master)[0]
     victim = deployment.node(int(victim_name.rsplit(":", 1)[1]))
-    replica_port = _replica_of(victim)
     keys = [key for name in sorted(by_master) for key in by_master[name][:KEYS_PER_MASTER]]
     addresses = [node.address for node in deployment.nodes]
 
-    async def promoted() -> bool:
-        role = await ask(replica_port, "ROLE")
+    replica = SyncRedis(port=_replica_of(victim), socket_timeout=TIMEOUT * 2)
+
+    def promoted() -> bool:
+        role = reply(replica, "ROLE")
         return role is not None and role[0] == b"master"
 
     scenario = Scenario(
@@ -406,7 +419,8 @@ def test_cluster_failover_end_to_end(cluster_deployment: RedisClusterDeployment)
         keys=keys,
         victim_keys=frozenset(by_master[victim_name][:KEYS_PER_MASTER]),
     )
-    check_and_report(scenario, run_failover(scenario))
+    with replica:
+        check_and_report(scenario, run_failover(scenario))
 
 
 async def _keys_by_master(deployment: RedisClusterDeployment, prefix: str) -> dict[str, list[str]]:
@@ -438,11 +452,15 @@ def test_sentinel_failover_end_to_end(sentinel_deployment: SentinelDeployment) -
     sentinels = tuple(deployment.sentinel_addresses)
     keys = [f"CA{index:032x}" for index in range(3 * KEYS_PER_MASTER)]
 
-    async def promoted() -> bool:
-        for sentinel in deployment.sentinels:
-            named = await ask(
-                sentinel.port, "SENTINEL", "get-master-addr-by-name", SENTINEL_SERVICE
-            )
+    clients = [
+        SyncRedis(port=node.port, socket_timeout=TIMEOUT * 2) for node in deployment.sentinels
+    ]
+
+    def promoted() -> bool:
+        """A sentinel names the replica (redis-py asks them in turn, skipping a master they
+        judge down)."""
+        for client in clients:
+            named = reply(client, "SENTINEL", "get-master-addr-by-name", SENTINEL_SERVICE)
             if named is not None and int(named[1]) == deployment.replica.port:
                 return True
         return False
@@ -461,4 +479,8 @@ def test_sentinel_failover_end_to_end(sentinel_deployment: SentinelDeployment) -
         keys=keys,
         victim_keys=frozenset(keys),
     )
-    check_and_report(scenario, run_failover(scenario))
+    try:
+        check_and_report(scenario, run_failover(scenario))
+    finally:
+        for client in clients:
+            client.close()
