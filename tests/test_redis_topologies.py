@@ -10,14 +10,18 @@ from typing import Any
 
 import pytest
 from redis.asyncio import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import proxy.stores.redis as redis_store_module
+from proxy.errors import StoreUnavailable
+from proxy.stores.breaker import Phase
 from proxy.stores.redis import RedisJobStore, record_key
 from proxy.stores.redis_topology import RedisTopology
 from tests.redis_topologies import (
     SENTINEL_SERVICE,
     RedisClusterDeployment,
     SentinelDeployment,
+    redis_cli,
     warmed_up,
 )
 
@@ -123,6 +127,58 @@ async def test_cluster_admin_keys_work_in_any_slot(cluster_store: RedisJobStore)
     assert await cluster_store.claim_lease("jobs-gauge", 5.0) is False
     await cluster_store.write_counts({"rec/pending": 2})
     assert await cluster_store.read_counts() == {"rec/pending": 2}
+
+
+@pytest.mark.anyio
+async def test_cluster_batch_outlives_a_connection_its_master_closed(
+    cluster_store: RedisJobStore, raw_cluster: RedisCluster
+) -> None:
+    """A master closes the store's connection (as a master that dies or restarts does): the
+    cluster pipeline puts the error in each call's result, and maps nothing again; those calls
+    run again alone, on a new connection, so the batch is answered and the breaker stays
+    closed. (Before: every call of the batch failed; after a failover, batches kept going to
+    the dead master until a single command mapped the cluster again.)"""
+    prefix = cluster_store._key_prefix
+    keys = [f"K{index}" for index in range(60)]
+    masters = {key: await master_of(raw_cluster, record_key(prefix, "rec", key)) for key in keys}
+    victim = sorted(set(masters.values()))[0]
+    batch = [key for key in keys if masters[key] == victim][:4]
+    await asyncio.gather(*(cluster_store.observe("rec", key, T0, LONG_TTL) for key in batch))
+    port = int(victim.rsplit(":", 1)[1])
+    # The store's connection: the client whose last command was the observe script.
+    ids = [
+        line.partition("id=")[2].split()[0]
+        for line in redis_cli(port, "CLIENT", "LIST").splitlines()
+        if "cmd=evalsha" in line
+    ]
+    assert ids
+    for client_id in ids:
+        assert redis_cli(port, "CLIENT", "KILL", "ID", client_id).strip() == "1"
+    states = await asyncio.gather(
+        *(cluster_store.observe("rec", key, T0 + 1, LONG_TTL) for key in batch)
+    )
+    assert [state.episode_start for state in states] == [T0] * len(batch)
+    assert cluster_store.breaker.phase is Phase.CLOSED
+
+
+@pytest.mark.anyio
+async def test_cluster_batch_call_without_connection_opens_the_breaker(
+    cluster_store: RedisJobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batched call whose result is a broken connection (a dead master's, still broken when
+    run alone) fails and opens the breaker, as a raised one does; it used to count as an
+    answer, so a dead master never opened the breaker through batched observes."""
+
+    async def broken(client: Any, script: Any, calls: Any) -> list[Any]:
+        return [RedisConnectionError("Connection closed by server.") for _ in calls]
+
+    monkeypatch.setattr(redis_store_module, "run_script_batch", broken)
+    outcomes = await asyncio.gather(
+        *(cluster_store.observe("rec", f"K{index}", T0, LONG_TTL) for index in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, StoreUnavailable) for outcome in outcomes), outcomes
+    assert cluster_store.breaker.phase is Phase.OPEN
 
 
 @pytest.mark.anyio

@@ -354,11 +354,15 @@ class RedisJobStore:
                 raise
             return
         for observe, outcome in zip(batch, results, strict=True):
-            self._calls.settle(observe.epoch, None)
+            # Each call by its own outcome: an error reply proves Redis answered, but a cluster
+            # pipeline returns a master's broken connection in its calls' results too, and that
+            # must open the breaker as it would have raised.
+            failure = outcome if isinstance(outcome, BaseException) else None
+            self._calls.settle(observe.epoch, failure)
             if observe.result.done():  # its request was cancelled (client gone)
                 continue
-            if isinstance(outcome, BaseException):
-                observe.result.set_exception(outcome)
+            if failure is not None:
+                observe.result.set_exception(failure)
             else:
                 observe.result.set_result(outcome)
 

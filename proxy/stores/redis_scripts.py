@@ -6,18 +6,27 @@ pipeline they make redis-py send SCRIPT EXISTS before every pipeline (`Pipeline.
 a second round trip per batch on the guarded path, and a second wait when Redis hangs. Here a
 pipeline is EVALSHA commands only; the calls that came back NOSCRIPT run once more after one load.
 The same works on a RedisCluster: its pipeline sends one batch per master and returns each
-reply in place, and its SCRIPT LOAD goes to every master.
+reply in place, and its SCRIPT LOAD goes to every master. A cluster pipeline also returns a
+connection that broke mid-batch (a master killed or restarted) as each call's result, and then
+does not map the cluster again, as its single commands do (and retry once): those calls run
+again one by one, which is how a batch finds a promoted replica.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# Per-call results of a cluster pipeline that mean "the connection broke", not "Redis answered".
+_BROKEN = (RedisConnectionError, RedisTimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +60,8 @@ async def run_script_batch(
     """One pipeline of EVALSHA, not a transaction; each call's result or error, in order.
 
     Redis error replies come back as exception objects in the list, so one bad record fails
-    only its own call. Connection errors and timeouts raise.
+    only its own call. Connection errors and timeouts raise; on a cluster, those of one
+    master's connection come back in its calls' results when running them again alone failed.
     """
     results = await _pipelined(client, script, calls)
     missing = [index for index, result in enumerate(results) if isinstance(result, NoScriptError)]
@@ -60,6 +70,17 @@ async def run_script_batch(
         again = await _pipelined(client, script, [calls[index] for index in missing])
         for index, result in zip(missing, again, strict=True):
             results[index] = result
+    if isinstance(client, RedisCluster):
+        # Alone, each goes through redis-py's single-command path: a broken connection there
+        # maps the cluster again and retries once (proxy.stores.redis_topology).
+        broken = [index for index, result in enumerate(results) if isinstance(result, _BROKEN)]
+        if broken:
+            alone = await asyncio.gather(
+                *(run_script(client, script, calls[index]) for index in broken),
+                return_exceptions=True,
+            )
+            for index, result in zip(broken, alone, strict=True):
+                results[index] = result
     return results
 
 
