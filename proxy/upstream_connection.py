@@ -74,14 +74,17 @@ class Exchange:
         "buffer",
         "buffered",
         "bytes_seen",
+        "check_next",
         "done",
         "error",
         "has_request_id",
         "head_done",
         "head_size",
+        "head_tail",
         "head_waiter",
         "headers",
         "hop",
+        "interims",
         "is_head",
         "keep_alive",
         "progress_at",
@@ -98,6 +101,10 @@ class Exchange:
         self.hop: list[tuple[bytes, bytes]] = []  # hop-by-hop fields, consumed here
         self.has_request_id = False
         self.head_size = 0  # bytes of every head so far, 1xx interims included
+        # 1xx interims completed, and what checking the bytes after them needs (_stray_break).
+        self.interims = 0
+        self.head_tail = b""  # the last bytes of a read that left the head incomplete
+        self.check_next = False  # an interim ended a read: the next read's first byte follows it
         self.head_done = False
         self.keep_alive = False
         self.done = False  # the whole response has been parsed
@@ -195,10 +202,12 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         exchange.bytes_seen = True
         self._last_data = self._loop.time()
         head_pending = not exchange.head_done
+        interims = 0
         if head_pending:
             # An upper bound of the head's size (interims included): httptools holds a partial
             # head in memory, so this is checked after every read, not only at its end.
             exchange.head_size += nbytes
+            interims = exchange.interims
         try:
             self._parser.feed_data(self._read_buffer[:nbytes])
         except httptools.HttpParserCallbackError as exc:
@@ -218,9 +227,19 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             else:
                 self.fail(UpstreamInvalid(f"invalid HTTP response from upstream: {exc}"))
             return
-        if head_pending and not exchange.head_done:
-            if exchange.head_size > self._limits.max_head_size:
-                self.fail(UpstreamInvalid(self._head_too_large()))
+        if head_pending:
+            if (exchange.interims != interims or exchange.check_next) and _stray_break(
+                exchange, self._read_buffer[:nbytes], exchange.interims - interims
+            ):
+                self.fail(
+                    UpstreamInvalid("upstream sent a line break between an interim (1xx) response "
+                                    "and the next status line")
+                )  # fmt: skip
+                return
+            if not exchange.head_done:
+                exchange.head_tail = bytes(self._read_buffer[max(0, nbytes - 3) : nbytes])
+                if exchange.head_size > self._limits.max_head_size:
+                    self.fail(UpstreamInvalid(self._head_too_large()))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles the exchange
@@ -374,6 +393,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         exchange = self.exchange
         assert exchange is not None
         if not exchange.head_done:  # the end of a 1xx interim response
+            exchange.interims += 1
             return
         if exchange.done:  # the old parser finishing a body after a HEAD response's head
             raise _ExtraData()
@@ -501,3 +521,31 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(None)
+
+
+def _stray_break(exchange: Exchange, read: memoryview, completed: int) -> bool:
+    """Whether a CR or LF follows one of the `completed` interims that ended in `read` (or the
+    one that ended the previous read). llhttp skips line breaks before a status line; h11, and
+    RFC 9112's grammar for responses, do not — so the bytes after them are refused rather than
+    read as the answer (they could be a second response the upstream's framing never announced).
+    Runs only for responses with interims; a head is ≤ max_head_size, so this scan is bounded."""
+    data = read.tobytes()
+    tail = exchange.head_tail
+    if exchange.check_next:
+        exchange.check_next = False
+        if data[:1] in (b"\r", b"\n"):
+            return True
+        tail = b""  # that interim's blank line ended within the previous read
+    scan = tail + data
+    position = 0
+    for _ in range(completed):
+        end = scan.find(b"\r\n\r\n", position)
+        if end < 0:
+            return False  # not found: nothing to judge by (the parser accepted the head)
+        position = end + 4
+        following = scan[position : position + 1]
+        if not following:
+            exchange.check_next = not exchange.head_done
+        elif following in (b"\r", b"\n"):
+            return True
+    return False

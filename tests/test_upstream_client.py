@@ -504,8 +504,20 @@ async def _one_exchange(
         b"HTTP/1.1 150 X\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 104 X\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
         b"HTTP/1.1 302 Found\r\nLocation: evil\r\nContent-Length: 0\r\n\r\n",
+        # A line break after an interim: llhttp skips it, h11 stops there.
+        b"HTTP/1.1 100 OK\r\n\r\n\nHTTP/1.1 302 Found\r\nLocation: evil\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        b"HTTP/1.1 100 OK\r\n\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 100 OK\r\n\r\n\n\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 100 OK\r\n\r\n\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 100 OK\r\n\r\n\nHTTP/1.1 100 OK\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     ],
-    ids=["status-600", "status-099", "gzip-chunked", "gzip", "two-te", "150-body", "104-chunked"],
+    ids=[
+        "status-600", "status-099", "gzip-chunked", "gzip", "two-te", "150-body", "104-chunked",
+        "lf-after-100", "crlf-after-100", "lines-after-100", "lf-after-second", "lf-between",
+    ],  # fmt: skip
 )
 async def test_responses_h11_rejects_fail_closed(answer: bytes) -> None:
     """Found by the differential fuzzer: answers h11 refuses are UpstreamInvalid, never a
@@ -558,3 +570,43 @@ async def test_connections_that_must_not_be_reused_are_not(method: str, answer: 
         await upstream.close()
     assert second == b"next"
     assert server.connections == 2
+
+
+@pytest.mark.anyio
+async def test_interims_without_stray_line_breaks_are_read_as_before() -> None:
+    """Two interims, then an answer whose body starts with a line break: all delivered."""
+    status, _, body = await _one_exchange(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\r\nok"
+    )
+    assert (status, body) == (200, b"\r\nok")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("reads", "stray"),
+    [
+        # The interim's blank line ends a read; the next read starts with a line break.
+        ([(b"HTTP/1.1 100 Continue\r\n\r\n", 1), (b"\nHTTP/1.1 200 OK\r\n", 0)], True),
+        ([(b"HTTP/1.1 100 Continue\r\n\r\n", 1), (b"HTTP/1.1 200 OK\r\n", 0)], False),
+        # The blank line split across two reads.
+        ([(b"HTTP/1.1 100 Continue\r\n\r", 0), (b"\n\nHTTP/1.1 200 OK\r\n", 1)], True),
+        ([(b"HTTP/1.1 100 Continue\r\n\r", 0), (b"\nHTTP/1.1 200 OK\r\n", 1)], False),
+        ([(b"HTTP/1.1 100 Continue\r", 0), (b"\n\r\n\r\nHTTP/1.1 200 OK\r\n", 1)], True),
+    ],
+    ids=["next-read-lf", "next-read-ok", "split-lf", "split-ok", "split-early"],
+)
+async def test_a_line_break_after_an_interim_is_found_across_reads(
+    reads: list[tuple[bytes, int]], stray: bool
+) -> None:
+    """Reads split where the network splits them: the check sees the bytes after each
+    interim wherever the read boundary falls (unit test of the connection's check)."""
+    from proxy.upstream_connection import Exchange, _stray_break
+
+    exchange = Exchange(asyncio.get_running_loop().create_future(), False, 0.0)
+    found = False
+    for data, completed in reads:
+        if completed or exchange.check_next:
+            found = found or _stray_break(exchange, memoryview(data), completed)
+        exchange.head_tail = data[-3:]
+    assert found is stray
