@@ -25,17 +25,23 @@ _NOT_FIELDS = (*RESERVED_ATTRS, "color_message", "taskName")
 
 _second = -1  # the whole second _second_text spells, cached: lines come many per second
 _second_text = ""
+_millisecond = -1  # and the whole text of the last millisecond: access lines come many per ms
+_millisecond_text = ""
 
 
 def rfc3339(created: float) -> str:
     """A LogRecord's time as RFC 3339 in UTC, to the millisecond: 2026-11-29T11:40:00.123Z."""
-    global _second, _second_text
-    second = int(created)
+    global _second, _second_text, _millisecond, _millisecond_text
+    millisecond = int(created * 1000)
+    if millisecond == _millisecond:
+        return _millisecond_text
+    second, milliseconds = divmod(millisecond, 1000)
     if second != _second:
         moment = datetime.fromtimestamp(second, UTC)
         _second, _second_text = second, moment.strftime("%Y-%m-%dT%H:%M:%S")
-    milliseconds = int((created - second) * 1000)
-    return f"{_second_text}.{milliseconds:03d}Z"
+    text = f"{_second_text}.{milliseconds:03d}Z"
+    _millisecond, _millisecond_text = millisecond, text
+    return text
 
 
 class TextFormatter(logging.Formatter):
@@ -122,6 +128,13 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         self._pending.append(line)
         self._pending_size += len(line)
+        if self._pending_size >= self.buffer_bytes:
+            self._write_pending()
+
+    def add_text(self, text: str) -> None:
+        """Lines already formatted, each ending in the terminator; the caller holds the lock."""
+        self._pending.append(text)
+        self._pending_size += len(text)
         if self._pending_size >= self.buffer_bytes:
             self._write_pending()
 

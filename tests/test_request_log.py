@@ -238,3 +238,63 @@ def test_one_scrape_sums_both_workers(
 
         wait_until(lambda: counted() == sent, 10, f"a scrape counting all {sent} requests")
         assert {counted() for _ in range(10)} == {sent}
+
+
+class _Finished:
+    """What the forwarder hands RequestLog.forwarded about one request."""
+
+    def __init__(self, status: int, request_id: bytes, upstream: float | None) -> None:
+        self.arrived_at = 0.0
+        self.status = status
+        self.sent_bytes = 17
+        self.upstream_seconds = upstream
+        self.request_id = request_id
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_batched_text_lines_are_what_the_formatter_writes(anyio_backend: str) -> None:
+    """The batch's shortcut for pollguard's own text handler (lines written without a
+    LogRecord each) writes byte for byte what the logging machinery writes through a handler it
+    can't shortcut — hostile targets, missing statuses and upstream times included."""
+    import io
+    import logging
+
+    from proxy.logformat import BufferedStreamHandler, TextFormatter
+    from proxy.request_log import ACCESS_LOGGER, GUARDED, UNGUARDED, RequestLog
+
+    requests = [
+        (_Finished(200, b"id-1", 0.0012), UNGUARDED, b"/small?a=1"),
+        (_Finished(0, b"", None), GUARDED, b'/x"\r\nforged: 1\x1b[31m'),
+        (_Finished(202, b"id-3", 1.5), GUARDED, "/é/\u202e".encode()),
+    ]
+
+    def written(handler: logging.Handler, stream: io.StringIO) -> list[str]:
+        handler.setFormatter(TextFormatter())
+        saved = ACCESS_LOGGER.handlers, ACCESS_LOGGER.propagate, ACCESS_LOGGER.level
+        ACCESS_LOGGER.handlers, ACCESS_LOGGER.propagate = [handler], False
+        ACCESS_LOGGER.setLevel(logging.INFO)
+        try:
+            log = RequestLog(metrics=False, access=True, batched=True)
+            for client, kind, target in requests:
+                scope = {"client": ("192.0.2.7", 4000), "method": "GET"}
+                log.forwarded(client, kind, scope, target)  # type: ignore[arg-type]
+            log.flush()
+        finally:
+            ACCESS_LOGGER.handlers, ACCESS_LOGGER.propagate = saved[0], saved[1]
+            ACCESS_LOGGER.setLevel(saved[2])
+        return stream.getvalue().splitlines(keepends=True)
+
+    fast_stream, plain_stream = io.StringIO(), io.StringIO()
+    fast = written(BufferedStreamHandler(fast_stream, buffer_bytes=1 << 20), fast_stream)
+    plain = written(logging.StreamHandler(plain_stream), plain_stream)
+    assert len(fast) == 3
+
+    # The times and durations differ (each run's own); everything else is the same.
+    def masked(lines: list[str]) -> list[str]:
+        return [re.sub(r" 17 \d+\.\d{6} ", " 17 D ", line.split(" ", 1)[1]) for line in lines]
+
+    assert masked(fast) == masked(plain)
+    assert all(re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO ", line) for line in fast)
+    assert "\\x22" in fast[1] and "\r" not in fast[1][:-1] and "\x1b" not in fast[1]
+    assert ' "GET /small?a=1" 200 17 ' in fast[0] and "upstream=0.001200" in fast[0]

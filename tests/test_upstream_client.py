@@ -515,8 +515,18 @@ async def _one_exchange(
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     ],
     ids=[
-        "status-600", "status-099", "gzip-chunked", "gzip", "two-te", "150-body", "104-chunked",
-        "lf-after-100", "crlf-after-100", "lines-after-100", "lf-after-second", "lf-between",
+        "status-600",
+        "status-099",
+        "gzip-chunked",
+        "gzip",
+        "two-te",
+        "150-body",
+        "104-chunked",
+        "lf-after-100",
+        "crlf-after-100",
+        "lines-after-100",
+        "lf-after-second",
+        "lf-between",
     ],  # fmt: skip
 )
 async def test_responses_h11_rejects_fail_closed(answer: bytes) -> None:
