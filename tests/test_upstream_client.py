@@ -527,7 +527,7 @@ async def _one_exchange(
         "lines-after-100",
         "lf-after-second",
         "lf-between",
-    ],  # fmt: skip
+    ],
 )
 async def test_responses_h11_rejects_fail_closed(answer: bytes) -> None:
     """Found by the differential fuzzer: answers h11 refuses are UpstreamInvalid, never a
