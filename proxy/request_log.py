@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from time import perf_counter
 from typing import Any, TypeGuard
 
@@ -91,10 +92,21 @@ class RequestLog:
         seconds = perf_counter() - client.arrived_at
         status = client.status
         if self.metrics:
-            self._count(kind, status)
-            self._durations[kind].observe(seconds)
-            if client.upstream_seconds is not None:
-                self._upstream[kind].observe(client.upstream_seconds)
+            # _count and Distribution.observe, inline: four calls per request saved (~3k
+            # instructions of a ~235k small GET).
+            tally = self._tallies.get((kind, status))
+            if tally is None:
+                self._count(kind, status)
+            else:
+                tally.value += 1
+            durations = self._durations[kind]
+            durations.counts[bisect_left(durations.bounds, seconds)] += 1
+            durations.total += seconds
+            upstream = client.upstream_seconds
+            if upstream is not None:
+                durations = self._upstream[kind]
+                durations.counts[bisect_left(durations.bounds, upstream)] += 1
+                durations.total += upstream
         if self.access:
             request_id = client.request_id.decode("latin-1") if client.request_id else "-"
             peer = scope.get("client")
@@ -196,10 +208,7 @@ class RequestLog:
                     # written as TextFormatter would write them, without a LogRecord each (half
                     # of an access line's cost).
                     if lines is None:
-                        lines = "".join(
-                            f"{rfc3339(request[9])} INFO {logger.name}: {self._message(request)}\n"
-                            for request in batch
-                        )
+                        lines = _text_lines(batch, logger.name)
                     handler.add_text(lines)
                     continue
                 if records is None:
@@ -218,11 +227,9 @@ class RequestLog:
         kind, client, method, raw_target, status, sent_bytes, seconds, upstream, request_id, _ = (
             request
         )
-        # A '"' would end the quoted request line early and let the rest pose as its fields.
-        target = log_safe(raw_target, ACCESS_TARGET_CHARS).replace('"', "\\x22")
         return (
-            f'{client} "{method} {target}" {status if status != NO_RESPONSE else "-"} '
-            f"{sent_bytes} {seconds:.6f} "
+            f'{client} "{method} {_logged_target(raw_target)}" '
+            f"{status if status != NO_RESPONSE else '-'} {sent_bytes} {seconds:.6f} "
             f"upstream={f'{upstream:.6f}' if upstream is not None else '-'} "
             f"request_id={request_id} kind={kind}"
         )
@@ -236,7 +243,7 @@ class RequestLog:
             fields = {
                 "client": client,
                 "method": method,
-                "path": log_safe(raw_target, ACCESS_TARGET_CHARS).replace('"', "\\x22"),
+                "path": _logged_target(raw_target),
                 "status": status if status != NO_RESPONSE else None,
                 "bytes": sent_bytes,
                 "duration": round(seconds, 6),
@@ -308,6 +315,46 @@ def _record_constants() -> dict[str, Any]:
 def _plain(handlers: list[logging.Handler]) -> bool:
     """Whether every handler takes every INFO record as it comes (no filters, level ≤ INFO)."""
     return all(not handler.filters and handler.level <= logging.INFO for handler in handlers)
+
+
+def _logged_target(raw_target: bytes) -> str:
+    """The target as an access line shows it: log_safe, and a '"' (which would end the quoted
+    request line early and let the rest pose as its fields) written \\x22."""
+    target = raw_target.decode("utf-8", "surrogateescape")
+    if (
+        len(target) <= ACCESS_TARGET_CHARS
+        and target.isprintable()
+        and "\\" not in target
+        and '"' not in target
+    ):
+        return target  # most targets: log_safe's own fast path, without its call
+    return log_safe(raw_target, ACCESS_TARGET_CHARS).replace('"', "\\x22")
+
+
+def _text_lines(batch: list[Finished], name: str) -> str:
+    """The batch as TextFormatter would write each line's record (`time LEVEL logger: message`)
+    with RequestLog._message's text, written out here: this loop is an access line's whole
+    cost (tests/test_request_log.py holds the two to the same bytes)."""
+    lines = []
+    for (
+        kind,
+        client,
+        method,
+        raw_target,
+        status,
+        sent_bytes,
+        seconds,
+        upstream,
+        rid,
+        ended,
+    ) in batch:
+        lines.append(
+            f'{rfc3339(ended)} INFO {name}: {client} "{method} {_logged_target(raw_target)}" '
+            f"{status if status != NO_RESPONSE else '-'} {sent_bytes} {seconds:.6f} "
+            f"upstream={f'{upstream:.6f}' if upstream is not None else '-'} "
+            f"request_id={rid} kind={kind}\n"
+        )
+    return "".join(lines)
 
 
 def _takes_text_lines(handler: logging.Handler) -> TypeGuard[BufferedStreamHandler]:
