@@ -5,6 +5,7 @@ closed nobody polls, so only the sweeper can re-prepare the stuck job."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -60,7 +61,11 @@ async def leave_and_return(
     )
     left = time.monotonic()
     note(f"the user closes the tab after {before.polls} polls; nobody polls now")
-    while not ready() and time.monotonic() - left < away_at_most:
+    # `ready` reads the backend's state in the simulator's thread: no event to await there,
+    # so it is checked, a bounded number of times.
+    for _ in range(math.ceil(away_at_most / READY_CHECK_SECONDS)):
+        if ready() or time.monotonic() - left >= away_at_most:
+            break
         await asyncio.sleep(READY_CHECK_SECONDS)
     note(f"the user comes back after {time.monotonic() - left:.1f}s")
     back = await play(

@@ -78,8 +78,11 @@ class DemoOptions:
         """How long the sweeper may take after the last poll, and the fresh job after it."""
         sweep, timings = self.sweep, self.timings
         download = DEFAULT_DOWNLOAD_SECONDS / self.speed
-        return max(sweep.idle_after, timings.stuck_after) + sweep.interval + download + (
-            AWAY_SLACK_SECONDS
+        return (
+            max(sweep.idle_after, timings.stuck_after)
+            + sweep.interval
+            + download
+            + (AWAY_SLACK_SECONDS)
         )
 
     def client_settings(self) -> ClientSettings:
