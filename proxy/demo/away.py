@@ -12,7 +12,9 @@ from dataclasses import dataclass, replace
 
 from proxy.demo.client import ClientResult, ClientSettings, EventCallback, play
 
-LEAVE_AFTER_POLLS = 1  # the page opens, says "preparing", the tab is closed: before stuck_after at any speed
+LEAVE_AFTER_POLLS = (
+    1  # the page opens, says "preparing", the tab is closed: before stuck_after at any speed
+)
 RETURN_MAX_POLLS = 3  # back, the user gives the player this many polls
 READY_CHECK_SECONDS = 0.05
 
