@@ -170,5 +170,5 @@ def test_demo_command_runs_every_scenario_as_promised() -> None:
     assert cells["swept"][2:6] == ["played, bytes+range ok", "2", "2", "1"]
     assert "WS   <- job #1 ready" in output
     assert "backend: 128 jobs stuck queued for 3600s" in output
-    assert "the user closes the tab after 1 polls" in output
+    assert "the user closes the tab: nobody polls now" in output
     assert "1 followed live, all as promised" in output

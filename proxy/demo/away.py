@@ -62,7 +62,7 @@ async def leave_and_return(
         base_url, call_sid, token, replace(settings, max_polls=LEAVE_AFTER_POLLS), on_event
     )
     left = time.monotonic()
-    note(f"the user closes the tab after {before.polls} polls; nobody polls now")
+    note("the user closes the tab: nobody polls now")
     # `ready` reads the backend's state in the simulator's thread: no event to await there,
     # so it is checked, a bounded number of times.
     for _ in range(math.ceil(away_at_most / READY_CHECK_SECONDS)):
