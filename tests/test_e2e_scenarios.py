@@ -24,6 +24,7 @@ from proxy.demo.client import (
     PollEvent,
     play,
 )
+from proxy.demo.scenarios import GUARD_READS_HINTS
 from proxy.demo.simulator import Simulator
 from tests.conftest import SLOW_FACTOR, RedisServer
 from tests.e2e_support import servers, sim_settings
@@ -130,7 +131,9 @@ async def test_upstream_down_answers_502_fast() -> None:
 
 def test_demo_command_runs_every_scenario_as_promised() -> None:
     """`python -m proxy demo --scenario all --speed 3` exits 0 with a summary row per scenario,
-    each marked as promised: live-status's WebSocket client followed its job through pollguard."""
+    each marked as promised: live-status's WebSocket client followed its job through pollguard;
+    the job stuck before deployment was re-prepared (once) after stuck_after, the one whose user
+    closed the tab by the sweeper while nobody polled (the player saw no re-prepare)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "proxy", "demo", "--scenario", "all", "--speed", "3"],
         stdout=subprocess.PIPE,
@@ -146,13 +149,26 @@ def test_demo_command_runs_every_scenario_as_promised() -> None:
             process.wait(10)
     assert process.returncode == 0, output
     rows = [line for line in output.splitlines() if line.endswith("| yes")]
-    assert [row.split("|")[0].strip() for row in rows] == [
+    names = [row.split("|")[0].strip() for row in rows]
+    assert names == [
         "healthy",
         "stuck-once",
         "worker-offline",
         "live-status",
+        "already-stuck",
+        *(["already-stuck-hints"] if GUARD_READS_HINTS else []),
+        "swept",
     ]
-    assert "500 job-stuck" in rows[2]
-    assert "followed to ready, 1000" in rows[3] and "5 msgs" in rows[3]
+    cells = {
+        name: [cell.strip() for cell in row.split("|")]
+        for name, row in zip(names, rows, strict=True)
+    }
+    assert "500 job-stuck" in cells["worker-offline"]
+    assert "followed to ready, 1000" in cells["live-status"] and "5 msgs" in cells["live-status"]
+    # outcome, polls, jobs, re-prepares
+    assert cells["already-stuck"][2:6] == ["played, bytes+range ok", "3", "2", "1"]
+    assert cells["swept"][2:6] == ["played, bytes+range ok", "2", "2", "1"]
     assert "WS   <- job #1 ready" in output
+    assert "backend: 128 jobs stuck queued for 3600s" in output
+    assert "the user closes the tab: nobody polls now" in output
     assert "1 followed live, all as promised" in output

@@ -34,6 +34,7 @@ from proxy.demo.cli import (
 from proxy.demo.client import ClientSettings, Outcome, old_client_settings, play
 from proxy.demo.guard_config import DEMO_LIMITS, pollguard_config, scaled
 from proxy.demo.ranges import RangeNotSatisfiable, parse_single_range
+from proxy.demo.runner import DemoOptions
 from proxy.demo.scenarios import SCENARIOS, Path
 from proxy.demo.servers import free_port
 from proxy.demo.simulator import Simulator
@@ -296,7 +297,8 @@ async def test_player_stops_on_not_found_and_on_unreachable(stack: Stack) -> Non
 
 
 def test_demo_parser_defaults_and_scenario_selection() -> None:
-    """No options → stuck-once, worker-offline and live-status on both paths; --scenario X →
+    """No options → stuck-once, worker-offline, live-status, already-stuck and swept on both
+    paths; --scenario X →
     pollguard only, --direct → direct only, `all` → every scenario; --speed must be positive."""
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers()
@@ -305,7 +307,13 @@ def test_demo_parser_defaults_and_scenario_selection() -> None:
     default = parser.parse_args(["demo"])
     assert default.func is run_demo_command
     options = demo_options(default)
-    assert options.scenarios == ("stuck-once", "worker-offline", "live-status")
+    assert options.scenarios == (
+        "stuck-once",
+        "worker-offline",
+        "live-status",
+        "already-stuck",
+        "swept",
+    )
     assert options.paths == (Path.POLLGUARD, Path.DIRECT) and options.speed == 1.0
     one = demo_options(parser.parse_args(["demo", "--scenario", "healthy", "--speed", "2"]))
     assert (one.scenarios, one.paths, one.timings.stuck_after) == (
@@ -344,6 +352,30 @@ def test_the_demo_config_carries_its_limits(limits: GuardLimits) -> None:
     read = job_limits(parse_config(text, env={}).jobs["recording"])
     for field in dataclasses.fields(GuardLimits):
         assert getattr(read, field.name) == pytest.approx(getattr(limits, field.name), abs=1e-3)
+
+
+@pytest.mark.parametrize("speed", [1.0, 3.0, 7.0])
+def test_every_scenario_config_is_valid_at_any_speed(speed: float) -> None:
+    """Each scenario's config is one pollguard accepts at any demo speed — the sweep's interval
+    at least 1s and idle_after longer than retry_after_max — with the sweeper only in `swept`
+    and hints (read from the simulator's pending body) only where a scenario asks for them."""
+    options = DemoOptions(scenarios=tuple(SCENARIOS), paths=(Path.POLLGUARD,), speed=speed)
+    hinted = replace(SCENARIOS["already-stuck"], name="already-stuck-hints", hints=True)
+    for scenario in [*SCENARIOS.values(), hinted]:
+        config = parse_config(
+            yaml.safe_dump(options.config(scenario, "http://127.0.0.1:9")), env={}
+        )
+        job = config.jobs["recording"]
+        assert (job.sweep is not None) == scenario.sweeps, scenario.name
+        assert job.hints.enabled == scenario.hints, scenario.name
+        if job.sweep is not None:
+            assert (job.sweep.interval, job.sweep.idle_after) == pytest.approx(
+                (options.sweep.interval, options.sweep.idle_after), abs=1e-3
+            )
+            assert job.sweep.idle_after > job.retry_after_max
+        if scenario.hints:
+            assert job.running_without_start == "stuck"
+            assert job.queued_after == pytest.approx(options.timings.stuck_after, abs=1e-3)
 
 
 def test_simulate_backend_command_serves_as_its_own_process() -> None:

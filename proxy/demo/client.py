@@ -65,6 +65,7 @@ class PollEvent:
     status: int | None
     retry_after: str | None
     note: str
+    reprepared: bool = False  # pollguard answered that it re-prepared the job on this poll
 
 
 @dataclass(frozen=True)
@@ -174,18 +175,19 @@ async def play(
         async def send(method: str, **kwargs: Any) -> httpx.Response:
             response = await client.request(method, url, **kwargs)
             run.statuses.append(response.status_code)
-            if (
+            reprepared = bool(
                 response.request.method == "GET"
                 and response.status_code == 202
                 and _json_body(response).get("reprepared")
-            ):
-                run.reprepares += 1
+            )
+            run.reprepares += reprepared
             event = PollEvent(
                 run.elapsed(),
                 method,
                 response.status_code,
                 response.headers.get("retry-after"),
                 describe(response),
+                reprepared,
             )
             run.events.append(event)
             if on_event is not None:

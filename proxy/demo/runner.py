@@ -8,8 +8,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
+from proxy.demo.away import leave_and_return
 from proxy.demo.backend import DEFAULT_DOWNLOAD_SECONDS, Faults, SimulatorSettings
 from proxy.demo.catalog import call_sid_for, token_for
 from proxy.demo.client import (
@@ -20,7 +21,16 @@ from proxy.demo.client import (
     old_client_settings,
     play,
 )
-from proxy.demo.guard_config import DEMO_LIMITS, pollguard_config, scaled
+from proxy.demo.guard_config import (
+    DEMO_CLOCKS,
+    DEMO_LIMITS,
+    DEMO_SWEEP,
+    SweepTimings,
+    pollguard_config,
+    scaled,
+    scaled_clocks,
+    scaled_sweep,
+)
 from proxy.demo.live import LiveOutcome, LiveResult, follow
 from proxy.demo.scenarios import SCENARIOS, ClientKind, Path, Scenario
 from proxy.demo.servers import PollguardProcess, ServerStartError, ThreadedServer
@@ -33,6 +43,8 @@ DEMO_BACKEND_RETRY_AFTER_SECONDS = 1  # the legacy 2s, compressed like the guard
 DEMO_CLIENT_MAX_POLLS = 15
 DEMO_OLD_CLIENT_DELAY_SECONDS = 0.5
 DEMO_OLD_CLIENT_MAX_POLLS = 30
+# Away longer than the sweeper may take, the user comes back anyway (and finds it still stuck).
+AWAY_SLACK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,33 @@ class DemoOptions:
     @property
     def timings(self) -> GuardLimits:
         return scaled(DEMO_LIMITS, self.speed)
+
+    @property
+    def sweep(self) -> SweepTimings:
+        return scaled_sweep(DEMO_SWEEP, self.timings, self.speed)
+
+    def config(self, scenario: Scenario, upstream_url: str) -> dict[str, Any]:
+        """The pollguard config of `scenario`'s run: the sweeper and the backend's clocks only
+        where the scenario is about them. The simulator knows tenant tokens only: the sweeper
+        authenticates as the demo's tenant, where a deployment would use a service token."""
+        return pollguard_config(
+            upstream_url,
+            self.timings,
+            sweep=self.sweep if scenario.sweeps else None,
+            sweep_headers={"Authorization": f"Bearer {token_for(DEMO_TENANT)}"},
+            clocks=scaled_clocks(DEMO_CLOCKS, self.speed) if scenario.hints else None,
+        )
+
+    def away_at_most(self) -> float:
+        """How long the sweeper may take after the last poll, and the fresh job after it."""
+        sweep, timings = self.sweep, self.timings
+        download = DEFAULT_DOWNLOAD_SECONDS / self.speed
+        return (
+            max(sweep.idle_after, timings.stuck_after)
+            + sweep.interval
+            + download
+            + (AWAY_SLACK_SECONDS)
+        )
 
     def client_settings(self) -> ClientSettings:
         if self.old_client:
@@ -108,6 +147,7 @@ async def run_one(
         faults=Faults(worker_mode=scenario.worker_mode),
         download_seconds=DEFAULT_DOWNLOAD_SECONDS / options.speed,
         retry_after_seconds=DEMO_BACKEND_RETRY_AFTER_SECONDS,
+        stuck_for=scenario.stuck_for,
     )
     simulator = create_simulator(settings, on_event=lambda _sid, msg: timeline.line(label, msg))
     server = ThreadedServer(simulator.app)
@@ -117,7 +157,7 @@ async def run_one(
             await asyncio.to_thread(server.start)
             base_url = server.url
             if path is Path.POLLGUARD:
-                guard = PollguardProcess(pollguard_config(server.url, options.timings))
+                guard = PollguardProcess(options.config(scenario, server.url))
                 await asyncio.to_thread(guard.start)
                 base_url = guard.url
         except BaseException:
@@ -133,7 +173,20 @@ async def run_one(
         timeline.line(label, f"client {action} {base_url} ({scenario.story})")
         call_sid = call_sid_for(DEMO_TENANT, 0)
         result: ClientResult | LiveResult
-        if scenario.client is ClientKind.WEBSOCKET:
+        back: ClientResult | None = None
+        if scenario.client is ClientKind.RETURNING:
+            visits = await leave_and_return(
+                base_url,
+                call_sid,
+                token_for(DEMO_TENANT),
+                options.client_settings(),
+                ready=lambda: call_sid in simulator.backend.snapshot()["ready"],
+                away_at_most=options.away_at_most(),
+                on_event=lambda event: timeline.client_event(label, event),
+                on_note=lambda text: timeline.line(label, text),
+            )
+            result, back = visits.joined, visits.back
+        elif scenario.client is ClientKind.WEBSOCKET:
             result = await follow(
                 base_url,
                 call_sid,
@@ -154,7 +207,7 @@ async def run_one(
         verdict = (
             judge_live(result, jobs)
             if isinstance(result, LiveResult)
-            else judge(scenario, path, result, jobs, options.timings)
+            else judge(scenario, path, result, jobs, options.timings, back)
         )
         timeline.line(
             label,
@@ -218,6 +271,13 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         f" max_wait {timings.max_wait:g}s (minutes compressed to seconds)",
         file=out,
     )
+    if any(SCENARIOS[name].sweeps for name in options.scenarios):
+        sweep = options.sweep
+        print(
+            f"  sweep (swept only): a pass every {sweep.interval:g}s over stuck keys unpolled "
+            f"for {sweep.idle_after:g}s",
+            file=out,
+        )
     timeline = Timeline(out)
     outcomes = asyncio.run(_run_all(options, timeline))
     reports = [o for o in outcomes if isinstance(o, RunReport)]

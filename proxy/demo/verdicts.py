@@ -8,7 +8,7 @@ from proxy.demo.backend import WorkerMode
 from proxy.demo.client import ClientResult, Outcome
 from proxy.demo.events import NORMAL_CLOSURE
 from proxy.demo.live import LiveOutcome, LiveResult
-from proxy.demo.scenarios import Path, Scenario
+from proxy.demo.scenarios import ClientKind, Path, Scenario
 from proxy.policy import GuardLimits
 
 UNAUTHENTICATED = 401
@@ -22,11 +22,17 @@ class Verdict:
 
 
 def judge(
-    scenario: Scenario, path: Path, result: ClientResult, jobs_created: int, timings: GuardLimits
+    scenario: Scenario,
+    path: Path,
+    result: ClientResult,
+    jobs_created: int,
+    timings: GuardLimits,
+    back: ClientResult | None = None,
 ) -> Verdict:
-    """Did this run end the way pollguard promises (or, direct, the way the bug predicts)?"""
+    """Did this run end the way pollguard promises (or, direct, the way the bug predicts)?
+    `back`: a returning user's second visit (its part of `result`)."""
     played = result.outcome is Outcome.PLAYED
-    if scenario.worker_mode is WorkerMode.OK:
+    if scenario.worker_mode is WorkerMode.OK and scenario.stuck_for == 0:
         return Verdict(played and jobs_created == 1, "plays, 1 job")
     if path is Path.DIRECT:
         # Without pollguard the stuck job is never replaced and the client only stops on its own.
@@ -34,6 +40,16 @@ def judge(
             result.outcome is Outcome.GAVE_UP and jobs_created == 1,
             "bug: client gives up, job never replaced",
         )
+    if scenario.client is ClientKind.RETURNING:
+        # Nobody polled while the job was re-prepared: the player saw no re-prepare, and its
+        # first poll on return got the recording.
+        at_once = back is not None and back.statuses[:1] == (200,)
+        return Verdict(
+            played and at_once and result.reprepares_seen == 0 and jobs_created == 2,
+            "swept while away: plays on return, 2 jobs",
+        )
+    if scenario.stuck_for > 0:
+        return _judge_already_stuck(scenario, result, jobs_created, timings)
     if scenario.worker_mode is WorkerMode.STALL_FIRST:
         return Verdict(played and jobs_created == 2, "plays after 1 re-prepare, 2 jobs")
     max_jobs = 1 + timings.max_reprepares
@@ -42,6 +58,27 @@ def judge(
         and result.problem_code == "job-stuck"
         and jobs_created <= max_jobs,
         f"clean 500 job-stuck, <= {max_jobs} jobs",
+    )
+
+
+def first_reprepare_at(result: ClientResult) -> float | None:
+    """Seconds into the run of the first poll pollguard answered with a re-prepare."""
+    return next((e.elapsed for e in result.events if e.reprepared), None)
+
+
+def _judge_already_stuck(
+    scenario: Scenario, result: ClientResult, jobs_created: int, timings: GuardLimits
+) -> Verdict:
+    """The seeded job plus the re-prepared one; with hints the very first poll re-prepares,
+    without them pollguard's own clock starts at that poll and runs stuck_after."""
+    played = result.outcome is Outcome.PLAYED and jobs_created == 2
+    if scenario.hints:
+        first_poll = result.events[0].reprepared if result.events else False
+        return Verdict(played and first_poll, "1st poll re-prepares (hints); plays, 2 jobs")
+    reprepared_at = first_reprepare_at(result)
+    return Verdict(
+        played and reprepared_at is not None and reprepared_at >= timings.stuck_after,
+        f"re-prepared after stuck_after ({timings.stuck_after:g}s); plays, 2 jobs",
     )
 
 
