@@ -93,7 +93,6 @@ class Distribution:
 
     def observe(self, value: float) -> None:
         # The first bucket whose upper bound is >= value: prometheus's "le" (value <= bound).
-        # RequestLog.forwarded does the same two updates inline (a call per request saved).
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
 

@@ -15,7 +15,6 @@ import logging
 import os
 import threading
 import time
-from bisect import bisect_left
 from time import perf_counter
 from typing import Any, TypeGuard
 
@@ -92,27 +91,16 @@ class RequestLog:
         seconds = perf_counter() - client.arrived_at
         status = client.status
         if self.metrics:
-            # _count and Distribution.observe, inline: four calls per request saved (~3k
-            # instructions of a ~235k small GET).
-            tally = self._tallies.get((kind, status))
-            if tally is None:
-                self._count(kind, status)
-            else:
-                tally.value += 1
-            durations = self._durations[kind]
-            durations.counts[bisect_left(durations.bounds, seconds)] += 1
-            durations.total += seconds
-            upstream = client.upstream_seconds
-            if upstream is not None:
-                durations = self._upstream[kind]
-                durations.counts[bisect_left(durations.bounds, upstream)] += 1
-                durations.total += upstream
+            self._count(kind, status)
+            self._durations[kind].observe(seconds)
+            if client.upstream_seconds is not None:
+                self._upstream[kind].observe(client.upstream_seconds)
         if self.access:
             request_id = client.request_id.decode("latin-1") if client.request_id else "-"
             peer = scope.get("client")
             request: Finished = (
                 kind,
-                str(peer[0]) if peer else "-",
+                peer[0] if peer else "-",  # the server's host string
                 scope["method"],
                 target,
                 status,
