@@ -272,8 +272,10 @@ def with_clock(state: JobState, clock: ClockReading) -> JobState | None:
 def reprepared_at(state: JobState) -> float | None:
     """The episode's last successful re-prepare, for proxy.hints.backend_clock: after one,
     clock_start is its time (an operator's failed one leaves clock_start alone, so this may
-    be the episode's start: a job older than that still reads as the ignored old one)."""
-    return state.clock_start if state.attempts > 0 else None
+    be the episode's start: a job older than that still reads as the ignored old one). None
+    for a terminal record too: its cool-down repeats its answer whatever the clock, and after
+    it a new episode starts, without re-prepares yet."""
+    return state.clock_start if state.attempts > 0 and state.terminal_at == NO_TERMINAL else None
 
 
 def _terminal(
