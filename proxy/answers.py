@@ -47,6 +47,9 @@ class ProblemContext:
     attempts: int
     max_attempts: int
     pending_seconds: float
+    # What the backend said of its job (proxy.hints), when known.
+    job_status: str | None = None
+    job_age_seconds: float | None = None
 
 
 def pending(status: int, upstream_headers: RawHeaders, retry_after: float) -> GuardAnswer:
@@ -126,20 +129,19 @@ def job_problem(
 ) -> GuardAnswer:
     """500 problem+json ending the client's loop: job-stuck, wait-exceeded, reprepare-failed;
     `retry_after`: seconds left of the key's terminal cool-down (None: no Retry-After)."""
-    problem = Problem(
-        500,
-        code,
-        detail,
-        retry_after=retry_after,
-        extensions={
-            "error": code,  # older frontends read `error`
-            "job": context.job,
-            "key": context.key,
-            "attempts": context.attempts,
-            "max_attempts": context.max_attempts,
-            "pending_seconds": round(context.pending_seconds, 3),
-        },
-    )
+    extensions: dict[str, object] = {
+        "error": code,  # older frontends read `error`
+        "job": context.job,
+        "key": context.key,
+        "attempts": context.attempts,
+        "max_attempts": context.max_attempts,
+        "pending_seconds": round(context.pending_seconds, 3),
+    }
+    if context.job_status is not None:
+        extensions["job_status"] = context.job_status
+    if context.job_age_seconds is not None:
+        extensions["job_age_seconds"] = round(context.job_age_seconds, 3)
+    problem = Problem(500, code, detail, retry_after=retry_after, extensions=extensions)
     if retry_after is None:
         return _problem_answer(problem, upstream_headers, request_id)
     # A browser player must be able to read when it may try again.

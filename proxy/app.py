@@ -17,9 +17,11 @@ from proxy.fdlimit import raise_open_files_limit
 from proxy.forward import Forwarder, Message, Receive, Scope, Send
 from proxy.guard import GuardedJob, JobGuard
 from proxy.headers import new_request_id
+from proxy.hints import clock_rules
 from proxy.logformat import lean_log_records
 from proxy.logtext import log_safe
 from proxy.metrics_export import SharedMetrics, share_from_environment
+from proxy.probe import Prober, ProbeRequest, ProbeThrottle
 from proxy.problems import Problem
 from proxy.reload import Reloader, under_serve
 from proxy.reprepare import Repreparer, ReprepareRequest
@@ -73,6 +75,16 @@ def guarded_job(name: str, job: JobConfig) -> GuardedJob:
         ),
         coalesce=job.coalesce,
         min_poll_interval=job.min_poll_interval,
+        hints=job.hints if job.hints.enabled else None,
+        clock_rules=clock_rules(
+            job.hints,
+            queued_after=job.queued_after,
+            running_after=job.running_after,
+            running_without_start=job.running_without_start,
+        )
+        if job.hints.enabled
+        else None,
+        probe=ProbeRequest.from_config(job.probe) if job.probe is not None else None,
     )
 
 
@@ -128,6 +140,7 @@ class PollguardApp:
         self.guard: JobGuard | None = None
         self.sweeper: Sweeper | None = None
         self.repreparer: Repreparer | None = None
+        self.prober: Prober | None = None
         request_log = RequestLog(
             metrics=config.metrics.requests,
             access=config.access_log,
@@ -193,6 +206,14 @@ class PollguardApp:
                 ssl_context=self.upstream.ssl_context,
                 server_hostname=self.upstream.server_hostname,
             )
+            # The status probe's client, as the re-prepare's (same upstream, same TLS).
+            self.prober = Prober(
+                config.upstream.url,
+                ProbeThrottle(self.store),
+                connect_timeout=config.upstream.connect_timeout,
+                ssl_context=self.upstream.ssl_context,
+                server_hostname=self.upstream.server_hostname,
+            )
             jobs, routes = guard_rules(config)
             self.guard = JobGuard(
                 jobs,
@@ -204,6 +225,7 @@ class PollguardApp:
                 remembered_records=config.state.remembered_records
                 if config.state.uses_redis
                 else 0,
+                prober=self.prober,
             )
             self.forwarder.guard = self.guard
             # Jobs with `sweep` are swept periodically; with none, no task runs. Their settings
@@ -261,6 +283,8 @@ class PollguardApp:
         await self.upstream.close()
         if self.repreparer is not None:
             await self.repreparer.close()
+        if self.prober is not None:
+            await self.prober.close()
         if self.store is not None:
             await self.store.close()
         if self.shared_metrics is not None:

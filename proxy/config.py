@@ -663,6 +663,8 @@ def job_limits(job: JobConfig) -> GuardLimits:
         retry_after_reprepared=job.retry_after_reprepared,
         reprepare_timeout=job.reprepare.timeout,
         terminal_cooldown=job.terminal_cooldown,
+        queued_after=job.queued_after,
+        running_after=job.running_after,
     )
 
 

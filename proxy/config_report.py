@@ -173,7 +173,32 @@ def _plain_job(job: JobConfig) -> dict[str, Any]:
             "timeout": format_duration(reprepare.timeout),
         },
         **({} if job.sweep is None else {"sweep": _plain_sweep(job)}),
+        **({} if not job.hints.enabled else _plain_clocks(job)),
     }
+
+
+def _plain_clocks(job: JobConfig) -> dict[str, Any]:
+    """The backend's clocks (proxy.hints) and the probe, for a job with hints."""
+    hints = job.hints.model_dump(by_alias=True, exclude_none=True)
+    hints["queued_values"] = list(job.hints.queued_values)
+    hints["running_values"] = list(job.hints.running_values)
+    hints["max_skew"] = format_duration(job.hints.max_skew)
+    plain: dict[str, Any] = {
+        "hints": hints,
+        "queued_after": format_duration(job.queued_after),
+        "running_after": format_duration(job.running_after),
+        "running_without_start": job.running_without_start,
+    }
+    if job.probe is not None:
+        probe = job.probe
+        plain["probe"] = {
+            "method": probe.method,
+            "path": probe.path,
+            "forward_headers": list(probe.forward_headers),
+            "timeout": format_duration(probe.timeout),
+            "min_interval": format_duration(probe.min_interval),
+        }
+    return plain
 
 
 def _plain_sweep(job: JobConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from time import perf_counter
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from proxy.client import ClientLink, Message, Patrol, Receive, Send
@@ -24,7 +24,7 @@ from proxy.errors import (
     UpstreamInvalid,
     UpstreamTimeout,
 )
-from proxy.guard import NEEDS_STORE, GuardedPoll, JobGuard
+from proxy.guard import NEEDS_STORE, GuardedPoll, GuardTarget, JobGuard
 from proxy.headers import (
     REQUEST_ID,
     RawHeaders,
@@ -33,6 +33,7 @@ from proxy.headers import (
     header_value,
     new_request_id,
 )
+from proxy.hints import MAX_HINT_BODY, read_hints
 from proxy.logtext import log_safe
 from proxy.metrics import COALESCED, SHIELDED, UPSTREAM_ERRORS
 from proxy.problems import Problem
@@ -172,10 +173,13 @@ class Forwarder:
                 return
             out_headers = _client_headers(response, request_id)
             status = response.status
+            ahead: ReadAhead | None = None
             if target_job is not None and self.guard is not None:
                 try:
                     # Most polls are decided at once; only the rest cost a coroutine.
                     poll = GuardedPoll(target_job, status, out_headers, client_headers, request_id)
+                    if target_job.job.hints is not None and method != "HEAD":
+                        poll, ahead = await _with_hints(poll, response)
                     answer = self.guard.review_at_once(poll)
                     if answer is NEEDS_STORE:
                         answer = await self.guard.review_shared(poll)
@@ -196,7 +200,7 @@ class Forwarder:
                         )
                         return
                     status, out_headers = answer.status, answer.headers
-            await _stream(response, status, out_headers, method == "HEAD", client, flight)
+            await _stream(response, status, out_headers, method == "HEAD", client, flight, ahead)
         except asyncio.CancelledError:
             # Ours (the client left, or stopped reading) or the server's (shutdown past its
             # grace period): either way this request is over, and a traceback helps no one.
@@ -209,6 +213,53 @@ class Forwarder:
                     self.guard.shield.settle(ticket, flight.kept)
             if self.request_log is not None:
                 self.request_log.forwarded(client, kind, scope, target)
+
+
+class ReadAhead(NamedTuple):
+    """What was read of a pending body before the guard decided (for its hints)."""
+
+    data: bytes
+    whole: bool  # `data` is the whole body; else the rest follows in response.chunks()
+
+
+async def _with_hints(
+    poll: GuardedPoll, response: UpstreamResponse
+) -> tuple[GuardedPoll, ReadAhead | None]:
+    """`poll` with the hints of its pending answer (a job with hints), and what was read of
+    the body for them: the whole body when it came with the head or ends within
+    MAX_HINT_BODY; else (a larger body) the first bytes read, no body hints, and the body is
+    streamed on from there. Header sources alone read no body."""
+    target: GuardTarget = poll.target
+    job = target.job
+    hints = job.hints
+    if hints is None or poll.status not in job.pending_status or poll.status in _BODYLESS:
+        return poll, None
+    if not hints.reads_body:
+        return poll._replace(hints=read_hints(hints, response.headers, None)), None
+    ahead = await _read_ahead(response)
+    body = ahead.data if ahead.whole else None
+    return poll._replace(hints=read_hints(hints, response.headers, body)), ahead
+
+
+async def _read_ahead(response: UpstreamResponse) -> ReadAhead:
+    """The body if it ends within MAX_HINT_BODY, else what was read up to just past it (one
+    chunk, at most the upstream's read_ahead, beyond): never more held than that."""
+    body = response.complete_body()
+    if body is not None:
+        return ReadAhead(body, True)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.chunks():
+            chunks.append(chunk)
+            size += len(chunk)
+            if response.finished:
+                return ReadAhead(b"".join(chunks), True)
+            if size > MAX_HINT_BODY:
+                break
+    except UpstreamError:
+        pass  # the body broke off: streaming what was read meets the same error, and logs it
+    return ReadAhead(b"".join(chunks), response.finished)
 
 
 def _client_headers(response: UpstreamResponse, request_id: bytes) -> RawHeaders:
@@ -292,6 +343,7 @@ async def _stream(
     head: bool,
     client: ClientLink,
     flight: Flight | None = None,
+    ahead: ReadAhead | None = None,
 ) -> None:
     if status in _BODYLESS:
         response.release()
@@ -306,7 +358,10 @@ async def _stream(
             flight.share(shareable(status, headers, b"", ours=False))
         await client.send_whole(status, headers, b"", head)
         return
-    body = response.complete_body()
+    if ahead is None:
+        body = response.complete_body()
+    else:  # read for the guard's hints (_with_hints)
+        body = ahead.data if ahead.whole else None
     if body is not None:  # it all came with the head: release first, then one send
         response.release()
         if flight is not None and flight.followed:
@@ -318,6 +373,13 @@ async def _stream(
     kept_size = 0
     try:
         await client.send_start(status, headers)
+        if ahead is not None and ahead.data:
+            # The start of a body too large for hints: sent as read, the rest follows.
+            await client.send({"type": "http.response.body", "body": ahead.data, "more_body": True})
+            client.sent_bytes += len(ahead.data)
+            kept_size += len(ahead.data)
+            if kept is not None:
+                kept = [ahead.data] if kept_size <= SHARE_LIMIT else None
         async for chunk in response.chunks():
             more = not response.finished
             if not more:

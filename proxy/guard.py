@@ -21,11 +21,13 @@ from proxy import answers
 from proxy.answers import GuardAnswer, ProblemContext
 from proxy.errors import StoreUnavailable
 from proxy.headers import RawHeaders, header_value
+from proxy.hints import NO_HINTS, ClockReading, ClockRules, HintReading, HintsConfig, backend_clock
 from proxy.logformat import rfc3339
 from proxy.logtext import log_safe
 from proxy.loop_metrics import Tally
 from proxy.metrics import DECISIONS, JOB_AGE, REPREPARES, STORE_ERRORS
 from proxy.policy import (
+    OBSERVED,
     Answered,
     Decision,
     GuardLimits,
@@ -37,9 +39,13 @@ from proxy.policy import (
     cooldown_retry_after,
     decide,
     ends_episode,
+    judge_clock,
     pass_retry_after,
     record_ttl,
+    reprepared_at,
+    with_clock,
 )
+from proxy.probe import Prober, ProbeRequest
 from proxy.recent import RecentRecords, trust_seconds
 from proxy.reprepare import Repreparer, ReprepareRequest, ReprepareResult, idempotency_key
 from proxy.routes import RouteMatch, RouteTable, is_guardable_key
@@ -62,6 +68,9 @@ _PASS = str(Verdict.PASS)
 _ESCALATIONS = frozenset({"reprepared", "reprepare-failed", "job-stuck", "wait-exceeded"})
 # What the lock is released with when the re-prepare never reported (cancelled, or a bug).
 _INTERRUPTED = ReprepareResult(False, "re-prepare interrupted before it reported")
+# Keys whose backend time was ignored for skew (hints.max_skew), each logged once; bounded
+# (emptied when full), since keys come from clients.
+SKEW_LOG_KEYS = 4096
 
 
 class _NeedsStore(enum.Enum):
@@ -88,6 +97,11 @@ class GuardedJob:
     coalesce: bool = True
     # Seconds a pending answer is reused across replicas (proxy.shield); 0: off.
     min_poll_interval: float = 0.0
+    # The backend's own clocks (proxy.hints): None, None for a job without hints.
+    hints: HintsConfig | None = None
+    clock_rules: ClockRules | None = None
+    # The status probe (proxy.probe), for answers that carry no status; None: none.
+    probe: ProbeRequest | None = None
     # How long the job's records live, derived from its limits once, not per poll; carried by
     # the job so a request still holding it after a reload removed the job keeps its TTL.
     record_ttl: float = field(init=False)
@@ -113,6 +127,11 @@ class GuardedPoll(NamedTuple):
     upstream_headers: RawHeaders  # the answer's end-to-end fields, our request id included
     client_headers: Sequence[tuple[bytes, bytes]]  # what the client sent (for the re-prepare)
     request_id: bytes
+    # What the pending answer says about its job (jobs with hints only; the forwarder reads it).
+    hints: HintReading = NO_HINTS
+    # The clock that decided (set by the guard once it has the record: the backend's clock
+    # depends on the episode's last re-prepare): for log lines, metrics and the problem body.
+    clock: ClockReading = OBSERVED
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +170,14 @@ class JobGuard:
         fail_closed: bool,
         remembered_records: int = 0,
         clock: Callable[[], float] = time.time,
+        prober: Prober | None = None,
     ) -> None:
         self._rules = GuardRules(jobs, routes)
         self.store = store
         self._repreparer = repreparer
+        # Jobs with `probe` probe only when one is given (pollguard serve builds it).
+        self._prober = prober
+        self._skew_logged: set[tuple[str, str]] = set()
         self._fail_closed = fail_closed
         self._clock = clock
         self._last_store_error_log = -math.inf
@@ -225,6 +248,8 @@ class JobGuard:
             state = self.store.observe_local(job.name, key, now, job.record_ttl)
         if state is None:
             return NEEDS_STORE
+        if job.clock_rules is not None:
+            return self._hinted_at_once(poll, state, now)
         upstream_headers = poll.upstream_headers
         raw_retry_after = header_value(upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
@@ -244,6 +269,85 @@ class JobGuard:
             return NEEDS_STORE
         self._count(target, _PASS)
         return None if job.shadow else answers.pending(status, upstream_headers, seconds)
+
+    def _hinted_at_once(self, poll: GuardedPoll, state: JobState, now: float) -> AtOnce:
+        """review_at_once for a job with hints: decide() by the clock that applies (not the
+        observed-clock fast path, pass_retry_after), answered at once only for a PASS that
+        writes nothing — the record already holds this clock, and no probe is due."""
+        job, key = poll.target.job, poll.target.match.key
+        if (
+            job.probe is not None
+            and poll.hints.status.value is None
+            and self._prober is not None
+            and self._prober.due(job.name, key)
+        ):
+            return NEEDS_STORE
+        clock = self._judge(poll, state, now)
+        if with_clock(state, clock) is not None:
+            return NEEDS_STORE
+        raw_retry_after = header_value(poll.upstream_headers, b"retry-after")
+        retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
+        decision = decide(state, job.limits, now, retry_after, clock)
+        if type(decision) is not Pass or decision.record is not None:
+            return NEEDS_STORE
+        poll = poll._replace(clock=clock)
+        if job.shadow:
+            self._log(poll, _PASS, decision)
+            return None
+        return self._answer(poll, decision)
+
+    def _judge(self, poll: GuardedPoll, state: JobState, now: float) -> ClockReading:
+        """The clock that decides `poll` for the record `state` (a job with hints)."""
+        job = poll.target.job
+        rules = job.clock_rules
+        assert rules is not None  # only called for jobs with hints
+        reading = backend_clock(poll.hints, rules, now, reprepared_at(state))
+        if reading.ignored_future:
+            self._log_skew(poll, reading)
+        return judge_clock(reading, state, job.limits, now)
+
+    def _log_skew(self, poll: GuardedPoll, reading: ClockReading) -> None:
+        """Once per key (SKEW_LOG_KEYS): a backend time ignored as too far in the future."""
+        job, key = poll.target.job.name, poll.target.match.key
+        if (job, key) in self._skew_logged:
+            return
+        if len(self._skew_logged) >= SKEW_LOG_KEYS:
+            self._skew_logged.clear()
+        self._skew_logged.add((job, key))
+        logger.warning(
+            "backend time ignored job=%s key=%s fields=%s: more than hints.max_skew in the "
+            "future (clock skew?); the observed clock applies (request_id=%s)",
+            job,
+            log_safe(key),
+            ",".join(reading.ignored_future),
+            log_safe(poll.request_id),
+        )
+
+    async def _probed(self, poll: GuardedPoll) -> GuardedPoll:
+        """`poll` with the probe's reading as its hints when the probe answered; as it was when
+        throttled or failed (its detail logged)."""
+        job, match = poll.target.job, poll.target.match
+        assert self._prober is not None and job.probe is not None and job.hints is not None
+        result = await self._prober.probe(
+            job.probe,
+            job.hints,
+            job=job.name,
+            key=match.key,
+            params=match.params,
+            client_headers=poll.client_headers,
+            request_id=poll.request_id.decode("latin-1"),
+        )
+        if result.reading is None:
+            if result.detail != "throttled" and logger.isEnabledFor(logging.INFO):
+                logger.info(
+                    "probe gave no reading job=%s key=%s request_id=%s: %s",
+                    job.name,
+                    log_safe(match.key),
+                    log_safe(poll.request_id),
+                    log_safe(result.detail),
+                )
+            return poll
+        return poll._replace(hints=result.reading)
 
     def _not_pending(self, job: GuardedJob, key: str, status: int) -> None:
         if ends_episode(status, job.end_status):
@@ -266,6 +370,13 @@ class JobGuard:
         NEEDS_STORE): read it, decide, re-prepare if that is the verdict."""
         target = poll.target
         job, key = target.job, target.match.key
+        if (
+            job.probe is not None
+            and self._prober is not None
+            and poll.hints.status.value is None
+            and job.clock_rules is not None
+        ):
+            poll = await self._probed(poll)  # bounded by probe.timeout
         now = self._clock()
         raw_retry_after = header_value(poll.upstream_headers, b"retry-after")
         retry_after = raw_retry_after.decode("latin-1") if raw_retry_after else None
@@ -275,17 +386,23 @@ class JobGuard:
             return self._store_failed(poll, exc)
         if self._recent is not None:
             self._remember(job, key, state, now)
-        decision = decide(state, job.limits, now, retry_after)
+        clock = OBSERVED
+        if job.clock_rules is not None:
+            clock = self._judge(poll, state, now)
+            poll = poll._replace(clock=clock)
+        decision = decide(state, job.limits, now, retry_after, clock)
         if job.shadow:
             await self._shadow(poll, state, decision, now)
             return None
         if type(decision) is Reprepare:
             return await self._lock_and_reprepare(poll, state, decision)
-        if type(decision) is not InFlight and decision.record is not None:
-            # An episode's first terminal verdict, or a new episode after a cool-down: one
-            # compare-and-set. Losing it is fine (another request or replica wrote first), and
-            # so is a store failure (the next poll decides the same and writes it).
-            await self._store_record(job, key, state, decision.record, now)
+        record = _record_to_write(state, decision, clock, job.clock_rules is not None)
+        if record is not None:
+            # An episode's first terminal verdict, a new episode after a cool-down, or the
+            # backend's clock changed: one compare-and-set. Losing it is fine (another request
+            # or replica wrote first), and so is a store failure (the next poll decides the
+            # same and writes it).
+            await self._store_record(job, key, state, record, now)
         # Every other verdict is answered without I/O, so without another coroutine.
         return self._answer(poll, decision)
 
@@ -545,9 +662,11 @@ class JobGuard:
             # ones enforce mode would make, not "would re-prepare" on every poll.
             finished = after_reprepare(decision.locked_state, now, succeeded=True)
             await self._store_record(job, key, state, finished, now)
-        elif type(decision) is not InFlight and decision.record is not None:
-            # A terminal verdict or a new episode, as enforced.
-            await self._store_record(job, key, state, decision.record, now)
+        else:
+            # A terminal verdict, a new episode or the backend's clock, as enforced.
+            record = _record_to_write(state, decision, poll.clock, job.clock_rules is not None)
+            if record is not None:
+                await self._store_record(job, key, state, record, now)
         verdict = decision.verdict
         if verdict is Verdict.PASS:
             name = "pass"
@@ -566,12 +685,15 @@ class JobGuard:
         retry_after: int | None,
     ) -> GuardAnswer:
         target = poll.target
+        clock = poll.clock
         context = ProblemContext(
             job=target.job.name,
             key=target.match.key,
             attempts=decision.attempts,
             max_attempts=target.job.limits.max_reprepares,
             pending_seconds=decision.pending_seconds,
+            job_status=clock.job_status,
+            job_age_seconds=clock.job_age,
         )
         return answers.job_problem(
             code, detail, context, poll.upstream_headers, poll.request_id, retry_after
@@ -624,16 +746,19 @@ class JobGuard:
     def _log(self, poll: GuardedPoll, decision_name: str, decision: Decision) -> None:
         target = poll.target
         self._count(target, decision_name)
+        clock = str(poll.clock.clock)
         if decision_name in _ESCALATIONS and not target.job.shadow:
-            JOB_AGE.labels(target.job.name, decision_name).observe(decision.pending_seconds)
+            JOB_AGE.labels(target.job.name, decision_name, clock).observe(decision.pending_seconds)
         if not logger.isEnabledFor(logging.INFO):
             return
         key, rid = log_safe(target.match.key), log_safe(poll.request_id)
         logger.info(
-            "decision job=%s key=%s decision=%s pending_seconds=%.1f attempts=%d request_id=%s",
+            "decision job=%s key=%s decision=%s clock=%s pending_seconds=%.1f attempts=%d "
+            "request_id=%s",
             target.job.name,
             key,
             decision_name,
+            clock,
             decision.pending_seconds,
             decision.attempts,
             rid,
@@ -642,11 +767,26 @@ class JobGuard:
                 "job": target.job.name,
                 "key": key,
                 "decision": decision_name,
+                "clock": clock,
                 "pending_seconds": round(decision.pending_seconds, 3),
                 "attempts": decision.attempts,
                 "request_id": rid,
             },
         )
+
+
+def _record_to_write(
+    state: JobState, decision: Answered, clock: ClockReading, hinted: bool
+) -> JobState | None:
+    """The record a verdict other than REPREPARE writes (None: nothing): the terminal mark or
+    new episode it carries, holding the backend clock that decided (jobs with hints) — or the
+    observed record holding it, when only the clock changed. A REPREPARE writes its lock only:
+    the re-prepare clears the stored clock."""
+    base = None if type(decision) is InFlight else decision.record
+    if not hinted:
+        return base
+    changed = with_clock(state if base is None else base, clock)
+    return base if changed is None else changed
 
 
 def _find_target(

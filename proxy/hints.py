@@ -411,6 +411,11 @@ class ClockReading:
     job_age: float | None
     # Times more than max_skew in the future, ignored: log them once.
     ignored_future: tuple[str, ...] = ()
+    # The backend time the deciding clock runs from (queued: created_at, running: started_at)
+    # as the backend sent it (one up to max_skew ahead too: it reads as now all the same);
+    # None for OBSERVED and for a running job without a start. Stored in the record
+    # (proxy.policy.with_clock): exact, and the same on every poll, unlike now - job_age.
+    since: float | None = None
 
 
 def backend_clock(
@@ -429,8 +434,10 @@ def backend_clock(
     status = reading.status.value
     created_age = None if created is None else now - created
 
-    def judged(clock: Clock, stuck: bool, basis: Basis, age: float | None) -> ClockReading:
-        return ClockReading(clock, stuck, basis, status, age, tuple(ignored))
+    def judged(
+        clock: Clock, stuck: bool, basis: Basis, age: float | None, since: float | None = None
+    ) -> ClockReading:
+        return ClockReading(clock, stuck, basis, status, age, tuple(ignored), since)
 
     def observed(basis: Basis) -> ClockReading:
         return judged(Clock.OBSERVED, False, basis, created_age)
@@ -451,12 +458,12 @@ def backend_clock(
     if kind in rules.queued_values:
         if created_age is None:
             return observed(Basis.CREATED_AT_UNKNOWN)
-        return judged(
-            Clock.QUEUED, created_age >= rules.queued_after, Basis.QUEUED_AGE, created_age
-        )
+        stuck = created_age >= rules.queued_after
+        return judged(Clock.QUEUED, stuck, Basis.QUEUED_AGE, created_age, reading.created_at.value)
     if started is not None:
         age = now - started
-        return judged(Clock.RUNNING, age >= rules.running_after, Basis.RUNNING_AGE, age)
+        stuck = age >= rules.running_after
+        return judged(Clock.RUNNING, stuck, Basis.RUNNING_AGE, age, reading.started_at.value)
     if reading.started_at.found is not Found.MISSING:
         return observed(Basis.STARTED_AT_UNKNOWN)
     if not rules.running_without_start_is_stuck:

@@ -55,9 +55,10 @@ UPSTREAM_DURATION = LoopHistogram(
 )
 JOB_AGE = Histogram(
     "pollguard_job_age_seconds",
-    "How long a job had been pending when the guard escalated, by job and decision "
-    "(reprepared, reprepare-failed, job-stuck, wait-exceeded)",
-    ["job", "decision"],
+    "How long a job had been pending when the guard escalated, by job, decision "
+    "(reprepared, reprepare-failed, job-stuck, wait-exceeded) and the clock that decided "
+    "(queued, running: the backend's own, proxy.hints; observed: pollguard's)",
+    ["job", "decision", "clock"],
     buckets=JOB_AGE_BUCKETS,
     registry=REGISTRY,
 )

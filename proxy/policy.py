@@ -13,7 +13,22 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Final, NamedTuple, final
 
-from proxy.stores.base import NO_LOCK, NO_TERMINAL, JobState, Terminal, fresh_state
+from proxy.hints import (
+    DEFAULT_QUEUED_AFTER,
+    DEFAULT_RUNNING_AFTER,
+    Basis,
+    Clock,
+    ClockReading,
+)
+from proxy.stores.base import (
+    NO_HINT_CLOCK,
+    NO_HINT_SINCE,
+    NO_LOCK,
+    NO_TERMINAL,
+    JobState,
+    Terminal,
+    fresh_state,
+)
 
 # A re-prepare lock outlives the re-prepare timeout by this much, so a replica that crashed
 # mid-re-prepare frees the key soon after, yet a slow but live one is not overtaken.
@@ -38,6 +53,15 @@ class GuardLimits:
     reprepare_timeout: float
     # After a terminal answer, polls get the same answer for this long; then a new episode.
     terminal_cooldown: float = DEFAULT_TERMINAL_COOLDOWN_SECONDS
+    # The backend's clocks (proxy.hints), for a backend clock stored in the record.
+    queued_after: float = DEFAULT_QUEUED_AFTER
+    running_after: float = DEFAULT_RUNNING_AFTER
+
+
+# The clock when nothing says otherwise: pollguard's own (stuck_after since clock_start).
+OBSERVED = ClockReading(Clock.OBSERVED, False, Basis.NO_HINTS, None, None)
+# Readings that say nothing about the job (no status read): the record's stored clock applies.
+_SILENT = frozenset({Basis.NO_HINTS, Basis.STATUS_UNKNOWN})
 
 
 class Verdict(StrEnum):
@@ -154,19 +178,32 @@ _REPEATED: dict[Terminal, type[Ended]] = {
 
 
 def decide(
-    state: JobState, limits: GuardLimits, now: float, upstream_retry_after: str | None
+    state: JobState,
+    limits: GuardLimits,
+    now: float,
+    upstream_retry_after: str | None,
+    clock: ClockReading = OBSERVED,
 ) -> Decision:
     """Judge a pending answer for the record `state` at `now`. Runs on every poll: straight-line
-    code, one Decision built and nothing else."""
+    code, one Decision built and nothing else.
+
+    `clock` (`judge_clock`'s) says which clock tells whether the job is stuck: the observed one
+    (stuck_after since clock_start), or the backend's, whose own `stuck` decides — on the first
+    poll if need be. Either way max_wait runs from episode_start, and the lock, budget and
+    window rules are the same."""
     if state.terminal_at != NO_TERMINAL:
-        return _after_terminal(state, limits, now, upstream_retry_after)
+        return _after_terminal(state, limits, now, upstream_retry_after, clock)
     pending_seconds = now - state.episode_start
     window_open = state.attempts > 0 and now < state.window_start + limits.reprepare_window
     attempts = state.attempts if window_open else 0
     if pending_seconds >= limits.max_wait:
         return _terminal(state, limits, now, Terminal.WAIT_EXCEEDED, pending_seconds, attempts)
     seconds_left = limits.max_wait - pending_seconds
-    if now - state.clock_start < limits.stuck_after:
+    if (
+        now - state.clock_start < limits.stuck_after
+        if clock.clock is Clock.OBSERVED
+        else not clock.stuck
+    ):
         requested = parse_retry_after(upstream_retry_after, now)
         retry_after = retry_after_seconds(
             requested, limits.retry_after, limits.retry_after_max, seconds_left
@@ -189,6 +226,58 @@ def decide(
     return Reprepare(retry_after, pending_seconds, attempts + 1, locked)
 
 
+def stored_clock(state: JobState, limits: GuardLimits, now: float) -> ClockReading:
+    """The backend clock `state` holds, judged at `now` (OBSERVED when it holds none): what
+    decides for a poll whose answer says nothing about its job, and for the sweeper."""
+    kind = state.hint_clock
+    if kind == NO_HINT_CLOCK:
+        return OBSERVED
+    since = state.hint_since
+    if kind == Clock.QUEUED:
+        age = now - since
+        stuck = age >= limits.queued_after
+        return ClockReading(Clock.QUEUED, stuck, Basis.QUEUED_AGE, None, age, since=since)
+    if since == NO_HINT_SINCE:  # stored only under running_without_start: stuck
+        return ClockReading(Clock.RUNNING, True, Basis.RUNNING_WITHOUT_START, None, None)
+    age = now - since
+    stuck = age >= limits.running_after
+    return ClockReading(Clock.RUNNING, stuck, Basis.RUNNING_AGE, None, age, since=since)
+
+
+def judge_clock(
+    reading: ClockReading, state: JobState, limits: GuardLimits, now: float
+) -> ClockReading:
+    """The clock that decides: the poll's own `reading` (proxy.hints.backend_clock) when it
+    read the job's status — the observed clock too, when the status or a time says so — else
+    the one the record holds from an earlier answer (or the probe)."""
+    if reading.basis in _SILENT:
+        return stored_clock(state, limits, now)
+    return reading
+
+
+def with_clock(state: JobState, clock: ClockReading) -> JobState | None:
+    """`state` holding `clock` (judge_clock's), or None when it already does: written only
+    when the backend's clock changes (an episode's first answer with hints, the first after a
+    re-prepare, queued → running), never once per poll."""
+    if clock.clock is Clock.OBSERVED:
+        kind, since = NO_HINT_CLOCK, NO_HINT_SINCE
+    else:
+        kind = str(clock.clock)
+        since = NO_HINT_SINCE if clock.since is None else clock.since
+    if kind == state.hint_clock and since == state.hint_since:
+        return None
+    return replace(state, hint_clock=kind, hint_since=since)
+
+
+def reprepared_at(state: JobState) -> float | None:
+    """The episode's last successful re-prepare, for proxy.hints.backend_clock: after one,
+    clock_start is its time (an operator's failed one leaves clock_start alone, so this may
+    be the episode's start: a job older than that still reads as the ignored old one). None
+    for a terminal record too: its cool-down repeats its answer whatever the clock, and after
+    it a new episode starts, without re-prepares yet."""
+    return state.clock_start if state.attempts > 0 and state.terminal_at == NO_TERMINAL else None
+
+
 def _terminal(
     state: JobState,
     limits: GuardLimits,
@@ -205,7 +294,11 @@ def _terminal(
 
 
 def _after_terminal(
-    state: JobState, limits: GuardLimits, now: float, upstream_retry_after: str | None
+    state: JobState,
+    limits: GuardLimits,
+    now: float,
+    upstream_retry_after: str | None,
+    clock: ClockReading,
 ) -> Decision:
     """A pending answer for a record marked terminal: within the cool-down, the terminal
     verdict again with Retry-After = the cool-down left (not bounded by retry_after_max: the
@@ -220,9 +313,11 @@ def _after_terminal(
             state.attempts if window_open else 0,
         )
     fresh = replace(fresh_state(now), version=state.version)
-    decision = decide(fresh, limits, now, upstream_retry_after)
+    decision = decide(fresh, limits, now, upstream_retry_after, clock)
     if type(decision) is not Pass:
-        return decision  # a degenerate config (stuck_after or max_wait 0) escalates at once
+        # A backend clock that says stuck (or a degenerate config: stuck_after or max_wait 0)
+        # escalates at once: the new episode's first poll.
+        return decision
     return decision._replace(record=fresh)
 
 
@@ -272,18 +367,22 @@ def after_reprepare(
     locked: JobState, now: float, succeeded: bool, *, forced: bool = False
 ) -> JobState:
     """The record after the re-prepare that `locked` guarded: lock released; on success the
-    stuck clock restarts at `now` (and an operator's re-prepare clears a terminal mark); on a
+    stuck clock restarts at `now` and the backend's stored clock is cleared (and an operator's
+    re-prepare clears a terminal mark); on a
     poll's failure the episode is terminal (reprepare-failed) from `now`, so its pollers get
     that answer for the cool-down instead of firing more re-prepares. An operator's (`forced`)
     failure leaves the episode as it was: it may fire on a record that is not stuck, and a
     record a replica remembers as passing must never turn terminal (proxy.recent)."""
     if succeeded:
+        # The old job's backend clock no longer applies: the new job's hints set it again.
         return replace(
             locked,
             clock_start=now,
             lock_until=NO_LOCK,
             terminal_at=NO_TERMINAL,
             terminal=Terminal.NONE,
+            hint_clock=NO_HINT_CLOCK,
+            hint_since=NO_HINT_SINCE,
         )
     if forced:
         return replace(locked, lock_until=NO_LOCK)

@@ -87,6 +87,12 @@ class ProbeThrottle:
         self._max_keys = max_keys
         self._next: dict[str, float] = {}  # lease name → when this replica may ask again
 
+    def due(self, job: str, key: str) -> bool:
+        """Whether `claim` may grant a probe now, without I/O: False while this replica probed
+        (or was refused) (job, key) within min_interval."""
+        now = self._clock()
+        return self._next.get(probe_lease_name(job, key), now) <= now
+
     async def claim(self, job: str, key: str, min_interval: float) -> str | None:
         """None when this caller may probe now; otherwise why not."""
         name = probe_lease_name(job, key)
@@ -163,6 +169,10 @@ class Prober:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+    def due(self, job: str, key: str) -> bool:
+        """Whether a probe of (job, key) may be due (ProbeThrottle.due): no I/O."""
+        return self._throttle.due(job, key)
 
     async def probe(
         self,

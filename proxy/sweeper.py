@@ -5,8 +5,8 @@ one replica (the one that wins the lease `sweep:<job>`, held for the interval; w
 store, the one process) lists the job's records with the store's `scan` and re-prepares each
 that `judge` picks: unpolled for `idle_after` (by the record's `last_poll`) and stuck by exactly
 the judgement a pending poll would get now — `policy.decide` with no Retry-After, REPREPARE only,
-so a terminal, in-flight or budget-exhausted episode is left alone, and whatever clocks decide()
-learns apply here too. One more condition: the last poll came after the stuck clock last
+so a terminal, in-flight or budget-exhausted episode is left alone; by the backend's clock the
+record holds (`policy.stored_clock`: the last answer with hints), else the observed one. One more condition: the last poll came after the stuck clock last
 started. A poll is the only evidence that a job is still pending (a record is observed on
 pending answers only); after a re-prepare nobody polled, the job may well be done, and
 re-preparing it again every `stuck_after` (up to max_reprepares) could restart a finished job
@@ -38,7 +38,7 @@ from proxy.headers import new_request_id
 from proxy.keyparams import NeedsParams, params_from_key
 from proxy.logtext import log_safe
 from proxy.metrics import JOB_AGE, SWEEPS
-from proxy.policy import GuardLimits, Reprepare, Verdict, decide
+from proxy.policy import GuardLimits, Reprepare, Verdict, decide, stored_clock
 from proxy.routes import template_params
 from proxy.stores.base import START_CURSOR, EpisodeRecord, JobState
 
@@ -111,7 +111,9 @@ def judge(record: EpisodeRecord, limits: GuardLimits, idle_after: float, now: fl
         return Judgement(Skip.POLLED, idle, now - state.episode_start, None)
     if record.last_poll is not None and record.last_poll < state.clock_start:
         return Judgement(Skip.UNSEEN, idle, now - state.episode_start, None)
-    decision = decide(state, limits, now, None)
+    # By the backend's clock when the record holds one (a job queued for an hour is stuck
+    # whatever stuck_after says), else the observed one.
+    decision = decide(state, limits, now, None, stored_clock(state, limits, now))
     if type(decision) is not Reprepare:
         return Judgement(decision.verdict, idle, decision.pending_seconds, None)
     return Judgement(None, idle, decision.pending_seconds, decision)
@@ -234,7 +236,8 @@ class Sweeper:
             )
             SWEEPS.labels(job.name, str(action)).inc()
             if action in (Action.REPREPARED, Action.FAILED):
-                JOB_AGE.labels(job.name, str(action)).observe(pending)
+                clock = record.state.hint_clock or "observed"  # the clock judge() used
+                JOB_AGE.labels(job.name, str(action), clock).observe(pending)
         swept = SweptKey(job.name, key, idle, pending, action, detail)
         level = logging.WARNING if action in (Action.FAILED, Action.NEEDS_PARAMS) else logging.INFO
         if logger.isEnabledFor(level):

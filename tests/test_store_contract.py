@@ -22,6 +22,8 @@ from proxy.metrics import REGISTRY
 from proxy.stores import JobState, JobStore, MemoryJobStore, RedisJobStore, create_store
 from proxy.stores.base import (
     AUDIT_MAX_ENTRIES,
+    NO_HINT_CLOCK,
+    NO_HINT_SINCE,
     NO_TERMINAL,
     SHIELD_CLAIM,
     START_CURSOR,
@@ -255,6 +257,38 @@ async def test_terminal_mark_round_trips_and_clears(store: JobStore, terminal: T
     restarted = await store.swap("rec", "K", stored.version, fresh, LONG_TTL)
     assert restarted == replace(fresh, version=3)
     assert await store.observe("rec", "K", now + 201, LONG_TTL) == restarted
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("clock", "since"),
+    [("queued", 1_699_999_400.123_456_7), ("running", 1_699_999_940.5), ("running", 0.0)],
+)
+async def test_backend_clock_round_trips_and_clears(
+    store: JobStore, clock: str, since: float
+) -> None:
+    """hint_clock and hint_since (the backend's clock, proxy.hints) are stored by swap, read
+    back exactly by observe, read and scan, and a later swap clears them."""
+    now = 1_700_000_000.5
+    state = await store.observe("rec", "K", now, LONG_TTL)
+    assert (state.hint_clock, state.hint_since) == (NO_HINT_CLOCK, NO_HINT_SINCE)
+    held = replace(state, hint_clock=clock, hint_since=since)
+    stored = await store.swap("rec", "K", state.version, held, LONG_TTL)
+    assert stored == replace(held, version=2)
+    assert await store.observe("rec", "K", now + 1, LONG_TTL) == stored
+    record = await store.read("rec", "K", now + 1)
+    assert record is not None and record.state == stored
+    listed: list[JobState | None] = []
+    cursor: str | None = START_CURSOR
+    while cursor is not None:  # a cluster's SCAN may page through empty slots first
+        page = await store.scan("rec", cursor, 10, now + 1)
+        listed += [found.state for found in page.records]
+        cursor = page.cursor
+    assert listed == [stored]
+    cleared = replace(stored, hint_clock=NO_HINT_CLOCK, hint_since=NO_HINT_SINCE)
+    assert await store.swap("rec", "K", stored.version, cleared, LONG_TTL) == replace(
+        cleared, version=3
+    )
 
 
 @pytest.mark.anyio
@@ -527,8 +561,41 @@ async def test_redis_reads_a_record_in_the_previous_six_field_layout(
         assert [found.state for found in page.records] == [expected]
         marked = replace(expected, terminal_at=T0 + 8, terminal=Terminal.JOB_STUCK)
         assert await store.swap("rec", "OLD", 4, marked, LONG_TTL) is not None
-        fields = await raw.hmget(key, ["terminal_at", "terminal"])
-        assert fields == [repr(T0 + 8).encode(), b"job-stuck"]
+        fields = await raw.hmget(key, ["terminal_at", "terminal", "hint_clock", "hint_since"])
+        assert fields == [repr(T0 + 8).encode(), b"job-stuck", b"", b"0.0"]
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+@pytest.mark.anyio
+async def test_redis_reads_a_record_in_the_previous_eight_field_layout(
+    redis_server: RedisServer,
+) -> None:
+    """A record written before hint_clock and hint_since existed reads as holding no backend
+    clock; a garbled backend clock is garbage (StoreUnavailable)."""
+    store = RedisJobStore(redis_server.url, PREFIX)
+    raw = Redis.from_url(redis_server.url)
+    key = record_key(PREFIX, "rec", "OLD8")
+    old = {
+        "episode_start": repr(T0),
+        "clock_start": repr(T0),
+        "window_start": "0.0",
+        "attempts": "0",
+        "lock_until": "0.0",
+        "version": "2",
+        "terminal_at": "0.0",
+        "terminal": "",
+    }
+    try:
+        await raw.hset(key, mapping=old)
+        await raw.pexpire(key, 100_000)
+        assert await store.observe("rec", "OLD8", T0 + 1, LONG_TTL) == JobState(
+            T0, T0, 0.0, 0, 0.0, 2
+        )
+        await raw.hset(key, mapping={"hint_clock": "sleeping", "hint_since": repr(T0)})
+        with pytest.raises(StoreUnavailable):
+            await store.observe("rec", "OLD8", T0 + 1, LONG_TTL)
     finally:
         await raw.aclose()
         await store.close()

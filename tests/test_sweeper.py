@@ -23,6 +23,7 @@ from proxy.config import parse_config
 from proxy.config_report import render_config
 from proxy.errors import ConfigError
 from proxy.guard import GuardedPoll, JobGuard
+from proxy.hints import read_hints
 from proxy.metrics import REGISTRY
 from proxy.policy import GuardLimits, Verdict
 from proxy.reprepare import Repreparer
@@ -117,6 +118,28 @@ CASES: list[tuple[str, JobState | None, float | None, float, Skip | Verdict | No
     ),
     ("polled after a re-prepare", replace(START, clock_start=T0 + 20), T0 + 25, T0 + 100, None),
     ("a last poll in the future (clock skew)", START, T0 + 500, T0 + 100, Skip.POLLED),
+    # The backend's clock the record stores (proxy.hints; queued_after/running_after 300s).
+    (
+        "stored clock: queued for 10 minutes (stuck_after not yet reached)",
+        replace(START, hint_clock="queued", hint_since=T0 - 600),
+        T0,
+        T0 + 40,
+        None,
+    ),
+    (
+        "stored clock: queued for 2 minutes (past stuck_after)",
+        replace(START, hint_clock="queued", hint_since=T0 - 120),
+        T0,
+        T0 + 100,
+        Verdict.PASS,
+    ),
+    (
+        "stored clock: running without a start",
+        replace(START, hint_clock="running", hint_since=0.0),
+        T0,
+        T0 + 40,
+        None,
+    ),
 ]
 
 
@@ -308,6 +331,35 @@ async def test_a_stuck_key_nobody_polls_is_reprepared_once(backend: tuple[JobBac
     assert sent["query"] == "force=1"
     assert (state.attempts, state.lock_until, state.clock_start) == (1, NO_LOCK, T0 + 11)
     assert sweeps("reprepared") == before + 1
+
+
+@pytest.mark.anyio
+async def test_a_key_stuck_by_its_stored_backend_clock_is_swept(
+    backend: tuple[JobBackend, str],
+) -> None:
+    """A key whose only poll said queued since ~10 minutes (queued_after 10m, stuck_after 1h):
+    the record stores the backend's clock, and once the job is queued past queued_after and
+    unpolled for idle_after, the sweeper re-prepares it — stuck_after alone never would."""
+    jobs, url = backend
+    clocks = Clocks()
+    hinted = {
+        "stuck_after": "1h",
+        "hints": {"status": {"json": "/status"}, "created_at": {"json": "/created_at"}},
+        "queued_after": "10m",
+    }
+    async with sweeping(url, clocks, **hinted) as (guard, sweeper):
+        target = guard.target("GET", f"/api/recordings/file/{CALL}")
+        assert target is not None and target.job.hints is not None
+        said = b'{"status": "queued", "created_at": %d}' % (T0 - 595)
+        hints = read_hints(target.job.hints, [], said)
+        assert await guard.review(GuardedPoll(target, 202, [], [], b"rid", hints)) is not None
+        record = await guard.store.read("recording", CALL, clocks.wall)
+        assert record is not None and record.state is not None
+        assert (record.state.hint_clock, record.state.hint_since) == ("queued", T0 - 595)
+        clocks.advance(11)  # idle past idle_after (10s); queued 606s
+        swept = await sweeper.run_once()
+        assert [(s.key, s.action) for s in swept] == [(CALL, Action.REPREPARED)]
+    assert jobs.prepares[CALL] == 1
 
 
 @pytest.mark.anyio

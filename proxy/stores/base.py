@@ -15,6 +15,12 @@ FIRST_VERSION = 1
 NO_WINDOW = 0.0
 NO_LOCK = 0.0
 NO_TERMINAL = 0.0
+# No backend clock stored: the observed clock (clock_start, stuck_after) judges the record.
+NO_HINT_CLOCK = ""
+# A stored running clock without a start (running_without_start: stuck): stuck at once.
+NO_HINT_SINCE = 0.0
+# What hint_clock may hold (proxy.hints.Clock's backend clocks, or none).
+HINT_CLOCKS = frozenset({NO_HINT_CLOCK, "queued", "running"})
 
 
 class Terminal(StrEnum):
@@ -40,6 +46,12 @@ class JobState:
     # NO_TERMINAL = not yet. Set together with `terminal`, the answer repeated in the cool-down.
     terminal_at: float = NO_TERMINAL
     terminal: Terminal = Terminal.NONE
+    # The backend's own clock as the last pending answer with hints (or probe) told it
+    # (proxy.hints): "queued" or "running" since `hint_since` (epoch seconds; NO_HINT_SINCE:
+    # running without a start), or NO_HINT_CLOCK. Polls without hints and the sweeper judge
+    # by it; a successful re-prepare clears it (the new job's hints set it again).
+    hint_clock: str = NO_HINT_CLOCK
+    hint_since: float = NO_HINT_SINCE
 
 
 def fresh_state(now: float) -> JobState:

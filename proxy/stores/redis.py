@@ -6,7 +6,8 @@ stored beside a record lands in the same slot (Lua scripts may only touch keys o
 Fields: episode_start, clock_start, window_start, lock_until, terminal_at (floats as `repr`, which
 round-trips exactly), attempts, version (decimal ints), terminal (a problem code, "" for none).
 Records written before terminal_at and terminal existed (6 fields; an older replica during a
-rolling upgrade) read as not terminal. The scripts only copy and compare strings, so no value
+rolling upgrade) read as not terminal; hint_clock ("", "queued" or "running") and hint_since (a
+float) likewise read as no backend clock when missing (8 fields). The scripts only copy and compare strings, so no value
 passes through Lua's number type. Expiry is the key's PEXPIRE, judged by Redis's clock.
 
 Every failure, including garbage in a record, surfaces as StoreUnavailable; deadline, retries
@@ -29,6 +30,9 @@ from redis.exceptions import RedisError
 
 from proxy.stores.base import (
     AUDIT_MAX_ENTRIES,
+    HINT_CLOCKS,
+    NO_HINT_CLOCK,
+    NO_HINT_SINCE,
     NO_TERMINAL,
     SHIELD_CLAIM,
     EpisodeRecord,
@@ -68,6 +72,8 @@ _FIELDS = (
     "version",
     "terminal_at",
     "terminal",
+    "hint_clock",
+    "hint_since",
 )
 # The fields every record has; the rest may be missing from one an older replica created.
 _REQUIRED_FIELDS = 6
@@ -80,16 +86,19 @@ _ADMIN_FIELDS = (*_FIELDS, _LAST_POLL)
 # KEYS[1] record; ARGV: fresh field values in _FIELDS order, the TTL in ms, then `now`.
 _OBSERVE = lua_script("""
 local current = redis.call('HMGET', KEYS[1], 'episode_start', 'clock_start', 'window_start',
-                           'attempts', 'lock_until', 'version', 'terminal_at', 'terminal')
+                           'attempts', 'lock_until', 'version', 'terminal_at', 'terminal',
+                           'hint_clock', 'hint_since')
 if current[6] then
-  redis.call('HSET', KEYS[1], 'last_poll', ARGV[10])
+  redis.call('HSET', KEYS[1], 'last_poll', ARGV[12])
   return current
 end
 redis.call('HSET', KEYS[1], 'episode_start', ARGV[1], 'clock_start', ARGV[2],
            'window_start', ARGV[3], 'attempts', ARGV[4], 'lock_until', ARGV[5], 'version', ARGV[6],
-           'terminal_at', ARGV[7], 'terminal', ARGV[8], 'last_poll', ARGV[10])
-redis.call('PEXPIRE', KEYS[1], ARGV[9])
-return {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]}
+           'terminal_at', ARGV[7], 'terminal', ARGV[8], 'hint_clock', ARGV[9],
+           'hint_since', ARGV[10], 'last_poll', ARGV[12])
+redis.call('PEXPIRE', KEYS[1], ARGV[11])
+return {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9],
+        ARGV[10]}
 """)
 
 # KEYS[1] record; ARGV[1] "1" to delete it. Returns _ADMIN_FIELDS' values then the PTTL, or
@@ -97,7 +106,7 @@ return {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]}
 _READ = lua_script("""
 local values = redis.pcall('HMGET', KEYS[1], 'episode_start', 'clock_start', 'window_start',
                            'attempts', 'lock_until', 'version', 'terminal_at', 'terminal',
-                           'last_poll')
+                           'hint_clock', 'hint_since', 'last_poll')
 local ttl = redis.call('PTTL', KEYS[1])
 if ARGV[1] == '1' then
   redis.call('DEL', KEYS[1])
@@ -105,7 +114,7 @@ end
 if values['err'] then
   return {ttl}
 end
-values[10] = ttl
+values[12] = ttl
 return values
 """)
 
@@ -116,8 +125,9 @@ if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then
 end
 redis.call('HSET', KEYS[1], 'episode_start', ARGV[2], 'clock_start', ARGV[3],
            'window_start', ARGV[4], 'attempts', ARGV[5], 'lock_until', ARGV[6], 'version', ARGV[7],
-           'terminal_at', ARGV[8], 'terminal', ARGV[9])
-redis.call('PEXPIRE', KEYS[1], ARGV[10])
+           'terminal_at', ARGV[8], 'terminal', ARGV[9], 'hint_clock', ARGV[10],
+           'hint_since', ARGV[11])
+redis.call('PEXPIRE', KEYS[1], ARGV[12])
 return 1
 """)
 
@@ -165,12 +175,15 @@ def _encode(state: JobState) -> list[str]:
         str(state.version),
         repr(state.terminal_at),
         str(state.terminal),
+        state.hint_clock,
+        repr(state.hint_since),
     ]
 
 
 def _decode(raw: Sequence[Any]) -> JobState:
     """A record from its _FIELDS values; ValueError (or UnicodeError) for one we can't read.
-    terminal_at and terminal may both be missing (a record an older replica created)."""
+    terminal_at and terminal, and hint_clock and hint_since, may each pair be missing (a
+    record an older replica created)."""
     required = raw[:_REQUIRED_FIELDS]
     if len(raw) != len(_FIELDS) or any(value is None for value in required):
         raise ValueError(f"incomplete record {raw!r}")
@@ -185,7 +198,12 @@ def _decode(raw: Sequence[Any]) -> JobState:
         if (terminal_at == NO_TERMINAL) != (terminal is Terminal.NONE) or not math.isfinite(
             terminal_at
         ):
-            raise ValueError(f"inconsistent terminal mark {raw[6:]!r}")
+            raise ValueError(f"inconsistent terminal mark {raw[6:8]!r}")
+    hint_clock, hint_since = NO_HINT_CLOCK, NO_HINT_SINCE
+    if raw[8] is not None or raw[9] is not None:
+        hint_clock, hint_since = text[8], float(text[9])
+        if hint_clock not in HINT_CLOCKS or not math.isfinite(hint_since):
+            raise ValueError(f"invalid backend clock {raw[8:]!r}")
     return JobState(
         episode_start=float(text[0]),
         clock_start=float(text[1]),
@@ -195,6 +213,8 @@ def _decode(raw: Sequence[Any]) -> JobState:
         version=int(text[5]),
         terminal_at=terminal_at,
         terminal=terminal,
+        hint_clock=hint_clock,
+        hint_since=hint_since,
     )
 
 
