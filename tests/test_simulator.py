@@ -297,8 +297,8 @@ async def test_player_stops_on_not_found_and_on_unreachable(stack: Stack) -> Non
 
 
 def test_demo_parser_defaults_and_scenario_selection() -> None:
-    """No options → stuck-once, worker-offline, live-status, already-stuck and swept on both
-    paths; --scenario X →
+    """No options → stuck-once, worker-offline, live-status, already-stuck (without and with
+    hints) and swept on both paths; --scenario X →
     pollguard only, --direct → direct only, `all` → every scenario; --speed must be positive."""
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers()
@@ -312,6 +312,7 @@ def test_demo_parser_defaults_and_scenario_selection() -> None:
         "worker-offline",
         "live-status",
         "already-stuck",
+        "already-stuck-hints",
         "swept",
     )
     assert options.paths == (Path.POLLGUARD, Path.DIRECT) and options.speed == 1.0

@@ -909,11 +909,17 @@ async def test_a_shield_entry_is_claimed_once_then_holds_the_answer(store: JobSt
     assert await store.shield_enter("rec", "K1", "d2", 60.0, T0 + 1) is None
 
     async def listed() -> list[str]:
+        # The whole listing: on a server other tests share, one SCAN step may match nothing.
         # Observed inside the attempt: on a loaded machine a Sentinel may fail over, and a
         # write the replica had not yet received is then gone (tests/test_failover_e2e.py).
         await store.observe("rec", "K1", T0, LONG_TTL)
-        page = await store.scan("rec", START_CURSOR, 100, T0)
-        return [record.key for record in page.records] + ["invalid"] * page.invalid
+        keys: list[str] = []
+        cursor: str | None = START_CURSOR
+        while cursor is not None:
+            page = await store.scan("rec", cursor, 100, T0)
+            keys += [record.key for record in page.records] + ["invalid"] * page.invalid
+            cursor = page.cursor
+        return keys
 
     await poll_until(listed, lambda keys: keys == ["K1"])
 

@@ -7,10 +7,6 @@ from enum import StrEnum
 
 from proxy.demo.backend import WorkerMode
 
-# Whether the guard reads the backend's own clocks (`jobs.<name>.hints`): the config fields are
-# validated today but the guard ignores them until the hints wiring merges. The with-hints half
-# of "already stuck" is offered only when this is True: flip it with that merge.
-GUARD_READS_HINTS = False
 # How long the simulator's jobs were stuck when pollguard was deployed: an hour, real time (the
 # backend's own timestamps are wall-clock, whatever the demo's speed).
 ALREADY_STUCK_SECONDS = 3600.0
@@ -63,19 +59,13 @@ SCENARIOS: dict[str, Scenario] = {
             "pollguard's own clock starts at the first poll",
             stuck_for=ALREADY_STUCK_SECONDS,
         ),
-        *(
-            (
-                Scenario(
-                    "already-stuck-hints",
-                    WorkerMode.OK,
-                    "the job was stuck queued for an hour before pollguard was deployed; "
-                    "hints read its created_at: stuck on the first poll",
-                    stuck_for=ALREADY_STUCK_SECONDS,
-                    hints=True,
-                ),
-            )
-            if GUARD_READS_HINTS
-            else ()
+        Scenario(
+            "already-stuck-hints",
+            WorkerMode.OK,
+            "the job was stuck queued for an hour before pollguard was deployed; "
+            "hints read its created_at: stuck on the first poll",
+            stuck_for=ALREADY_STUCK_SECONDS,
+            hints=True,
         ),
         Scenario(
             "swept",
@@ -86,4 +76,11 @@ SCENARIOS: dict[str, Scenario] = {
         ),
     )
 }
-SIDE_BY_SIDE_SCENARIOS = ("stuck-once", "worker-offline", "live-status", "already-stuck", "swept")
+SIDE_BY_SIDE_SCENARIOS = (
+    "stuck-once",
+    "worker-offline",
+    "live-status",
+    "already-stuck",
+    "already-stuck-hints",
+    "swept",
+)
