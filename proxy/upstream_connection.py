@@ -211,6 +211,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         try:
             self._parser.feed_data(self._read_buffer[:nbytes])
         except httptools.HttpParserCallbackError as exc:
+            # Judged first: a HEAD's answer is complete at its head, so what follows raises.
+            if head_pending and self._interim_stray(exchange, interims, nbytes):
+                return
             if isinstance(exc.__context__, _ExtraData) or exchange.done:
                 self._extra_data()
             elif isinstance(exc.__context__, _Refused):
@@ -222,24 +225,35 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.fail(UpstreamInvalid("upstream switched protocols; not supported here"))
             return
         except httptools.HttpParserError as exc:
+            if head_pending and self._interim_stray(exchange, interims, nbytes):
+                return
             if exchange.done:  # the response was complete; what follows it is not ours
                 self._extra_data()
             else:
                 self.fail(UpstreamInvalid(f"invalid HTTP response from upstream: {exc}"))
             return
         if head_pending:
-            if (exchange.interims != interims or exchange.check_next) and _stray_break(
-                exchange, self._read_buffer[:nbytes], exchange.interims - interims
-            ):
-                self.fail(
-                    UpstreamInvalid("upstream sent a line break between an interim (1xx) response "
-                                    "and the next status line")
-                )  # fmt: skip
+            if self._interim_stray(exchange, interims, nbytes):
                 return
             if not exchange.head_done:
                 exchange.head_tail = bytes(self._read_buffer[max(0, nbytes - 3) : nbytes])
                 if exchange.head_size > self._limits.max_head_size:
                     self.fail(UpstreamInvalid(self._head_too_large()))
+
+    def _interim_stray(self, exchange: Exchange, interims: int, nbytes: int) -> bool:
+        """Fail the exchange if a line break follows an interim in this read (_stray_break);
+        only responses with interims pay for the check."""
+        if exchange.interims == interims and not exchange.check_next:
+            return False
+        if not _stray_break(exchange, self._read_buffer[:nbytes], exchange.interims - interims):
+            return False
+        self.fail(
+            UpstreamInvalid(
+                "upstream sent a line break between an interim (1xx) response and the next "
+                "status line"
+            )
+        )
+        return True
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost settles the exchange

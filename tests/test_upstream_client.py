@@ -529,11 +529,12 @@ async def _one_exchange(
         "lf-between",
     ],
 )
-async def test_responses_h11_rejects_fail_closed(answer: bytes) -> None:
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_responses_h11_rejects_fail_closed(answer: bytes, method: str) -> None:
     """Found by the differential fuzzer: answers h11 refuses are UpstreamInvalid, never a
-    response assembled from the wrong bytes."""
+    response assembled from the wrong bytes — for a HEAD too, whose answer ends at its head."""
     with pytest.raises(UpstreamInvalid):
-        await _one_exchange(answer)
+        await _one_exchange(answer, method)
 
 
 @pytest.mark.anyio
