@@ -133,3 +133,77 @@ def test_pending_body_over_64_kib_is_forwarded_byte_for_byte(
     assert answers[0].headers["cache-control"] == "no-store"
     assert backend.prepares[CALL] == 0
     assert "decision=pass clock=observed " in logs
+
+
+RUNNING_CLOCKS = {
+    "stuck_after": "1h",
+    "max_wait": "2h",
+    "hints": {
+        "status": {"json": "/status"},
+        "created_at": {"json": "/created_at"},
+        "started_at": {"json": "/started_at"},
+    },
+    "running_after": "5m",
+    "running_without_start": "stuck",
+}
+
+
+@dataclass
+class RunningBackend:
+    """A job created 10 minutes ago, `running` since `started_ago` seconds (None: no
+    started_at, its worker lost); a forced prepare makes it ready."""
+
+    started_ago: float | None
+    prepares: Counter[str] = field(default_factory=Counter)
+    ready: set[str] = field(default_factory=set)
+
+    def app(self) -> Starlette:
+        async def file(request: Request) -> Response:
+            call_sid = request.path_params["call_sid"]
+            if call_sid in self.ready:
+                return Response(RECORDING, media_type="audio/mpeg")
+            now = time.time()
+            started = None if self.started_ago is None else now - self.started_ago
+            document = {"status": "running", "created_at": now - 600, "started_at": started}
+            return JSONResponse(document, status_code=202)
+
+        async def prepare(request: Request) -> Response:
+            call_sid = request.path_params["call_sid"]
+            self.prepares[call_sid] += 1
+            self.ready.add(call_sid)
+            return JSONResponse({"status": "queued"}, status_code=202)
+
+        return Starlette(
+            routes=[
+                Route("/api/recordings/file/{call_sid}", file, methods=["GET", "HEAD"]),
+                Route("/api/recordings/{call_sid}/prepare", prepare, methods=["POST"]),
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    ("started_ago", "reprepared"),
+    [(None, True), (60.0, False), (600.0, True)],
+    ids=["running-without-start", "running-1-minute", "running-10-minutes"],
+)
+def test_running_jobs_by_their_own_start(started_ago: float | None, reprepared: bool) -> None:
+    """Through the real proxy: a `running` job without `started_at` (its worker is gone;
+    running_without_start: stuck) is re-prepared at once; one running for a minute is left
+    alone; one running for ten minutes (running_after 5m) is re-prepared on the first poll."""
+    backend = RunningBackend(started_ago)
+    url = f"/api/recordings/file/{CALL}"
+    with ThreadedServer(backend.app()) as server:
+        with running_proxy(guard_config(server.url, **RUNNING_CLOCKS)) as proxy:
+            with httpx.Client(base_url=proxy.url, timeout=5) as client:
+                first = client.get(url)
+                second = client.get(url)
+            logs = proxy.logs()
+    assert first.status_code == 202
+    assert json.loads(first.content).get("reprepared", False) is reprepared
+    assert backend.prepares[CALL] == (1 if reprepared else 0)
+    if reprepared:
+        assert second.content == RECORDING
+        assert "decision=reprepared clock=running " in logs
+    else:
+        assert second.status_code == 202 and json.loads(second.content)["status"] == "running"
+        assert "decision=pass clock=running " in logs
