@@ -16,7 +16,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urlsplit
 
 import httpx
@@ -25,7 +24,7 @@ from proxy.config import ProbeConfig
 from proxy.errors import StoreUnavailable
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE, REQUEST_ID
 from proxy.hints import MAX_HINT_BODY, HintReading, HintsConfig, read_hints
-from proxy.reprepare import ReprepareRequest, reprepare_target
+from proxy.reprepare import ReprepareRequest, reprepare_target, side_client
 from proxy.stores.base import JobStore
 
 __all__ = ["ProbeRequest", "ProbeResult", "ProbeThrottle", "Prober", "probe_lease_name"]
@@ -158,14 +157,7 @@ class Prober:
         self._throttle = throttle
         self._connect_timeout = connect_timeout
         self._extensions = {"sni_hostname": server_hostname} if server_hostname else {}
-        self._client = httpx.AsyncClient(
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            follow_redirects=False,
-            timeout=httpx.Timeout(10.0, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-            trust_env=False,
-            verify=ssl_context if ssl_context is not None else True,
-        )
+        self._client = side_client(connect_timeout, pool_size, ssl_context)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -105,6 +105,22 @@ def reprepare_headers(
     ]
 
 
+def side_client(
+    connect_timeout: float, pool_size: int, ssl_context: ssl.SSLContext | None
+) -> httpx.AsyncClient:
+    """The httpx client of a request pollguard sends on its own (a re-prepare, a status probe):
+    no cookies kept, no redirects followed, no proxy or certificate settings taken from the
+    environment; the forwarding client's TLS context when the upstream is https://."""
+    return httpx.AsyncClient(
+        cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        follow_redirects=False,
+        timeout=httpx.Timeout(10.0, connect=connect_timeout),
+        limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
+        trust_env=False,
+        verify=ssl_context if ssl_context is not None else True,
+    )
+
+
 class Repreparer:
     """Sends re-prepares to `base_url`. For an https:// upstream, `ssl_context` and
     `server_hostname` are the forwarding client's (`Upstream.ssl_context`, `.server_hostname`):
@@ -126,14 +142,7 @@ class Repreparer:
         # httpcore sends this name as SNI and verifies the certificate against it; the URL
         # keeps the upstream's host, so the connection still goes where upstream.url says.
         self._extensions = {"sni_hostname": server_hostname} if server_hostname else {}
-        self._client = httpx.AsyncClient(
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            follow_redirects=False,
-            timeout=httpx.Timeout(10.0, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size),
-            trust_env=False,
-            verify=ssl_context if ssl_context is not None else True,
-        )
+        self._client = side_client(connect_timeout, pool_size, ssl_context)
 
     async def close(self) -> None:
         await self._client.aclose()
