@@ -6,13 +6,15 @@ store, the one process) lists the job's records with the store's `scan` and re-p
 that `judge` picks: unpolled for `idle_after` (by the record's `last_poll`) and stuck by exactly
 the judgement a pending poll would get now — `policy.decide` with no Retry-After, REPREPARE only,
 so a terminal, in-flight or budget-exhausted episode is left alone; by the backend's clock the
-record holds (`policy.stored_clock`: the last answer with hints), else the observed one. One more condition: the last poll came after the stuck clock last
-started. A poll is the only evidence that a job is still pending (a record is observed on
-pending answers only); after a re-prepare nobody polled, the job may well be done, and
-re-preparing it again every `stuck_after` (up to max_reprepares) could restart a finished job
-under its returning user. So a key is swept once per stretch of polling. The re-prepare takes the lock through the same compare-and-set as a poll
-(`JobGuard.sweep_reprepare`): a poll or another replica acting first wins, and the key is
-re-prepared once.
+record holds (`policy.stored_clock`: the last answer with hints), else the observed one.
+
+One more condition: the last poll came after the stuck clock last started. A poll is the only
+evidence that a job is still pending (a record is observed on pending answers only); after a
+re-prepare nobody polled, the job may well be done, and re-preparing it again every
+`stuck_after` (up to max_reprepares) could restart a finished job under its returning user. So a
+key is swept once per stretch of polling. The re-prepare takes the lock through the same
+compare-and-set as a poll (`JobGuard.sweep_reprepare`): a poll or another replica acting first
+wins, and the key is re-prepared once.
 
 A pass is bounded: at most MAX_RECORDS_PER_PASS records read, and no re-prepare started after
 its lease ends. Passes of one process never overlap (one task, one job after the other); the
