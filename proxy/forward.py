@@ -76,6 +76,10 @@ class Forwarder:
         self._trusted = trusted_proxies
         self._preserve_host = preserve_host
         self._patrol = Patrol(send_timeout)
+        # The longest a poll waits for another replica's claimed shield answer (proxy.shield):
+        # by then the claimant's own upstream request has answered or failed.
+        settings = upstream.settings
+        self._claim_wait = settings.connect_timeout + settings.read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # One coroutine for the whole request, not a wrapper around a second one: each costs
@@ -139,6 +143,7 @@ class Forwarder:
                         shield_digest(method, target, client_headers),
                         job.min_poll_interval,
                         job.pending_status,
+                        self._claim_wait,
                     )
                     if type(entered) is ShieldedAnswer:
                         SHIELDED.labels(job.name).value += 1

@@ -7,7 +7,8 @@ body, the guard's Retry-After; at most SHIELD_BODY_LIMIT bytes), it is stored in
 rest of the interval. Every identical GET meanwhile, on any replica, gets a copy of it with its
 own X-Request-ID and a Retry-After counted down from the one first sent. A GET that finds the
 claim but no answer yet (the claimant's upstream request is in flight) checks again, backing off,
-for at most the interval; then, like one whose store fails, it goes upstream itself — the shield
+for at most the interval (and the upstream's connect + read timeout); then, like one whose store
+fails, it goes upstream itself — the shield
 saves upstream requests, it never stands between a client and an answer.
 
 Never shielded: HEAD (its empty body must not be served to a GET), requests with a body or a
@@ -45,6 +46,7 @@ _MAX_FIELDS = 100
 FIRST_WAIT_SECONDS = 0.02
 MAX_WAIT_SECONDS = 0.1
 FORMAT_VERSION = 1
+GARBAGE_LOG_INTERVAL = 10.0  # seconds between two "not one pollguard wrote" lines
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _UNSAFE_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Fields a stored answer does not keep: its length is set again on each copy, the request id is
@@ -184,12 +186,23 @@ class Shield:
         self._clock = clock
         self._sleep = sleep
         self._background: set[asyncio.Task[None]] = set()
+        self._garbage_logged = -math.inf
 
     async def enter(
-        self, job: str, key: str, digest: str, interval: float, pending_status: frozenset[int]
+        self,
+        job: str,
+        key: str,
+        digest: str,
+        interval: float,
+        pending_status: frozenset[int],
+        wait_limit: float,
     ) -> Entered:
         """Reuse a stored answer, or take the claim, or (the claim is someone else's) wait for
-        their answer for at most `interval`; None when the store fails or the wait ran out."""
+        their answer for at most `wait_limit` (≤ the interval: the claimant's own upstream
+        request ends by then, answered or failed — a claimant that died leaves its claim for
+        the whole interval, up to 10 minutes, which no client should wait out); None when the
+        store fails or the wait ran out."""
+        wait_limit = min(wait_limit, interval)
         started = self._clock()
         delay = FIRST_WAIT_SECONDS
         while True:
@@ -202,14 +215,16 @@ class Shield:
                 return Ticket(job, key, digest, pending_status)
             if entry != SHIELD_CLAIM:
                 answer = decode(entry)
-                if answer is None:
+                if answer is None and self._clock() - self._garbage_logged >= GARBAGE_LOG_INTERVAL:
+                    # Not per poll: an entry someone else wrote stays until it expires.
+                    self._garbage_logged = self._clock()
                     logger.warning(
                         "shield entry for job=%s key=%s is not one pollguard wrote; ignored",
                         job,
                         log_safe(key),
                     )
                 return answer
-            if now + delay - started > interval:
+            if now + delay - started > wait_limit:
                 return None
             await self._sleep(delay)
             delay = min(delay * 2, MAX_WAIT_SECONDS)

@@ -38,6 +38,7 @@ from tests.job_upstream import guard_config
 from tests.servers import ProxyProcess, ThreadedServer
 
 PENDING = frozenset({202})
+WAIT = 60.0  # a waiter's own limit, longer than every interval below unless a test says so
 T0 = 1_700_000_000.0
 FILE = "/api/recordings/file/CA1"
 
@@ -216,7 +217,7 @@ async def test_the_first_claims_and_the_next_wait_for_its_answer(anyio_backend: 
     store = MemoryJobStore()
     time = FakeTime()
     shield = Shield(store, clock=time.clock, sleep=time.sleep)
-    first = await shield.enter("rec", "CA1", "d", 2.0, PENDING)
+    first = await shield.enter("rec", "CA1", "d", 2.0, PENDING, WAIT)
     assert first == Ticket("rec", "CA1", "d", PENDING)
 
     published = False
@@ -230,7 +231,7 @@ async def test_the_first_claims_and_the_next_wait_for_its_answer(anyio_backend: 
             await shield.settled()
 
     waiting = Shield(store, clock=time.clock, sleep=publish_on_third_sleep)
-    answer = await waiting.enter("rec", "CA1", "d", 2.0, PENDING)
+    answer = await waiting.enter("rec", "CA1", "d", 2.0, PENDING, WAIT)
     assert isinstance(answer, ShieldedAnswer)
     assert answer.body == b'{"status":"queued"}'
     # Backing off: 20 ms, doubling, capped.
@@ -245,10 +246,26 @@ async def test_a_claim_never_answered_is_waited_for_at_most_the_interval(
     """The claimant died or hangs: the waiter goes upstream itself (None) within the interval."""
     store = MemoryJobStore()
     time = FakeTime()
-    await Shield(store, clock=time.clock, sleep=time.sleep).enter("rec", "CA1", "d", 1.0, PENDING)
+    await Shield(store, clock=time.clock, sleep=time.sleep).enter(
+        "rec", "CA1", "d", 1.0, PENDING, WAIT
+    )
     waiter = Shield(store, clock=time.clock, sleep=time.sleep)
-    assert await waiter.enter("rec", "CA1", "d", 1.0, PENDING) is None
+    assert await waiter.enter("rec", "CA1", "d", 1.0, PENDING, WAIT) is None
     assert 0.8 <= sum(time.slept) <= 1.0
+
+
+@pytest.mark.anyio
+async def test_a_claim_is_waited_for_at_most_the_wait_limit(anyio_backend: str) -> None:
+    """A long interval (a dead claimant's claim outlives it by minutes): the waiter gives up
+    after its own limit (the upstream's connect + read timeout) and goes upstream itself."""
+    store = MemoryJobStore()
+    time = FakeTime()
+    await Shield(store, clock=time.clock, sleep=time.sleep).enter(
+        "rec", "CA1", "d", 600.0, PENDING, WAIT
+    )
+    waiter = Shield(store, clock=time.clock, sleep=time.sleep)
+    assert await waiter.enter("rec", "CA1", "d", 600.0, PENDING, 0.5) is None
+    assert 0.3 <= sum(time.slept) <= 0.5
 
 
 @pytest.mark.anyio
@@ -256,11 +273,11 @@ async def test_an_answer_not_to_reuse_releases_the_claim(anyio_backend: str) -> 
     store = MemoryJobStore()
     time = FakeTime()
     shield = Shield(store, clock=time.clock, sleep=time.sleep)
-    ticket = await shield.enter("rec", "CA1", "d", 30.0, PENDING)
+    ticket = await shield.enter("rec", "CA1", "d", 30.0, PENDING, WAIT)
     assert isinstance(ticket, Ticket)
     shield.settle(ticket, Shared(200, [], b"ready", False))
     await shield.settled()
-    assert isinstance(await shield.enter("rec", "CA1", "d", 30.0, PENDING), Ticket)
+    assert isinstance(await shield.enter("rec", "CA1", "d", 30.0, PENDING, WAIT), Ticket)
 
 
 @pytest.mark.anyio
@@ -268,14 +285,14 @@ async def test_the_entry_ends_with_its_interval(anyio_backend: str) -> None:
     store = MemoryJobStore()
     time = FakeTime()
     shield = Shield(store, clock=time.clock, sleep=time.sleep)
-    ticket = await shield.enter("rec", "CA1", "d", 2.0, PENDING)
+    ticket = await shield.enter("rec", "CA1", "d", 2.0, PENDING, WAIT)
     assert isinstance(ticket, Ticket)
     shield.settle(ticket, pending_answer())
     await shield.settled()
     time.now += 1.9
-    assert isinstance(await shield.enter("rec", "CA1", "d", 2.0, PENDING), ShieldedAnswer)
+    assert isinstance(await shield.enter("rec", "CA1", "d", 2.0, PENDING, WAIT), ShieldedAnswer)
     time.now += 0.1
-    assert isinstance(await shield.enter("rec", "CA1", "d", 2.0, PENDING), Ticket)
+    assert isinstance(await shield.enter("rec", "CA1", "d", 2.0, PENDING, WAIT), Ticket)
 
 
 class FailingStore(MemoryJobStore):
@@ -289,7 +306,7 @@ class FailingStore(MemoryJobStore):
 async def test_a_failing_store_means_no_shield_not_no_answer(anyio_backend: str) -> None:
     time = FakeTime()
     shield = Shield(FailingStore(), clock=time.clock, sleep=time.sleep)
-    assert await shield.enter("rec", "CA1", "d", 2.0, PENDING) is None
+    assert await shield.enter("rec", "CA1", "d", 2.0, PENDING, WAIT) is None
 
 
 @pytest.mark.anyio
@@ -460,3 +477,24 @@ def test_a_herd_on_two_replicas_makes_one_upstream_poll(redis_server: RedisServe
     assert upstream.total() == 1
     assert [answer.status_code for answer in answers] == [202] * 20
     assert len({answer.headers["x-request-id"] for answer in answers}) == 20
+
+
+@pytest.mark.anyio
+async def test_a_foreign_entry_goes_upstream_and_is_logged_sparingly(
+    anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An entry pollguard did not write (another program, a damaged store): every poll goes
+    upstream (None), and the warning comes once per GARBAGE_LOG_INTERVAL, not once per poll."""
+    from proxy.shield import GARBAGE_LOG_INTERVAL
+
+    store = MemoryJobStore()
+    time = FakeTime()
+    assert await store.shield_enter("rec", "CA1", "d", 60.0, T0) is None
+    await store.shield_publish("rec", "CA1", "d", b"\xff not ours")
+    shield = Shield(store, clock=time.clock, sleep=time.sleep)
+    with caplog.at_level("WARNING", logger="pollguard.shield"):
+        for _ in range(5):
+            assert await shield.enter("rec", "CA1", "d", 60.0, PENDING, WAIT) is None
+        time.now += GARBAGE_LOG_INTERVAL
+        assert await shield.enter("rec", "CA1", "d", 60.0, PENDING, WAIT) is None
+    assert len([r for r in caplog.records if "not one pollguard wrote" in r.message]) == 2
