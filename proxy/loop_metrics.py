@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from bisect import bisect_left
 from collections.abc import Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import metrics as prometheus_metrics
@@ -26,6 +28,27 @@ def _with_created() -> bool:
     # prometheus_client's switch for _created samples (PROMETHEUS_DISABLE_CREATED_SERIES),
     # honoured so these families read like every other counter and histogram.
     return bool(getattr(prometheus_metrics, "_use_created", True))
+
+
+class Settles(Protocol):
+    def settle(self) -> None:
+        """Apply the updates held back so far."""
+
+
+# Whoever updates these series in batches (proxy.request_log): settled before any series is
+# collected, so a scrape counts every event that happened before it. Weak: a test's app that
+# is gone is no longer settled.
+_batched: weakref.WeakSet[Settles] = weakref.WeakSet()
+
+
+def settle_before_collect(owner: Settles) -> None:
+    """Have `owner.settle()` run before every collect of a loop series."""
+    _batched.add(owner)
+
+
+def _settle() -> None:
+    for owner in list(_batched):
+        owner.settle()
 
 
 def _check_labels(name: str, labelnames: tuple[str, ...], values: tuple[str, ...]) -> None:
@@ -72,6 +95,7 @@ class LoopCounter(Collector):
         return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
 
     def collect(self) -> list[Metric]:
+        _settle()
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
         with_created = _with_created()
         for values, tally in list(self._series.items()):
@@ -132,6 +156,7 @@ class LoopHistogram(Collector):
         return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
 
     def collect(self) -> list[Metric]:
+        _settle()
         family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
         with_created = _with_created()
         for values, series in list(self._series.items()):

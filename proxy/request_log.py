@@ -2,10 +2,11 @@
 (`metrics.requests`): pollguard_requests_total, pollguard_request_duration_seconds and
 pollguard_upstream_duration_seconds.
 
-Runs once per request on the forwarding path, so it does the least it can: a counter found in a
-dict, two histogram updates, and — only with the access log on — one LogRecord built directly
-(Logger.info would also walk the stack for the caller's file and line, which an access line
-never shows).
+Runs once per request on the forwarding path, so it does the least it can there: one tuple
+appended to a batch. Settling a batch updates the series (plain loop_metrics updates) and writes
+the access lines: straight into pollguard's own buffered text handler, or as one LogRecord each,
+built directly (Logger.info would also walk the stack for the caller's file and line, which an
+access line never shows).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left
 from time import perf_counter
 from typing import Any, TypeGuard
 
@@ -22,7 +24,7 @@ from proxy.client import ClientLink
 from proxy.headers import header_value, sane_request_id
 from proxy.logformat import BufferedStreamHandler, TextFormatter, rfc3339
 from proxy.logtext import log_safe
-from proxy.loop_metrics import Distribution, Tally
+from proxy.loop_metrics import Distribution, Tally, settle_before_collect
 from proxy.metrics import REQUEST_DURATION, REQUESTS, UPSTREAM_DURATION
 
 Scope = dict[str, Any]
@@ -30,7 +32,9 @@ ACCESS_LOGGER = logging.getLogger("pollguard.access")
 # An access line shows this much of a request target; the rest is cut (and marked). Request
 # heads are bounded by server.max_head_size, but a line that long helps no one.
 ACCESS_TARGET_CHARS = 2048
-# Access lines handed to logging at once, at most, and the longest a line waits for its batch.
+# Requests settled at once, at most, and the longest a request waits for its batch (its access
+# line for logging, its counts for a scrape under --workers N, whose snapshots are taken each
+# second: proxy.metrics_export).
 ACCESS_BATCH_LINES = 256
 ACCESS_BATCH_SECONDS = 1.0
 NO_RESPONSE = 0  # ClientLink.status before a response head went out
@@ -42,33 +46,44 @@ ADMIN = "admin"
 WEBSOCKET = "websocket"
 
 
-# One request, as its access line sees it: a plain tuple, built once per logged request (a
-# NamedTuple's __new__ is Python code, ~1k instructions more), unpacked in one place, _line():
+# One finished request as recorded when it ends: a plain tuple (a NamedTuple's __new__ is Python
+# code, ~1k instructions more), read when its batch is settled:
 #   kind        GUARDED, UNGUARDED, ADMIN or WEBSOCKET
-#   client      the peer's address, "-" when the server did not say
-#   method
-#   target      the raw request target, path and query (bytes)
 #   status      the status sent (101 for an accepted WebSocket); NO_RESPONSE for none
 #   sent_bytes  response body bytes handed to the server
 #   seconds     arrival to the end of the response (or of the handshake)
 #   upstream    sending upstream to its response head; None: not asked
-#   request_id
-#   ended       wall-clock time.time(): the access line's time
-Finished = tuple[str, str, str, bytes, int, int, float, float | None, str, float]
+#   ended       perf_counter() at the end (the access line's time, once made wall-clock)
+#   request_id  as the line shows it; None: "-"
+#   peer        the ASGI scope's "client": (host, port), or None when the server did not say
+#   method
+#   target      the raw request target, path and query
+Finished = tuple[
+    str, int, int, float, float | None, float, bytes | None, tuple[str, int] | None, str, bytes
+]
 
 
 class RequestLog:
-    """Records finished requests; one per process, built from the config."""
+    """Records finished requests; one per process, built from the config.
+
+    A request that ends only joins a batch: one tuple appended. Its counts, latencies and
+    access line are made when the batch is settled — when it holds ACCESS_BATCH_LINES, a second
+    after its first request, before the registry is read (proxy.loop_metrics settles it first,
+    so a scrape sees every request that ended before it), and at shutdown. Work done between two
+    requests costs several times what the same work costs in a loop (each request's own work
+    evicts this code and its data from the CPU caches: a LogRecord measured ~30 µs of CPU per
+    line in a running pollguard, ~5 µs in a loop), so batches get the loop's price. With
+    `logging.access_buffer: 0` every request is settled as it ends.
+    """
 
     def __init__(
         self, *, metrics: bool, access: bool, structured: bool = False, batched: bool = False
     ) -> None:
         self.metrics = metrics
         self.access = access
-        # logging.access_buffer > 0: lines are handed to logging in batches (see _write).
-        self.batched = batched
-        self._batch: list[Finished] = []
-        self._batch_timer: asyncio.TimerHandle | None = None
+        self._batch_limit = ACCESS_BATCH_LINES if batched else 1
+        self._pending: list[Finished] = []
+        self._timer: asyncio.TimerHandle | None = None
         # logging.format json: each access line also carries its values as fields (they cost
         # ~1 µs a line to attach, and a text line never shows them).
         self.structured = structured
@@ -81,6 +96,7 @@ class RequestLog:
             for kind in (GUARDED, UNGUARDED):
                 self._durations[kind] = REQUEST_DURATION.labels(kind)
                 self._upstream[kind] = UPSTREAM_DURATION.labels(kind)
+            settle_before_collect(self)
 
     @property
     def enabled(self) -> bool:
@@ -88,100 +104,94 @@ class RequestLog:
 
     def forwarded(self, client: ClientLink, kind: str, scope: Scope, target: bytes) -> None:
         """A request the forwarder handled (kind GUARDED or UNGUARDED) has ended."""
-        seconds = perf_counter() - client.arrived_at
-        status = client.status
-        if self.metrics:
-            self._count(kind, status)
-            self._durations[kind].observe(seconds)
-            if client.upstream_seconds is not None:
-                self._upstream[kind].observe(client.upstream_seconds)
-        if self.access:
-            request_id = client.request_id.decode("latin-1") if client.request_id else "-"
-            peer = scope.get("client")
-            request: Finished = (
-                kind,
-                peer[0] if peer else "-",  # the server's host string
-                scope["method"],
-                target,
-                status,
-                client.sent_bytes,
-                seconds,
-                client.upstream_seconds,
-                request_id,
-                time.time(),
+        ended = perf_counter()
+        pending = self._pending
+        pending.append(
+            (
+                kind, client.status, client.sent_bytes, ended - client.arrived_at,
+                client.upstream_seconds, ended, client.request_id, scope.get("client"),
+                scope["method"], target,
             )
-            batch = self._batch
-            if self.batched and 0 < len(batch) < ACCESS_BATCH_LINES - 1:
-                batch.append(request)  # most requests: _write's work, without the call
-            else:
-                self._write(request)
+        )  # fmt: skip
+        if len(pending) >= self._batch_limit:
+            self.settle()
+        elif len(pending) == 1:
+            self._timer = client.loop.call_later(ACCESS_BATCH_SECONDS, self.settle)
 
     def other(
         self, kind: str, scope: Scope, status: int, seconds: float, sent_bytes: int = 0
     ) -> None:
         """An admin request or a WebSocket handshake has ended (status 101: accepted)."""
+        target = scope.get("raw_path") or scope["path"].encode()
+        if query := scope.get("query_string"):
+            target += b"?" + query
+        given = header_value(scope["headers"], b"x-request-id")
+        # The client's id as the forwarder would keep it; anything else is not shown.
+        request_id = given if given is not None and sane_request_id(given) == given else None
+        pending = self._pending
+        pending.append(
+            (
+                kind, status, sent_bytes, seconds, None, perf_counter(), request_id,
+                scope.get("client"), scope.get("method", "GET"), target,
+            )
+        )  # fmt: skip
+        if len(pending) >= self._batch_limit:
+            self.settle()
+        elif len(pending) == 1:
+            self._timer = asyncio.get_running_loop().call_later(ACCESS_BATCH_SECONDS, self.settle)
+
+    def settle(self) -> None:
+        """Count and log every request recorded since the last settle."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch = self._pending
+        if not batch:
+            return
+        self._pending = []
         if self.metrics:
-            self._count(kind, status)
+            self._count(batch)
         if self.access:
-            target = scope.get("raw_path") or scope["path"].encode()
-            if query := scope.get("query_string"):
-                target += b"?" + query
-            given = header_value(scope["headers"], b"x-request-id")
-            # The client's id as the forwarder would keep it; anything else is not shown.
-            sane = given is not None and sane_request_id(given) == given
-            request_id = given.decode("ascii") if sane and given is not None else "-"
-            method = scope.get("method", "GET")
-            self._write(
-                (
-                    kind, _peer(scope), method, target, status, sent_bytes, seconds, None,
-                    request_id, time.time(),
-                )
-            )  # fmt: skip
+            self._log(batch)
 
     def flush(self) -> None:
         """Write every access line still held, here and in a buffering handler: at shutdown,
         since uvicorn ends the process by re-raising its SIGTERM, so logging's own exit-time
         flush never runs."""
-        self._drain()
+        self.settle()
         for handler in ACCESS_LOGGER.handlers:
             handler.flush()
 
-    def _count(self, kind: str, status: int) -> None:
-        tally = self._tallies.get((kind, status))
-        if tally is None:
-            code = str(status) if status != NO_RESPONSE else NO_RESPONSE_CODE
-            tally = self._tallies[(kind, status)] = REQUESTS.labels(kind, code)
-        tally.value += 1
+    def _count(self, batch: list[Finished]) -> None:
+        tallies = self._tallies
+        durations = self._durations
+        upstreams = self._upstream
+        for kind, status, _, seconds, upstream, _, _, _, _, _ in batch:
+            tally = tallies.get((kind, status))
+            if tally is None:
+                code = str(status) if status != NO_RESPONSE else NO_RESPONSE_CODE
+                tally = tallies[(kind, status)] = REQUESTS.labels(kind, code)
+            tally.value += 1
+            series = durations.get(kind)  # latencies: forwarded requests only
+            if series is not None:
+                # Distribution.observe written out (a call per update is a third of the loop).
+                series.counts[bisect_left(series.bounds, seconds)] += 1
+                series.total += seconds
+                if upstream is not None:
+                    series = upstreams[kind]
+                    series.counts[bisect_left(series.bounds, upstream)] += 1
+                    series.total += upstream
 
-    def _write(self, request: Finished) -> None:
-        """Batched, a request only joins the batch here; the batch goes to logging when it
-        holds ACCESS_BATCH_LINES, or ACCESS_BATCH_SECONDS after its first line. Building and
-        formatting a LogRecord between two requests measured ~30 µs of CPU per line in a
-        running pollguard (its code and data evicted from the CPU caches by each request's
-        work), but ~5 µs a line in a loop; batches get the loop's price."""
-        if not self.batched:
-            self._emit(request)
-            return
-        batch = self._batch
-        batch.append(request)
-        if len(batch) == 1:
-            loop = asyncio.get_running_loop()
-            self._batch_timer = loop.call_later(ACCESS_BATCH_SECONDS, self._drain)
-        elif len(batch) >= ACCESS_BATCH_LINES:
-            self._drain()
-
-    def _drain(self) -> None:
-        if self._batch_timer is not None:
-            self._batch_timer.cancel()
-            self._batch_timer = None
-        batch, self._batch = self._batch, []
+    def _log(self, batch: list[Finished]) -> None:
         logger = ACCESS_LOGGER
-        if not batch or not logger.isEnabledFor(logging.INFO):
+        if not logger.isEnabledFor(logging.INFO):
             return
+        # ended (perf_counter) + this: the wall-clock time, as time.time() would have said.
+        wall = time.time() - perf_counter()
         handlers = logger.handlers
         if logger.filters or logger.propagate or not _plain(handlers):
             for request in batch:
-                logger.handle(self._record(request))
+                logger.handle(self._record(request, wall))
             return
         # What Logger.handle would do for each record — no logger or handler filters, a
         # handler level that lets INFO through, no propagation — with each handler's lock
@@ -196,51 +206,45 @@ class RequestLog:
                     # written as TextFormatter would write them, without a LogRecord each (half
                     # of an access line's cost).
                     if lines is None:
-                        lines = _text_lines(batch, logger.name)
+                        lines = _text_lines(batch, logger.name, wall)
                     handler.add_text(lines)
                     continue
                 if records is None:
-                    records = [self._record(request) for request in batch]
+                    records = [self._record(request, wall) for request in batch]
                 for record in records:
                     handler.emit(record)
             finally:
                 handler.release()
 
-    def _emit(self, request: Finished) -> None:
-        if ACCESS_LOGGER.isEnabledFor(logging.INFO):
-            ACCESS_LOGGER.handle(self._record(request))
-
     @staticmethod
     def _message(request: Finished) -> str:
-        kind, client, method, raw_target, status, sent_bytes, seconds, upstream, request_id, _ = (
-            request
-        )
+        kind, status, sent_bytes, seconds, upstream, _, rid, peer, method, raw_target = request
         return (
-            f'{client} "{method} {_logged_target(raw_target)}" '
+            f'{peer[0] if peer else "-"} "{method} {_logged_target(raw_target)}" '
             f"{status if status != NO_RESPONSE else '-'} {sent_bytes} {seconds:.6f} "
             f"upstream={f'{upstream:.6f}' if upstream is not None else '-'} "
-            f"request_id={request_id} kind={kind}"
+            f"request_id={rid.decode('latin-1') if rid else '-'} kind={kind}"
         )
 
-    def _record(self, request: Finished) -> AccessRecord:
+    def _record(self, request: Finished, wall: float) -> AccessRecord:
         fields: dict[str, Any] | None = None
         if self.structured:
-            kind, client, method, raw_target, status, sent_bytes, seconds, upstream, rid, _ = (
-                request
-            )
+            kind, status, sent_bytes, seconds, upstream, _, rid, peer, method, raw_target = request
             fields = {
-                "client": client,
+                "client": peer[0] if peer else "-",
                 "method": method,
                 "path": _logged_target(raw_target),
                 "status": status if status != NO_RESPONSE else None,
                 "bytes": sent_bytes,
                 "duration": round(seconds, 6),
                 "upstream_duration": round(upstream, 6) if upstream is not None else None,
-                "request_id": rid,
+                "request_id": rid.decode("latin-1") if rid else "-",
                 "kind": kind,
                 "guarded": kind == GUARDED,
             }
-        return AccessRecord(self._record_constants, request[9], self._message(request), fields)
+        return AccessRecord(
+            self._record_constants, request[5] + wall, self._message(request), fields
+        )
 
 
 class AccessRecord(logging.LogRecord):
@@ -319,28 +323,18 @@ def _logged_target(raw_target: bytes) -> str:
     return log_safe(raw_target, ACCESS_TARGET_CHARS).replace('"', "\\x22")
 
 
-def _text_lines(batch: list[Finished], name: str) -> str:
+def _text_lines(batch: list[Finished], name: str, wall: float) -> str:
     """The batch as TextFormatter would write each line's record (`time LEVEL logger: message`)
     with RequestLog._message's text, written out here: this loop is an access line's whole
     cost (tests/test_request_log.py holds the two to the same bytes)."""
     lines = []
-    for (
-        kind,
-        client,
-        method,
-        raw_target,
-        status,
-        sent_bytes,
-        seconds,
-        upstream,
-        rid,
-        ended,
-    ) in batch:
+    for kind, status, sent_bytes, seconds, upstream, ended, rid, peer, method, raw_target in batch:
         lines.append(
-            f'{rfc3339(ended)} INFO {name}: {client} "{method} {_logged_target(raw_target)}" '
+            f"{rfc3339(ended + wall)} INFO {name}: {peer[0] if peer else '-'} "
+            f'"{method} {_logged_target(raw_target)}" '
             f"{status if status != NO_RESPONSE else '-'} {sent_bytes} {seconds:.6f} "
             f"upstream={f'{upstream:.6f}' if upstream is not None else '-'} "
-            f"request_id={rid} kind={kind}\n"
+            f"request_id={rid.decode('latin-1') if rid else '-'} kind={kind}\n"
         )
     return "".join(lines)
 
@@ -353,8 +347,3 @@ def _takes_text_lines(handler: logging.Handler) -> TypeGuard[BufferedStreamHandl
         and handler.buffer_bytes > 0
         and type(handler.formatter) is TextFormatter
     )
-
-
-def _peer(scope: Scope) -> str:
-    peer = scope.get("client")
-    return str(peer[0]) if peer else "-"

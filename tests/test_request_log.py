@@ -3,6 +3,7 @@ job backend (and a real WebSocket upstream), its log and /-/metrics read as an o
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -249,6 +250,7 @@ class _Finished:
         self.sent_bytes = 17
         self.upstream_seconds = upstream
         self.request_id = request_id
+        self.loop = asyncio.get_running_loop()
 
 
 @pytest.mark.anyio
