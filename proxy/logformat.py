@@ -11,8 +11,10 @@ RFC 3339 timestamp (UTC, milliseconds) and its level.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -96,6 +98,8 @@ def lean_log_records() -> None:
 
 
 FLUSH_SECONDS = 1.0
+# A stream that fails (its reader gone, a full disk) is reported on stderr at most this often.
+WRITE_ERROR_REPORT_SECONDS = 60.0
 
 
 class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -106,13 +110,24 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     passed (a daemon thread's timer), or the process exits (logging.shutdown flushes every
     handler). What a killed process had pending is lost: at most one buffer or second of lines.
     `buffer_bytes` 0 writes each line at once.
+
+    A write that fails loses its lines, as StreamHandler.emit loses a line; here it is reported
+    through handleError at most once per WRITE_ERROR_REPORT_SECONDS (`clock`), and never raises
+    into whatever filled the buffer: a request, a metrics scrape, the timer thread.
     """
 
-    def __init__(self, stream: Any = None, buffer_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        stream: Any = None,
+        buffer_bytes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(stream)
         self.buffer_bytes = buffer_bytes
         self._pending: list[str] = []
         self._pending_size = 0
+        self._clock = clock
+        self._quiet_until = -math.inf  # no write error reported until then
         if buffer_bytes > 0:
             timer = threading.Thread(target=self._flush_every_second, daemon=True)
             timer.start()
@@ -147,12 +162,26 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def _write_pending(self) -> None:
         """Write what is pending; the caller holds the handler's lock."""
-        if self._pending:
-            text = "".join(self._pending)
-            self._pending.clear()
-            self._pending_size = 0
-            self.stream.write(text)
-        super().flush()
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        try:
+            if text:
+                self.stream.write(text)
+            super().flush()
+        except Exception:
+            now = self._clock()
+            if now >= self._quiet_until:
+                self._quiet_until = now + WRITE_ERROR_REPORT_SECONDS
+                # handleError shows the message as given, unformatted: it comes formatted.
+                message = (
+                    f"could not write {text.count(self.terminator)} log lines (the next failure"
+                    f" is reported {WRITE_ERROR_REPORT_SECONDS:.0f}s later at the earliest)"
+                )
+                lost = logging.LogRecord(
+                    "pollguard.log", logging.ERROR, __file__, 0, message, (), None
+                )
+                self.handleError(lost)
 
     def _flush_every_second(self) -> None:
         while True:

@@ -3,6 +3,7 @@ time and a level; `json` one object per line with the decision's fields."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -97,3 +98,42 @@ def test_text_format_gives_every_line_a_time_and_level(
         stamp, level, _ = line.split(" ", 2)
         datetime.fromisoformat(stamp)
         assert level in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}, line
+
+
+class _Failing(io.StringIO):
+    """A stream whose writes fail until `healed`, as stdout does once its reader has gone."""
+
+    healed = False
+
+    def write(self, text: str) -> int:
+        if not self.healed:
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+
+def test_a_failing_stream_loses_lines_reported_once_a_minute(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Buffered lines that cannot be written are dropped without raising into the caller (a
+    request, a scrape); the failure is reported through handleError at most once per
+    WRITE_ERROR_REPORT_SECONDS, and lines flow again once the stream takes them."""
+    from proxy.logformat import WRITE_ERROR_REPORT_SECONDS, BufferedStreamHandler
+
+    now = [1000.0]
+    stream = _Failing()
+    handler = BufferedStreamHandler(stream, buffer_bytes=10, clock=lambda: now[0])
+    handler.add_text("first line\n")  # fills the buffer: the write fails
+    handler.add_text("second line\n")
+    reported = capsys.readouterr().err
+    assert reported.count("--- Logging error ---") == 1 and "BrokenPipeError" in reported
+    assert "could not write 1 log lines" in reported
+
+    now[0] += WRITE_ERROR_REPORT_SECONDS
+    handler.add_text("third line\n")
+    assert capsys.readouterr().err.count("--- Logging error ---") == 1
+
+    stream.healed = True
+    handler.add_text("fourth line\n")
+    handler.flush()
+    assert stream.getvalue() == "fourth line\n"
+    assert capsys.readouterr().err == ""

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -43,7 +47,10 @@ def access_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
 
 
 def scrape(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    exposition = httpx.get(f"{proxy.url}/-/metrics", timeout=5).text
+    return _parsed(httpx.get(f"{proxy.url}/-/metrics", timeout=5).text)
+
+
+def _parsed(exposition: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     found = {}
     for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
@@ -137,6 +144,46 @@ def test_no_access_lines_unless_configured_and_buffered_lines_reach_the_log(
         proxy.stop()
         logs = proxy.logs()
     assert all(f"probe=last-{index}" in logs for index in range(20))
+
+
+class _LogReaderGone(ProxyProcess):
+    """pollguard writing its access lines to a pipe whose reader has gone (a log shipper that
+    died), its other lines (stderr) to the usual log file."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        reader, writer = os.pipe()
+        os.close(reader)
+        try:
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(self.command(), stdout=writer, stderr=log, env=env)
+        finally:
+            os.close(writer)
+        self._wait_until_healthy(timeout)
+
+
+def test_a_log_reader_gone_loses_lines_not_requests(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
+    """Writes to stdout fail (EPIPE) once the access buffer fills: requests and scrapes are
+    still answered, nothing raises into them, and the lost lines are reported once (not per
+    write)."""
+    _, upstream = backend
+    config = guard_config(upstream.url)
+    config["logging"] = {"access": True}  # 64 KiB buffer: ~300 lines a write
+    with _LogReaderGone(config) as proxy:
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            statuses = {client.get(f"/missing/{index}").status_code for index in range(1500)}
+            scraped = client.get("/-/metrics")
+        assert proxy.process is not None and proxy.process.poll() is None
+        proxy.stop()
+        errors = proxy.logs()
+    assert statuses == {404}
+    assert scraped.status_code == 200
+    assert requests_total(_parsed(scraped.text), "unguarded", "404") == 1500
+    assert "Exception in ASGI application" not in errors and "Traceback" in errors
+    assert errors.count("could not write") == 1, errors[-3000:]
 
 
 def test_request_metrics_count_each_kind_and_time_forwarded_requests(
