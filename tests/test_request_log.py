@@ -186,14 +186,18 @@ def test_a_log_reader_gone_loses_lines_not_requests(
     assert errors.count("could not write") == 1, errors[-3000:]
 
 
+@pytest.mark.parametrize("access", [False, True], ids=["metrics-alone", "with-access-log"])
 def test_request_metrics_count_each_kind_and_time_forwarded_requests(
-    backend: tuple[JobBackend, ThreadedServer],
+    backend: tuple[JobBackend, ThreadedServer], access: bool
 ) -> None:
     """pollguard_requests_total by kind and status; the latency histograms count exactly the
-    forwarded requests."""
+    forwarded requests — with the access log on too, where requests are counted when their batch
+    settles: a scrape settles it first."""
     jobs, upstream = backend
     jobs.ready.add("CAREADY")
-    with running_proxy(guard_config(upstream.url, stuck_after="1h", max_wait="2h")) as proxy:
+    config = guard_config(upstream.url, stuck_after="1h", max_wait="2h")
+    config["logging"] = {"access": access}
+    with running_proxy(config) as proxy:
         with httpx.Client(base_url=proxy.url, timeout=5) as client:
             for _ in range(3):
                 assert client.get(FILE).status_code == 202
