@@ -98,22 +98,32 @@ def lean_log_records() -> None:
 
 
 FLUSH_SECONDS = 1.0
-# A stream that fails (its reader gone, a full disk) is reported on stderr at most this often.
-WRITE_ERROR_REPORT_SECONDS = 60.0
+# Lines held while the stream does not take them (a log reader that stopped reading its pipe):
+# at most this many buffers' worth; beyond, new lines are dropped and counted.
+MAX_PENDING_BUFFERS = 16
+# flush() waits at most this long for a write in progress (the writer thread's).
+FLUSH_WAIT_SECONDS = 5.0
+# Lines lost (a failed write, lines dropped) are reported at most this often.
+LOSS_REPORT_SECONDS = 60.0
+# Where those reports go: pollguard's other lines' handler (stderr), not the failing stream.
+_loss_logger = logging.getLogger("pollguard.log")
 
 
 class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A StreamHandler that writes lines in batches, as nginx's `access_log … buffer=` does.
 
     A write and flush per line cost more than building the line (measured: ~10 µs of a ~16 µs
-    access line); here lines collect until `buffer_bytes` are pending, or FLUSH_SECONDS have
-    passed (a daemon thread's timer), or the process exits (logging.shutdown flushes every
-    handler). What a killed process had pending is lost: at most one buffer or second of lines.
-    `buffer_bytes` 0 writes each line at once.
+    access line); here lines collect until `buffer_bytes` are pending or FLUSH_SECONDS have
+    passed, and a writer thread writes them — the thread, not whoever logged, so a stream that
+    blocks (a log reader that stopped reading a pipe) holds up the thread, never the event loop.
+    While it is held up, at most MAX_PENDING_BUFFERS × `buffer_bytes` of lines wait; later lines
+    are dropped. flush() writes on the caller's thread (at shutdown: logging.shutdown, or
+    proxy.request_log, since uvicorn's SIGTERM exit skips logging's). What a killed process had
+    pending is lost. `buffer_bytes` 0 writes each line at once, as StreamHandler does.
 
-    A write that fails loses its lines, as StreamHandler.emit loses a line; here it is reported
-    through handleError at most once per WRITE_ERROR_REPORT_SECONDS (`clock`), and never raises
-    into whatever filled the buffer: a request, a metrics scrape, the timer thread.
+    Lines lost — a write that failed (its reader gone, a full disk) or lines dropped — are
+    reported on pollguard's own log at most once per LOSS_REPORT_SECONDS (`clock`); nothing
+    raises into whatever logged: a request, a metrics scrape.
     """
 
     def __init__(
@@ -121,16 +131,23 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         stream: Any = None,
         buffer_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        start_writer: bool = True,
     ) -> None:
+        """`start_writer` False: no writer thread, lines wait for flush() (tests drive it)."""
         super().__init__(stream)
         self.buffer_bytes = buffer_bytes
         self._pending: list[str] = []
         self._pending_size = 0
+        self._dropped = 0  # lines dropped since the last write
+        self._lost = 0  # lines lost since the last report
         self._clock = clock
-        self._quiet_until = -math.inf  # no write error reported until then
-        if buffer_bytes > 0:
-            timer = threading.Thread(target=self._flush_every_second, daemon=True)
-            timer.start()
+        self._quiet_until = -math.inf  # no loss reported until then
+        self._due = threading.Event()  # a buffer's worth is pending
+        self._writing = threading.Lock()  # one write at a time, in the order lines came
+        if buffer_bytes > 0 and start_writer:
+            writer = threading.Thread(target=self._write_when_due, daemon=True)
+            writer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.buffer_bytes <= 0:
@@ -141,50 +158,74 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        self._pending.append(line)
-        self._pending_size += len(line)
-        if self._pending_size >= self.buffer_bytes:
-            self._write_pending()
+        self.add_text(line)
 
     def add_text(self, text: str) -> None:
         """Lines already formatted, each ending in the terminator; the caller holds the lock."""
+        if self._pending_size >= self.buffer_bytes * MAX_PENDING_BUFFERS:
+            self._dropped += text.count(self.terminator)
+            return
         self._pending.append(text)
         self._pending_size += len(text)
         if self._pending_size >= self.buffer_bytes:
-            self._write_pending()
+            self._due.set()
 
     def flush(self) -> None:
-        self.acquire()
-        try:
-            self._write_pending()
-        finally:
-            self.release()
+        # At shutdown a writer stuck on a stream that does not move must not hold up the exit:
+        # past FLUSH_WAIT_SECONDS what is pending is left (and lost). The wait is bounded for
+        # one more reason: logging.shutdown and close() call this holding the handler's lock,
+        # which the writer thread, holding _writing, may be waiting for to take its lines.
+        if self._writing.acquire(timeout=FLUSH_WAIT_SECONDS):
+            try:
+                self._write_locked()
+            finally:
+                self._writing.release()
 
     def _write_pending(self) -> None:
-        """Write what is pending; the caller holds the handler's lock."""
-        text = "".join(self._pending)
-        self._pending.clear()
-        self._pending_size = 0
+        with self._writing:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
+        """Write what is pending; the caller holds _writing (not the handler's lock)."""
+        self.acquire()
+        try:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            dropped, self._dropped = self._dropped, 0
+        finally:
+            self.release()
+        problem = f"{dropped} dropped: the stream did not take them" if dropped else ""
         try:
             if text:
                 self.stream.write(text)
-            super().flush()
-        except Exception:
-            now = self._clock()
-            if now >= self._quiet_until:
-                self._quiet_until = now + WRITE_ERROR_REPORT_SECONDS
-                # handleError shows the message as given, unformatted: it comes formatted.
-                message = (
-                    f"could not write {text.count(self.terminator)} log lines (the next failure"
-                    f" is reported {WRITE_ERROR_REPORT_SECONDS:.0f}s later at the earliest)"
-                )
-                lost = logging.LogRecord(
-                    "pollguard.log", logging.ERROR, __file__, 0, message, (), None
-                )
-                self.handleError(lost)
+            # StreamHandler.flush would hold the handler's lock while the stream blocks,
+            # and with it whoever logs next.
+            flush = getattr(self.stream, "flush", None)
+            if flush is not None:
+                flush()
+        except Exception as exc:
+            dropped += text.count(self.terminator)
+            problem = f"the stream failed: {type(exc).__name__}: {exc}"
+        if dropped:
+            self._report_loss(dropped, problem)
 
-    def _flush_every_second(self) -> None:
+    def _report_loss(self, lines: int, problem: str) -> None:
+        self._lost += lines
+        now = self._clock()
+        if now >= self._quiet_until:
+            self._quiet_until = now + LOSS_REPORT_SECONDS
+            lost, self._lost = self._lost, 0
+            _loss_logger.error(
+                "%d log lines lost (%s); the next loss is reported %ds later at the earliest",
+                lost,
+                problem,
+                LOSS_REPORT_SECONDS,
+            )
+
+    def _write_when_due(self) -> None:
         while True:
-            time.sleep(FLUSH_SECONDS)
-            if self._pending:
-                self.flush()
+            self._due.wait(FLUSH_SECONDS)
+            self._due.clear()
+            if self._pending or self._dropped:
+                self._write_pending()

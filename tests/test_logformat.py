@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -111,29 +112,93 @@ class _Failing(io.StringIO):
         return super().write(text)
 
 
+def _loss_reports(caplog: pytest.LogCaptureFixture) -> list[str]:
+    reports = [r.getMessage() for r in caplog.records if r.name == "pollguard.log"]
+    caplog.clear()
+    return reports
+
+
 def test_a_failing_stream_loses_lines_reported_once_a_minute(
-    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Buffered lines that cannot be written are dropped without raising into the caller (a
-    request, a scrape); the failure is reported through handleError at most once per
-    WRITE_ERROR_REPORT_SECONDS, and lines flow again once the stream takes them."""
-    from proxy.logformat import WRITE_ERROR_REPORT_SECONDS, BufferedStreamHandler
+    request, a scrape); the loss is reported on pollguard's own log at most once per
+    LOSS_REPORT_SECONDS, with every line lost meanwhile, and lines flow again once the stream
+    takes them."""
+    from proxy.logformat import LOSS_REPORT_SECONDS, BufferedStreamHandler
 
+    caplog.set_level(logging.ERROR, "pollguard.log")
     now = [1000.0]
     stream = _Failing()
-    handler = BufferedStreamHandler(stream, buffer_bytes=10, clock=lambda: now[0])
-    handler.add_text("first line\n")  # fills the buffer: the write fails
+    handler = BufferedStreamHandler(stream, 10, lambda: now[0], start_writer=False)
+    handler.add_text("first line\n")
+    handler.flush()
     handler.add_text("second line\n")
-    reported = capsys.readouterr().err
-    assert reported.count("--- Logging error ---") == 1 and "BrokenPipeError" in reported
-    assert "could not write 1 log lines" in reported
+    handler.flush()
+    (report,) = _loss_reports(caplog)
+    assert report.startswith("1 log lines lost (the stream failed: BrokenPipeError")
 
-    now[0] += WRITE_ERROR_REPORT_SECONDS
+    now[0] += LOSS_REPORT_SECONDS
     handler.add_text("third line\n")
-    assert capsys.readouterr().err.count("--- Logging error ---") == 1
+    handler.flush()
+    (report,) = _loss_reports(caplog)
+    assert report.startswith("2 log lines lost")  # the second line's loss, held back, and this
 
     stream.healed = True
     handler.add_text("fourth line\n")
     handler.flush()
     assert stream.getvalue() == "fourth line\n"
-    assert capsys.readouterr().err == ""
+    assert _loss_reports(caplog) == []
+
+
+class _Stalled(io.StringIO):
+    """A stream whose first write blocks until `release` is set, as a pipe does when its
+    reader stops reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.entered.set()
+        self.release.wait(30)
+        return super().write(text)
+
+
+def test_a_stalled_stream_holds_up_the_writer_thread_not_the_logger(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the stream blocks, lines keep being accepted at once; at most MAX_PENDING_BUFFERS
+    buffers of them are held, the rest dropped, and the drop reported once the stream moves."""
+    from proxy.logformat import MAX_PENDING_BUFFERS, BufferedStreamHandler
+
+    caplog.set_level(logging.ERROR, "pollguard.log")
+    stream = _Stalled()
+    handler = BufferedStreamHandler(stream, buffer_bytes=100)
+    line = "x" * 99 + "\n"  # one buffer a line
+    handler.add_text(line)  # due: the writer thread takes it and blocks in write
+    assert stream.entered.wait(10), "the writer thread never wrote"
+
+    logged = threading.Event()
+
+    def log_many() -> None:
+        for _ in range(MAX_PENDING_BUFFERS + 50):
+            handler.acquire()
+            try:
+                handler.add_text(line)
+            finally:
+                handler.release()
+        logged.set()
+
+    logger_thread = threading.Thread(target=log_many, daemon=True)
+    logger_thread.start()
+    held_up = not logged.wait(10)
+    stream.release.set()  # whatever happened, let the writer go
+    assert not held_up, "logging waited for the stalled stream"
+
+    handler.flush()
+    written = stream.getvalue().count("\n")
+    assert written == 1 + MAX_PENDING_BUFFERS  # the stalled line, then what was held
+    (report,) = _loss_reports(caplog)
+    assert report.startswith("50 log lines lost (50 dropped: the stream did not take them)")

@@ -4,6 +4,7 @@ job backend (and a real WebSocket upstream), its log and /-/metrics read as an o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -166,9 +167,8 @@ class _LogReaderGone(ProxyProcess):
 def test_a_log_reader_gone_loses_lines_not_requests(
     backend: tuple[JobBackend, ThreadedServer],
 ) -> None:
-    """Writes to stdout fail (EPIPE) once the access buffer fills: requests and scrapes are
-    still answered, nothing raises into them, and the lost lines are reported once (not per
-    write)."""
+    """Writes to stdout fail (EPIPE): requests and scrapes are still answered, nothing raises
+    into them, and the lost lines are reported once a minute (not per write)."""
     _, upstream = backend
     config = guard_config(upstream.url)
     config["logging"] = {"access": True}  # 64 KiB buffer: ~300 lines a write
@@ -182,8 +182,60 @@ def test_a_log_reader_gone_loses_lines_not_requests(
     assert statuses == {404}
     assert scraped.status_code == 200
     assert requests_total(_parsed(scraped.text), "unguarded", "404") == 1500
-    assert "Exception in ASGI application" not in errors and "Traceback" in errors
-    assert errors.count("could not write") == 1, errors[-3000:]
+    assert "Exception in ASGI application" not in errors and "Traceback" not in errors
+    assert errors.count("log lines lost (the stream failed: BrokenPipeError") == 1, errors[-3000:]
+
+
+class _LogReaderStalled(ProxyProcess):
+    """pollguard writing its access lines to a pipe the test reads only when it wants to (a log
+    shipper that stopped reading), its other lines (stderr) to the usual log file."""
+
+    reader = -1
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        self.reader, writer = os.pipe()
+        os.set_blocking(self.reader, False)
+        try:
+            with self.log_path.open("wb") as log:
+                self.process = subprocess.Popen(self.command(), stdout=writer, stderr=log, env=env)
+        finally:
+            os.close(writer)
+        self._wait_until_healthy(timeout)
+
+    def read_some(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.reader, 1 << 16):
+                pass
+
+    def close(self) -> None:
+        super().close()
+        if self.reader >= 0:
+            os.close(self.reader)
+
+
+def test_a_stalled_log_reader_holds_up_no_request(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
+    """Nobody reads stdout: once the pipe (64 KiB) is full, its writer thread waits, requests
+    do not; at most 16 buffers of lines are held, the rest dropped — and reported once the
+    reader reads again."""
+    _, upstream = backend
+    config = guard_config(upstream.url)
+    config["logging"] = {"access": True, "access_buffer": "4KiB"}  # ≤ 64 KiB held
+    with _LogReaderStalled(config) as proxy:
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            # ~300 KB of access lines: more than the pipe and the held lines together.
+            statuses = {client.get(f"/missing/{index}").status_code for index in range(1500)}
+        assert statuses == {404}
+
+        def reported() -> bool:
+            proxy.read_some()
+            return "log lines lost" in proxy.logs()
+
+        wait_until(reported, 10, "the dropped lines reported once the pipe moves")
+        assert "dropped: the stream did not take them" in proxy.logs()
 
 
 @pytest.mark.parametrize("access", [False, True], ids=["metrics-alone", "with-access-log"])
