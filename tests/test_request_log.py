@@ -147,56 +147,25 @@ def test_no_access_lines_unless_configured_and_buffered_lines_reach_the_log(
     assert all(f"probe=last-{index}" in logs for index in range(20))
 
 
-class _LogReaderGone(ProxyProcess):
-    """pollguard writing its access lines to a pipe whose reader has gone (a log shipper that
-    died), its other lines (stderr) to the usual log file."""
+class _StdoutPipe(ProxyProcess):
+    """pollguard writing its access lines (stdout) to a pipe: one whose reader has gone (a log
+    shipper that died), or one the test reads only when it wants to (a log shipper that stopped
+    reading); its other lines (stderr) go to the usual log file."""
+
+    def __init__(self, config: dict[str, Any], *, reader_gone: bool) -> None:
+        super().__init__(config)
+        self.reader_gone = reader_gone
+        self.reader = -1
 
     def start(self, timeout: float = 30.0) -> None:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         reader, writer = os.pipe()
-        os.close(reader)
-        try:
-            with self.log_path.open("wb") as log:
-                self.process = subprocess.Popen(self.command(), stdout=writer, stderr=log, env=env)
-        finally:
-            os.close(writer)
-        self._wait_until_healthy(timeout)
-
-
-def test_a_log_reader_gone_loses_lines_not_requests(
-    backend: tuple[JobBackend, ThreadedServer],
-) -> None:
-    """Writes to stdout fail (EPIPE): requests and scrapes are still answered, nothing raises
-    into them, and the lost lines are reported once a minute (not per write)."""
-    _, upstream = backend
-    config = guard_config(upstream.url)
-    config["logging"] = {"access": True}  # 64 KiB buffer: ~300 lines a write
-    with _LogReaderGone(config) as proxy:
-        with httpx.Client(base_url=proxy.url, timeout=5) as client:
-            statuses = {client.get(f"/missing/{index}").status_code for index in range(1500)}
-            scraped = client.get("/-/metrics")
-        assert proxy.process is not None and proxy.process.poll() is None
-        proxy.stop()
-        errors = proxy.logs()
-    assert statuses == {404}
-    assert scraped.status_code == 200
-    assert requests_total(_parsed(scraped.text), "unguarded", "404") == 1500
-    assert "Exception in ASGI application" not in errors and "Traceback" not in errors
-    assert errors.count("log lines lost (the stream failed: BrokenPipeError") == 1, errors[-3000:]
-
-
-class _LogReaderStalled(ProxyProcess):
-    """pollguard writing its access lines to a pipe the test reads only when it wants to (a log
-    shipper that stopped reading), its other lines (stderr) to the usual log file."""
-
-    reader = -1
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        self.reader, writer = os.pipe()
-        os.set_blocking(self.reader, False)
+        if self.reader_gone:
+            os.close(reader)
+        else:
+            self.reader = reader
+            os.set_blocking(reader, False)
         try:
             with self.log_path.open("wb") as log:
                 self.process = subprocess.Popen(self.command(), stdout=writer, stderr=log, env=env)
@@ -215,6 +184,28 @@ class _LogReaderStalled(ProxyProcess):
             os.close(self.reader)
 
 
+def test_a_log_reader_gone_loses_lines_not_requests(
+    backend: tuple[JobBackend, ThreadedServer],
+) -> None:
+    """Writes to stdout fail (EPIPE): requests and scrapes are still answered, nothing raises
+    into them, and the lost lines are reported once a minute (not per write)."""
+    _, upstream = backend
+    config = guard_config(upstream.url)
+    config["logging"] = {"access": True}  # 64 KiB buffer: ~300 lines a write
+    with _StdoutPipe(config, reader_gone=True) as proxy:
+        with httpx.Client(base_url=proxy.url, timeout=5) as client:
+            statuses = {client.get(f"/missing/{index}").status_code for index in range(1500)}
+            scraped = client.get("/-/metrics")
+        assert proxy.process is not None and proxy.process.poll() is None
+        proxy.stop()
+        errors = proxy.logs()
+    assert statuses == {404}
+    assert scraped.status_code == 200
+    assert requests_total(_parsed(scraped.text), "unguarded", "404") == 1500
+    assert "Exception in ASGI application" not in errors and "Traceback" not in errors
+    assert errors.count("log lines lost (the stream failed: BrokenPipeError") == 1, errors[-3000:]
+
+
 def test_a_stalled_log_reader_holds_up_no_request(
     backend: tuple[JobBackend, ThreadedServer],
 ) -> None:
@@ -224,7 +215,7 @@ def test_a_stalled_log_reader_holds_up_no_request(
     _, upstream = backend
     config = guard_config(upstream.url)
     config["logging"] = {"access": True, "access_buffer": "4KiB"}  # ≤ 64 KiB held
-    with _LogReaderStalled(config) as proxy:
+    with _StdoutPipe(config, reader_gone=False) as proxy:
         with httpx.Client(base_url=proxy.url, timeout=5) as client:
             # ~300 KB of access lines: more than the pipe and the held lines together.
             statuses = {client.get(f"/missing/{index}").status_code for index in range(1500)}
