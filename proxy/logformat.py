@@ -107,6 +107,13 @@ FLUSH_WAIT_SECONDS = 5.0
 LOSS_REPORT_SECONDS = 60.0
 # Where those reports go: pollguard's other lines' handler (stderr), not the failing stream.
 _loss_logger = logging.getLogger("pollguard.log")
+_lost_lines = 0  # by every buffered handler of this process (one writer thread each)
+_lost_lines_lock = threading.Lock()
+
+
+def lost_lines() -> int:
+    """Log lines this process's buffered handlers lost so far (pollguard_log_lines_lost_total)."""
+    return _lost_lines
 
 
 class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -211,6 +218,9 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._report_loss(dropped, problem)
 
     def _report_loss(self, lines: int, problem: str) -> None:
+        global _lost_lines
+        with _lost_lines_lock:
+            _lost_lines += lines
         self._lost += lines
         now = self._clock()
         if now >= self._quiet_until:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from proxy.logformat import lost_lines
 from proxy.loop_metrics import LoopCounter, LoopHistogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -196,5 +197,18 @@ class _WebSocketCollector(Collector):
 
 
 REGISTRY.register(_WebSocketCollector())
+
+
+class _LostLogLinesCollector(Collector):
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "pollguard_log_lines_lost",
+            "Log lines (the access log's) lost: written to a stream that failed (its reader "
+            "gone, a full disk), or dropped while it took no lines (16 buffers held)",
+            value=lost_lines(),
+        )
+
+
+REGISTRY.register(_LostLogLinesCollector())
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

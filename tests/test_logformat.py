@@ -125,9 +125,10 @@ def test_a_failing_stream_loses_lines_reported_once_a_minute(
     request, a scrape); the loss is reported on pollguard's own log at most once per
     LOSS_REPORT_SECONDS, with every line lost meanwhile, and lines flow again once the stream
     takes them."""
-    from proxy.logformat import LOSS_REPORT_SECONDS, BufferedStreamHandler
+    from proxy.logformat import LOSS_REPORT_SECONDS, BufferedStreamHandler, lost_lines
 
     caplog.set_level(logging.ERROR, "pollguard.log")
+    lost_before = lost_lines()
     now = [1000.0]
     stream = _Failing()
     handler = BufferedStreamHandler(stream, 10, lambda: now[0], start_writer=False)
@@ -149,6 +150,7 @@ def test_a_failing_stream_loses_lines_reported_once_a_minute(
     handler.flush()
     assert stream.getvalue() == "fourth line\n"
     assert _loss_reports(caplog) == []
+    assert lost_lines() - lost_before == 3  # pollguard_log_lines_lost_total
 
 
 class _Stalled(io.StringIO):

@@ -195,6 +195,13 @@ def test_a_log_reader_gone_loses_lines_not_requests(
     with _StdoutPipe(config, reader_gone=True) as proxy:
         with httpx.Client(base_url=proxy.url, timeout=5) as client:
             statuses = {client.get(f"/missing/{index}").status_code for index in range(1500)}
+
+            def lost() -> float:
+                scraped = _parsed(client.get("/-/metrics").text)
+                return scraped.get(("pollguard_log_lines_lost_total", ()), 0.0)
+
+            # The writer thread's writes fail within a second (a buffer's worth sooner).
+            wait_until(lambda: lost() > 0, 10, "pollguard_log_lines_lost_total counting")
             scraped = client.get("/-/metrics")
         assert proxy.process is not None and proxy.process.poll() is None
         proxy.stop()
@@ -203,6 +210,7 @@ def test_a_log_reader_gone_loses_lines_not_requests(
     assert scraped.status_code == 200
     assert requests_total(_parsed(scraped.text), "unguarded", "404") == 1500
     assert "Exception in ASGI application" not in errors and "Traceback" not in errors
+    assert _parsed(scraped.text)[("pollguard_log_lines_lost_total", ())] > 0
     assert errors.count("log lines lost (the stream failed: BrokenPipeError") == 1, errors[-3000:]
 
 
