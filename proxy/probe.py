@@ -16,7 +16,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -24,7 +23,7 @@ from proxy.config import ProbeConfig
 from proxy.errors import StoreUnavailable
 from proxy.headers import NEVER_FORWARDED_ON_REPREPARE, REQUEST_ID
 from proxy.hints import MAX_HINT_BODY, HintReading, HintsConfig, read_hints
-from proxy.reprepare import ReprepareRequest, reprepare_target, side_client
+from proxy.reprepare import ReprepareRequest, SideRequests, reprepare_target
 from proxy.stores.base import JobStore
 
 __all__ = ["ProbeRequest", "ProbeResult", "ProbeThrottle", "Prober", "probe_lease_name"]
@@ -139,8 +138,7 @@ def probe_headers(
 
 
 class Prober:
-    """Sends probes to `base_url`; TLS as proxy.reprepare.Repreparer (the forwarding client's
-    context and SNI name)."""
+    """Sends probes to `base_url` (TLS and SNI: proxy.reprepare.SideRequests)."""
 
     def __init__(
         self,
@@ -152,15 +150,17 @@ class Prober:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
-        self._base_url = base_url.rstrip("/")
-        self._base_path = urlsplit(self._base_url).path
         self._throttle = throttle
-        self._connect_timeout = connect_timeout
-        self._extensions = {"sni_hostname": server_hostname} if server_hostname else {}
-        self._client = side_client(connect_timeout, pool_size, ssl_context)
+        self._side = SideRequests(
+            base_url,
+            connect_timeout=connect_timeout,
+            pool_size=pool_size,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+        )
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._side.close()
 
     def due(self, job: str, key: str) -> bool:
         """Whether a probe of (job, key) may be due (ProbeThrottle.due): no I/O."""
@@ -199,24 +199,14 @@ class Prober:
             )
             target = reprepare_target(as_target, params)
             described = f"probe {spec.method} {target}"
-            request = self._client.build_request(
-                spec.method,
-                self._base_url + target,
-                headers=probe_headers(spec, client_headers, request_id),
-                timeout=httpx.Timeout(
-                    spec.timeout, connect=min(spec.timeout, self._connect_timeout)
-                ),
-                extensions=self._extensions,
-            )
-            sent = request.url.raw_path
-            if sent != (self._base_path + target).encode("ascii"):
-                return ProbeResult(
-                    None, f"{described}: not sent, the URL library would send {sent!r}"
-                )
+            headers = probe_headers(spec, client_headers, request_id)
+            request = self._side.request(spec.method, target, headers, spec.timeout)
+            if type(request) is not httpx.Request:
+                return ProbeResult(None, f"{described}: {request}")
             # One deadline for the whole exchange, body included: a dripping backend can't
             # hold a poll longer than the probe's timeout.
             async with asyncio.timeout(spec.timeout):
-                response = await self._client.send(request, stream=True)
+                response = await self._side.client.send(request, stream=True)
                 try:
                     status = response.status_code
                     if not 200 <= status < 300:

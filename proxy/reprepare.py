@@ -121,10 +121,54 @@ def side_client(
     )
 
 
-class Repreparer:
-    """Sends re-prepares to `base_url`. For an https:// upstream, `ssl_context` and
+class SideRequests:
+    """Where requests pollguard sends on its own (a re-prepare, a status probe) go: the
+    upstream's base URL on a side_client. For an https:// upstream, `ssl_context` and
     `server_hostname` are the forwarding client's (`Upstream.ssl_context`, `.server_hostname`):
-    the same trust, client certificate and SNI name for both."""
+    the same trust, client certificate and SNI name for all."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float,
+        pool_size: int,
+        ssl_context: ssl.SSLContext | None,
+        server_hostname: str | None,
+    ) -> None:
+        self._base_url = base_url.rstrip("/")
+        # What httpx must leave in front of our target; a base URL may carry a path prefix.
+        self._base_path = urlsplit(self._base_url).path
+        self._connect_timeout = connect_timeout
+        # httpcore sends this name as SNI and verifies the certificate against it; the URL
+        # keeps the upstream's host, so the connection still goes where upstream.url says.
+        self._extensions = {"sni_hostname": server_hostname} if server_hostname else {}
+        self.client = side_client(connect_timeout, pool_size, ssl_context)
+
+    def request(
+        self, method: str, target: str, headers: list[tuple[bytes, bytes]], timeout: float
+    ) -> httpx.Request | str:
+        """The request for `target` (path and query, already encoded), or why it is not sent."""
+        request = self.client.build_request(
+            method,
+            self._base_url + target,
+            headers=headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, self._connect_timeout)),
+            extensions=self._extensions,
+        )
+        # httpx.URL removes dot segments and may re-quote; what it would send must be what we
+        # built, or the target could leave its template.
+        sent = request.url.raw_path
+        if sent != (self._base_path + target).encode("ascii"):
+            return f"not sent, the URL library would send {sent!r}"
+        return request
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class Repreparer:
+    """Sends re-prepares to `base_url` (TLS and SNI: SideRequests)."""
 
     def __init__(
         self,
@@ -135,17 +179,16 @@ class Repreparer:
         ssl_context: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
-        self._base_url = base_url.rstrip("/")
-        # What httpx must leave in front of our target; a base URL may carry a path prefix.
-        self._base_path = urlsplit(self._base_url).path
-        self._connect_timeout = connect_timeout
-        # httpcore sends this name as SNI and verifies the certificate against it; the URL
-        # keeps the upstream's host, so the connection still goes where upstream.url says.
-        self._extensions = {"sni_hostname": server_hostname} if server_hostname else {}
-        self._client = side_client(connect_timeout, pool_size, ssl_context)
+        self._side = SideRequests(
+            base_url,
+            connect_timeout=connect_timeout,
+            pool_size=pool_size,
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
+        )
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._side.close()
 
     async def fire(
         self,
@@ -161,28 +204,15 @@ class Repreparer:
         try:
             target = reprepare_target(spec, params)
             described = f"re-prepare {spec.method} {target}"
-            request = self._client.build_request(
-                spec.method,
-                self._base_url + target,
-                headers=reprepare_headers(spec, client_headers, idempotency, request_id),
-                timeout=httpx.Timeout(
-                    spec.timeout, connect=min(spec.timeout, self._connect_timeout)
-                ),
-                extensions=self._extensions,
-            )
-            # httpx.URL removes dot segments and may re-quote; what it would send must be what
-            # we built, or the target could leave its template.
-            expected = (self._base_path + target).encode("ascii")
-            sent = request.url.raw_path
-            if sent != expected:
-                return ReprepareResult(
-                    False, f"{described}: not sent, the URL library would send {sent!r}"
-                )
+            headers = reprepare_headers(spec, client_headers, idempotency, request_id)
+            request = self._side.request(spec.method, target, headers, spec.timeout)
+            if type(request) is not httpx.Request:
+                return ReprepareResult(False, f"{described}: {request}")
             # httpx's timeouts are per operation: a backend dripping bytes could outlast the
             # re-prepare lock (timeout + LOCK_MARGIN_SECONDS). One deadline for the whole
             # exchange keeps the lock the longer of the two.
             async with asyncio.timeout(spec.timeout):
-                response = await self._client.send(request, stream=True)
+                response = await self._side.client.send(request, stream=True)
             try:
                 status = response.status_code
             finally:
